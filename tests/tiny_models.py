@@ -1,0 +1,385 @@
+"""Tiny Llama checkpoints and tokenizers, built locally (no model hub).
+
+Sizes are deliberately awkward (hidden 40, intermediate 72, vocabulary 77,
+one key/value head) so that no tensor is a multiple of the small block sizes
+the tests use: blocks straddle rows and every tensor ends in a short tail.
+
+Values lie on dyadic grids so that every checkpoint value and every task
+vector ``W_i - W_base`` is exact in float32 *and* in bfloat16:
+
+* base values are ``m * 2**-7`` with ``|m| <= 60`` (layer norms ``1 + ...``);
+* a fine-tune adds ``s * k * 2**-7`` with ``k`` in ``{-8..8}``; a fraction of
+  places get ``k = 0`` (unchanged weights) and the grid makes equal
+  magnitudes (ties) common, so tie rules are exercised for real.
+
+Each fine-tune has its own scale ``s`` so that task vectors have distinct
+magnitudes from model to model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+GRID = 2.0**-7
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+def default_words(vocab_size: int, prefix: str = "w") -> List[str]:
+    """A vocabulary of ``vocab_size`` tokens: three specials, then words."""
+    words = list(SPECIAL_TOKENS)
+    words += [f"{prefix}{i}" for i in range(vocab_size - len(words))]
+    return words[:vocab_size]
+
+
+@dataclass
+class TinyModel:
+    path: Path
+    words: List[str]
+    dtype: torch.dtype
+    state: Dict[str, torch.Tensor] = field(repr=False)
+    config: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        return {word: idx for idx, word in enumerate(self.words)}
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def llama_config(
+    *,
+    vocab_size: int,
+    hidden: int = 40,
+    intermediate: int = 72,
+    layers: int = 2,
+    heads: int = 5,
+    kv_heads: int = 1,
+    dtype: torch.dtype = torch.float32,
+):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+def tensor_shapes(config) -> Dict[str, torch.Size]:
+    """Names and shapes of a Llama's persistent weights, built on `meta`."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {name: t.shape for name, t in model.state_dict().items()}
+
+
+def make_tokenizer(words: Sequence[str]):
+    """A word-level fast tokenizer whose token ids are the list positions."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: idx for idx, word in enumerate(words)}
+    if len(vocab) != len(words):
+        raise ValueError("duplicate words")
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def _grid_base(shape, gen: torch.Generator, norm: bool) -> torch.Tensor:
+    m = torch.randint(-60, 61, tuple(shape), generator=gen).to(torch.float32)
+    if norm:
+        return 1.0 + (m / 4).round() * GRID
+    return m * GRID
+
+
+def _grid_delta(shape, gen: torch.Generator, scale: int, zero_frac: float):
+    k = torch.randint(1, 9, tuple(shape), generator=gen).to(torch.float32)
+    sign = torch.randint(0, 2, tuple(shape), generator=gen).to(torch.float32) * 2 - 1
+    keep = (torch.rand(tuple(shape), generator=gen) >= zero_frac).to(torch.float32)
+    return sign * k * keep * (scale * GRID)
+
+
+def make_tiny_llama(
+    path,
+    *,
+    vocab_size: Optional[int] = None,
+    words: Optional[Sequence[str]] = None,
+    hidden: int = 40,
+    intermediate: int = 72,
+    layers: int = 2,
+    seed: int = 0,
+    base: Optional[TinyModel] = None,
+    scale: int = 1,
+    zero_frac: float = 0.1,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+) -> TinyModel:
+    """Write a tiny LlamaForCausalLM (config + safetensors [+ tokenizer]).
+
+    Without ``base`` the weights are a fresh grid "pretrained" model. With
+    ``base`` the model is a fine-tune: every weight is the base's weight plus
+    a deterministic grid perturbation of scale ``scale``. Vocabulary rows are
+    matched by word, so a fine-tune may order its vocabulary differently or
+    carry words the base lacks (those rows are fresh values).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if words is None:
+        if vocab_size is None:
+            vocab_size = len(base.words) if base is not None else 77
+        words = base.words if base is not None else default_words(vocab_size)
+    words = list(words)
+    if vocab_size is not None and vocab_size != len(words):
+        raise ValueError("vocab_size and words disagree")
+    if base is not None:
+        hidden = base.config["hidden_size"]
+        intermediate = base.config["intermediate_size"]
+        layers = base.config["num_hidden_layers"]
+
+    config = llama_config(
+        vocab_size=len(words),
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        dtype=dtype,
+    )
+    shapes = tensor_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+
+    state: Dict[str, torch.Tensor] = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        norm = name.endswith("norm.weight")
+        vocab_weight = name in ("model.embed_tokens.weight", "lm_head.weight")
+        if base is None:
+            value = _grid_base(shape, gen, norm)
+        else:
+            source = base.state[name].to(torch.float32)
+            if vocab_weight:
+                fresh = _grid_base(shape, gen, norm)
+                rows = []
+                for idx, word in enumerate(words):
+                    j = base.vocab.get(word)
+                    rows.append(source[j] if j is not None else fresh[idx])
+                source = torch.stack(rows)
+            value = source + _grid_delta(shape, gen, scale, zero_frac)
+        state[name] = value.to(dtype).contiguous()
+        # Every value must be exact in the stored dtype (see module docstring).
+        assert torch.equal(state[name].to(torch.float32), value), name
+
+    config.save_pretrained(path)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+        make_tokenizer(words).save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    return TinyModel(path=path, words=words, dtype=dtype, state=state, config=cfg)
+
+
+# ---------------------------------------------------------------------------
+# Expected values: an independent, deliberately plain CABS for one tensor,
+# written from SPEC.md (one Python sort per block), plus helpers that predict
+# which parameter value mergekit resolves for a tensor.
+# ---------------------------------------------------------------------------
+
+
+def quota_from_density(density: float, m: int) -> int:
+    """n = floor(density * m + 0.5)."""
+    import math
+
+    return int(math.floor(density * m + 0.5))
+
+
+def expected_cabs(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Optional[Sequence[Optional[float]]] = None,
+    ns: Optional[Sequence[Optional[int]]] = None,
+    block_size: int = 256,
+    overlap: str = "fill",
+    conflict_aware: bool = True,
+    balanced: bool = True,
+    lam: float = 1.0,
+    return_masks: bool = False,
+):
+    """CABS for one tensor, as SPEC.md "The computation" describes it.
+
+    Returns the merged tensor in float64 (not yet cast), shaped like ``base``,
+    and optionally the boolean masks (flat lists). Ties: free places before
+    claimed ones, larger |tau| first, then the lower flattened index.
+    """
+    import math
+
+    k = len(models)
+    densities = list(densities) if densities is not None else [None] * k
+    ns = list(ns) if ns is not None else [None] * k
+    for i in range(k):
+        if densities[i] is None and ns[i] is None:
+            densities[i] = 0.25
+    base32 = base.detach().to(torch.float32).reshape(-1)
+    numel = base32.numel()
+    taus = [
+        (t.detach().to(torch.float32).reshape(-1) - base32).tolist() for t in models
+    ]
+    m = block_size
+
+    def quotas(i: int):
+        """[(start, end, quota)] for model i."""
+        if not balanced:
+            if densities[i] is not None:
+                q = int(math.floor(densities[i] * numel + 0.5))
+            else:
+                q = int(math.floor(ns[i] / m * numel + 0.5))
+            return [(0, numel, q)]
+        n = ns[i] if ns[i] is not None else quota_from_density(densities[i], m)
+        out = []
+        for start in range(0, numel, m):
+            end = min(start + m, numel)
+            r = end - start
+            q = n if r == m else int(math.floor(n * r / m + 0.5))
+            out.append((start, end, q))
+        return out
+
+    claimed = [False] * numel
+    masks = []
+    for i in range(k):
+        tau = taus[i]
+        mask = [False] * numel
+        for start, end, q in quotas(i):
+            places = range(start, end)
+            if conflict_aware:
+                order = sorted(places, key=lambda p: (claimed[p], -abs(tau[p]), p))
+                if overlap == "strict":
+                    order = [p for p in order if not claimed[p]]
+            else:
+                order = sorted(places, key=lambda p: (-abs(tau[p]), p))
+            for p in order[:q]:
+                mask[p] = True
+        if conflict_aware:
+            for p in range(numel):
+                if mask[p] and tau[p] != 0.0:
+                    claimed[p] = True
+        masks.append(mask)
+
+    total = torch.zeros(numel, dtype=torch.float64)
+    for i in range(k):
+        kept = torch.tensor(
+            [t if keep else 0.0 for t, keep in zip(taus[i], masks[i])],
+            dtype=torch.float64,
+        )
+        total += float(weights[i]) * kept
+    result = (base32.to(torch.float64) + float(lam) * total).reshape(base.shape)
+    if return_masks:
+        return result, masks
+    return result
+
+
+def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, name: str = ""):
+    """Compare a product tensor with a float64 expectation.
+
+    Float32 (or wider) outputs: within a few float32 rounding steps.
+    Narrower outputs: equal to the float32-rounded expectation cast to the
+    output dtype, give or take one unit in the last place (double rounding).
+    """
+    assert actual.shape == expected64.shape, (name, actual.shape, expected64.shape)
+    if actual.dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(
+            actual.to(torch.float64),
+            expected64,
+            rtol=4e-7,
+            atol=1e-7,
+            msg=lambda m: f"{name}: {m}",
+        )
+    else:
+        want = expected64.to(torch.float32).to(actual.dtype)
+        if torch.equal(actual, want):
+            return
+        ulp = torch.finfo(actual.dtype).eps
+        torch.testing.assert_close(
+            actual.to(torch.float64),
+            want.to(torch.float64),
+            rtol=ulp,
+            atol=0,
+            msg=lambda m: f"{name}: {m}",
+        )
+
+
+def gradient_value(values: Sequence[float], t: float) -> float:
+    """A mergekit gradient (list of anchors) at position t in [0, 1]."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def layer_t(name: str, num_layers: int) -> float:
+    """Position of a tensor in its slice (pre/post weights sit at t = 0)."""
+    import re
+
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    if not match or num_layers <= 1:
+        return 0.0 if not match else 1.0
+    return int(match.group(1)) / (num_layers - 1)
+
+
+def aligned_vocab_rows(
+    out_words: Sequence[str],
+    tensors: Dict[str, torch.Tensor],
+    vocabs: Dict[str, Dict[str, int]],
+    base_key: str,
+) -> Dict[str, torch.Tensor]:
+    """Re-create the vocabulary alignment of ``tokenizer_source: union``.
+
+    For each output token, a model that has the token contributes its own row.
+    A model that lacks it gets: the only holder's row if one model has it, the
+    base's row if the base has it, else the mean of the holders' rows.
+    """
+    out = {}
+    for key, tensor in tensors.items():
+        rows = []
+        for word in out_words:
+            if word in vocabs[key]:
+                rows.append(tensor[vocabs[key][word]].to(torch.float32))
+                continue
+            holders = [h for h in tensors if word in vocabs[h]]
+            if len(holders) == 1:
+                h = holders[0]
+                rows.append(tensors[h][vocabs[h][word]].to(torch.float32))
+            elif word in vocabs[base_key]:
+                rows.append(tensors[base_key][vocabs[base_key][word]].to(torch.float32))
+            else:
+                rows.append(
+                    torch.stack(
+                        [tensors[h][vocabs[h][word]].to(torch.float32) for h in holders]
+                    ).mean(0)
+                )
+        out[key] = torch.stack(rows)
+    return out
