@@ -84,8 +84,12 @@ class _WrappedLoader:
 
     def __getattr__(self, name):
         # Anything else (is_package, get_code, get_resource_reader, ...)
-        # is the real loader's business.
-        return getattr(self._loader, name)
+        # is the real loader's business. (Looked up via __dict__ so that a
+        # half-built instance, e.g. from copy.copy, cannot recurse.)
+        loader = self.__dict__.get("_loader")
+        if loader is None:
+            raise AttributeError(name)
+        return getattr(loader, name)
 
 
 class CabsAutoloadFinder:
@@ -141,8 +145,9 @@ def install_hook():
     """Make sure ``cabs`` is registered when mergekit's methods are loaded.
 
     Idempotent and cheap. If ``mergekit.merge_methods`` is already fully
-    imported, registers cabs right away; otherwise installs (once) the finder
-    that will do it after that module has executed.
+    imported, registers cabs right away; otherwise makes sure one finder is
+    waiting at the front of ``sys.meta_path`` to do it after that module has
+    executed.
     """
     global _finder
     module = sys.modules.get(TARGET)
@@ -153,7 +158,9 @@ def install_hook():
                 _finder._retire()
             _run_install()
             return
-    if _finder is None:
+    if _finder is None or _finder.fired:
+        # First call, or mergekit.merge_methods was dropped from sys.modules
+        # after the hook fired (a re-import gets a fresh registry): re-arm.
         _finder = CabsAutoloadFinder()
-    if not _finder.fired and _finder not in sys.meta_path:
+    if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)

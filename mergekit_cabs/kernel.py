@@ -29,6 +29,8 @@ OVERLAP_RULES = ("fill", "strict")
 # Elements per chunk of blocks; a chunk always holds at least one whole block.
 _CHUNK_ELEMENTS = 1 << 18
 _FREE_RANK = 1 << 31  # above every bit pattern of a finite |x| in float32
+# 32 bits of (free, |tau|) plus the position must fit in a signed int64.
+_MAX_KEYED_LENGTH = 1 << 31
 
 
 class NonFiniteInputError(ValueError):
@@ -171,7 +173,7 @@ def _keep(tau: torch.Tensor, claimed: Optional[torch.Tensor], quota: int) -> tor
         return torch.zeros_like(tau, dtype=torch.bool)
     if quota >= length:
         return torch.ones_like(tau, dtype=torch.bool)
-    if tau.dtype == torch.float32:
+    if tau.dtype == torch.float32 and length <= _MAX_KEYED_LENGTH:
         # Non-negative float32 values order like their bit patterns, so one
         # int64 key holds (free, |tau|, -position) and every key is distinct:
         # the chosen set does not depend on how topk breaks ties.
@@ -183,7 +185,7 @@ def _keep(tau: torch.Tensor, claimed: Optional[torch.Tensor], quota: int) -> tor
         key = (key << shift) | position
         chosen = key.topk(quota, dim=1, sorted=False).indices
     else:
-        # float64: order by |tau| with a stable sort (equal values keep index
+        # float64, or a block too long for the packed key: order by |tau| with a stable sort (equal values keep index
         # order), then stably move free places to the front.
         order = tau.abs().sort(dim=1, descending=True, stable=True).indices
         if claimed is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ REPO_ROOT = TESTS_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+os.environ.setdefault("MERGEKIT_CABS_STRICT", "1")
 import mergekit_cabs  # noqa: E402,F401  (registers `cabs` with mergekit)
 
 from tiny_models import default_words, make_tiny_llama  # noqa: E402

@@ -260,3 +260,44 @@ def paper_two_model(base, model_a, model_b, n: int, m: int, w_a=1.0, w_b=1.0):
         mask_a.reshape(shape),
         mask_b.reshape(shape),
     )
+
+
+# ---------------------------------------------------------------------------
+# the same rules, one numpy block at a time (for tensors too big for the
+# scalar version above; checked against it in the tests)
+# ---------------------------------------------------------------------------
+
+
+def ref_masks_blockwise(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    n: Sequence[int],
+    m: int,
+    *,
+    overlap: str = "fill",
+    conflict_aware: bool = True,
+) -> List[np.ndarray]:
+    """Flat numpy bool masks; same contract as ref_masks."""
+    tdt = torch.float64 if working_dtype([base, *models]) is np.float64 else torch.float32
+    b = base.detach().to(tdt).reshape(-1).numpy()
+    taus = [mm.detach().to(tdt).reshape(-1).numpy() - b for mm in models]
+    numel = b.size
+    claimed = np.zeros(numel, dtype=bool)
+    masks = []
+    for tau, n_i in zip(taus, n):
+        keep = np.zeros(numel, dtype=bool)
+        for start in range(0, numel, m):
+            stop = min(start + m, numel)
+            q = n_i if stop - start == m else block_quota(n_i, stop - start, m)
+            idx = np.arange(start, stop)
+            mag = np.abs(tau[start:stop])
+            taken = claimed[start:stop] if conflict_aware else np.zeros(stop - start, bool)
+            # np.lexsort: last key is primary -> (claimed, -|tau|, index)
+            order = np.lexsort((idx, -mag, taken))
+            if overlap == "strict":
+                order = order[~taken[order]]
+            keep[idx[order[:q]]] = True
+        if conflict_aware:
+            claimed |= keep & (tau != 0)
+        masks.append(keep)
+    return masks

@@ -622,3 +622,92 @@ def test_property_kernel_equals_reference(case):
         base, models, weights, n, m, overlap=overlap, conflict_aware=conflict_aware, lam=lam
     )
     assert_bit_equal(out, want)
+
+
+# ---------------------------------------------------------------------------
+# work split into chunks of blocks; large tensors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 24, 40])
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_small_chunks_equal_reference(monkeypatch, chunk, overlap):
+    # White-box: shrink the kernel's chunk size (a private constant) so that a
+    # small tensor spans many chunks; results must not depend on it.
+    import mergekit_cabs.kernel as kernel
+
+    monkeypatch.setattr(kernel, "_CHUNK_ELEMENTS", chunk, raising=True)
+    g = torch.Generator().manual_seed(30)
+    base = torch.randint(-2, 3, (7, 11), generator=g).float()
+    models = [base + torch.randint(-2, 3, (7, 11), generator=g).float() for _ in range(3)]
+    n, m, w = [3, 2, 4], 8, [0.3, 1.1, -0.7]
+    assert_masks_equal(
+        cabs_masks(base, models, n, m, overlap=overlap),
+        ref.ref_masks(base, models, n, m, overlap=overlap),
+    )
+    assert_bit_equal(
+        cabs_merge(base, models, w, n, m, overlap=overlap, lam=0.9),
+        ref.ref_merge(base, models, w, n, m, overlap=overlap, lam=0.9),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(cabs_cases())
+def test_blockwise_reference_equals_scalar_reference(case):
+    base, models, _, n, m, overlap, conflict_aware, _ = case
+    fast = ref.ref_masks_blockwise(
+        base, models, n, m, overlap=overlap, conflict_aware=conflict_aware
+    )
+    slow = ref.ref_masks(base, models, n, m, overlap=overlap, conflict_aware=conflict_aware)
+    for f, s in zip(fast, slow):
+        assert np.array_equal(f, s.reshape(-1).numpy())
+
+
+@pytest.mark.parametrize(
+    "m,n,overlap",
+    [(64, [16, 16, 32], "fill"), (96, [40, 40, 40], "strict"), (96, [40, 40, 40], "fill")],
+)
+def test_large_tensor_spanning_chunks(m, n, overlap):
+    # > 2**18 elements (several of the kernel's chunks) plus a short tail block;
+    # values from a small set, so ties and zeros are everywhere
+    g = torch.Generator().manual_seed(31)
+    shape = (331, 1000 + 7)
+    base = torch.randint(-3, 4, shape, generator=g).float() * 0.5
+    models = [base + torch.randint(-4, 5, shape, generator=g).float() for _ in range(3)]
+    masks = cabs_masks(base, models, n, m, overlap=overlap)
+    want = ref.ref_masks_blockwise(base, models, n, m, overlap=overlap)
+    for got, w in zip(masks, want):
+        assert np.array_equal(got.reshape(-1).numpy(), w)
+
+
+def test_large_tensor_one_block_unbalanced():
+    # balanced: false is one block of numel; ranking keys must not overflow
+    g = torch.Generator().manual_seed(32)
+    shape = (700, 513)
+    base = torch.randn(shape, generator=g)
+    models = [base + torch.randint(-5, 6, shape, generator=g).float() * 0.25 for _ in range(2)]
+    numel = base.numel()
+    n = [numel // 3, numel // 2]
+    masks = cabs_masks(base, models, n, numel, overlap="fill")
+    want = ref.ref_masks_blockwise(base, models, n, numel, overlap="fill")
+    for got, w in zip(masks, want):
+        assert np.array_equal(got.reshape(-1).numpy(), w)
+
+
+@pytest.mark.parametrize("conflict_aware", [True, False])
+@pytest.mark.parametrize("overlap", ["fill", "strict"])
+def test_sort_path_for_very_long_blocks_equals_reference(monkeypatch, overlap, conflict_aware):
+    # White-box: blocks longer than 2**31 elements (balanced: false on a huge
+    # embedding) cannot use the packed int64 key and take the stable-sort
+    # path; shrink the limit so that path runs on float32 here.
+    import mergekit_cabs.kernel as kernel
+
+    monkeypatch.setattr(kernel, "_MAX_KEYED_LENGTH", 4, raising=True)
+    g = torch.Generator().manual_seed(31)
+    base = torch.randint(-2, 3, (6, 9), generator=g).float()
+    models = [base + torch.randint(-2, 3, (6, 9), generator=g).float() for _ in range(3)]
+    n, m = [3, 2, 4], 8
+    assert_masks_equal(
+        cabs_masks(base, models, n, m, overlap=overlap, conflict_aware=conflict_aware),
+        ref.ref_masks(base, models, n, m, overlap=overlap, conflict_aware=conflict_aware),
+    )

@@ -89,6 +89,8 @@ CONFIGS = [
     ),
     # density -> n = floor(density * m + 0.5): 0.3*10 = 3, 0.15*10+0.5 = 2
     ((4, 10), 2, {"density": [0.3, 0.15], "block_size": 10}, dict(n=[3, 2], m=10)),
+    # 0.2*8 = 1.6 -> 2, 0.45*8 = 3.6 -> 4 (rounded, not truncated)
+    ((3, 8), 2, {"density": [0.2, 0.45], "block_size": 8}, dict(n=[2, 4], m=8)),
     # default density 0.25 and default block_size 256 (one short block of 100: 64*100/256 -> 25)
     ((10, 10), 2, {}, dict(n=[64, 64], m=256)),
     ((2, 256), 3, {}, dict(n=[64, 64, 64], m=256)),
@@ -189,6 +191,7 @@ def test_unbalanced_equals_reference(shape, densities, overlap, ca):
         parameters={
             "density": densities,
             "balanced": False,
+            "block_size": 8,  # ignored when unbalanced (balanced would differ)
             "overlap": overlap,
             "conflict_aware": ca,
             "weight": w,
@@ -217,8 +220,13 @@ def test_half_inputs(dtype):
     out = cabs([base, *models], parameters=params)
     assert out.dtype == dtype
     assert_bit_equal(out, want32.to(dtype))
+    # out_dtype casts the method's result, which (as for mergekit's own methods)
+    # is in the promoted input dtype: float32 -> bf16/fp16 -> float32
     out32 = cabs([base, *models], parameters=params, out_dtype=torch.float32)
-    assert_bit_equal(out32, want32)
+    assert_bit_equal(out32, want32.to(dtype).to(torch.float32))
+    # an explicit working dtype gives the float32 result itself
+    full = cabs([base, *models], parameters=params, dtype=torch.float32)
+    assert_bit_equal(full, want32)
 
 
 def test_float64_inputs():
@@ -316,3 +324,21 @@ def test_property_method_equals_reference(case):
         base, models, weights, n, m, overlap=overlap, conflict_aware=conflict_aware, lam=lam
     )
     assert_bit_equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "numel, n, m, kept",
+    [(10, 3, 8, 4), (2, 1, 4, 1), (6, 1, 4, 2), (1, 1, 4, 0), (40, 5, 16, 13)],
+)
+def test_unbalanced_with_n_keeps_n_over_block_size_of_the_tensor(numel, n, m, kept):
+    # SPEC defines balanced: false by density; with `n` given the product uses
+    # density = n / block_size exactly: floor(n * numel / m + 0.5) places.
+    base = torch.zeros(numel)
+    model = torch.arange(1, numel + 1, dtype=torch.float32)  # distinct magnitudes
+    out = merge_tensors(
+        [base, model], "cabs", base_index=0,
+        parameters={"n": n, "block_size": m, "balanced": False},
+    )
+    assert int((out != 0).sum()) == kept
+    # the kept places are the largest ones
+    assert torch.equal(out[numel - kept:], model[numel - kept:])

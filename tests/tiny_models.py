@@ -301,15 +301,25 @@ def expected_cabs(
     return result
 
 
-def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, name: str = ""):
+def assert_matches(
+    actual: torch.Tensor,
+    expected64: torch.Tensor,
+    name: str = "",
+    via: Optional[torch.dtype] = None,
+):
     """Compare a product tensor with a float64 expectation.
 
-    Float32 (or wider) outputs: within a few float32 rounding steps.
-    Narrower outputs: equal to the float32-rounded expectation cast to the
-    output dtype, give or take one unit in the last place (double rounding).
+    ``via`` is the dtype the merge itself returns in (mergekit's compute
+    dtype, before any ``out_dtype`` cast); by default the output's dtype.
+    Float32 (or wider) all the way: within a few float32 rounding steps.
+    A narrower dtype on the way: equal to the float32-rounded expectation
+    cast through ``via`` to the output dtype, give or take one unit in the
+    last place of the coarser dtype (double rounding).
     """
+    wide = (torch.float32, torch.float64)
+    via = via or actual.dtype
     assert actual.shape == expected64.shape, (name, actual.shape, expected64.shape)
-    if actual.dtype in (torch.float32, torch.float64):
+    if actual.dtype in wide and via in wide:
         torch.testing.assert_close(
             actual.to(torch.float64),
             expected64,
@@ -317,18 +327,20 @@ def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, name: str = "
             atol=1e-7,
             msg=lambda m: f"{name}: {m}",
         )
-    else:
-        want = expected64.to(torch.float32).to(actual.dtype)
-        if torch.equal(actual, want):
-            return
-        ulp = torch.finfo(actual.dtype).eps
-        torch.testing.assert_close(
-            actual.to(torch.float64),
-            want.to(torch.float64),
-            rtol=ulp,
-            atol=0,
-            msg=lambda m: f"{name}: {m}",
-        )
+        return
+    want = expected64.to(torch.float32).to(via).to(actual.dtype)
+    if torch.equal(actual, want):
+        return
+    ulp = max(
+        torch.finfo(d).eps for d in (via, actual.dtype) if d not in wide
+    )
+    torch.testing.assert_close(
+        actual.to(torch.float64),
+        want.to(torch.float64),
+        rtol=ulp,
+        atol=0,
+        msg=lambda m: f"{name}: {m}",
+    )
 
 
 def gradient_value(values: Sequence[float], t: float) -> float:
@@ -383,3 +395,95 @@ def aligned_vocab_rows(
                 )
         out[key] = torch.stack(rows)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Running merges: the real console script, or run_merge in this process.
+# ---------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cabs_is_installed() -> bool:
+    """True when the mergekit-cabs distribution is installed in this env."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("mergekit-cabs")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def cli_command(config_path, out_path) -> List[str]:
+    """`mergekit-yaml CONFIG OUT` from this interpreter's environment.
+
+    Before the package is installed (development checkout), the same click
+    command runs after an explicit `import mergekit_cabs`.
+    """
+    import sys
+
+    script = Path(sys.executable).parent / "mergekit-yaml"
+    if cabs_is_installed() and script.exists():
+        return [str(script), str(config_path), str(out_path)]
+    return [
+        sys.executable,
+        "-c",
+        "import mergekit_cabs; from mergekit.scripts.run_yaml import main; main()",
+        str(config_path),
+        str(out_path),
+    ]
+
+
+def run_cli(config: dict, config_path, out_path, extra_args: Sequence[str] = ()):
+    """Write ``config`` as YAML and run the console script in a subprocess."""
+    import os
+    import subprocess
+
+    import yaml
+
+    config_path = Path(config_path)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = dict(os.environ)
+    env["MERGEKIT_CABS_STRICT"] = "1"
+    if not cabs_is_installed():
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]
+        )
+    return subprocess.run(
+        cli_command(config_path, out_path) + list(extra_args),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def run_in_process(config: dict, out_path, **options) -> None:
+    """mergekit.merge.run_merge on a config dict (as YAML would give it)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    merge_config = MergeConfiguration.model_validate(config)
+    run_merge(
+        merge_config,
+        str(out_path),
+        options=MergeOptions(quiet=True, **options),
+        config_source=yaml.safe_dump(config, sort_keys=False),
+    )
+
+
+def load_output(out_path) -> Dict[str, torch.Tensor]:
+    """Every tensor of every safetensors shard in a merge's output folder."""
+    from safetensors.torch import load_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    shards = sorted(Path(out_path).glob("*.safetensors"))
+    assert shards, f"no safetensors in {out_path}"
+    for shard in shards:
+        part = load_file(str(shard))
+        assert not set(part) & set(tensors)
+        tensors.update(part)
+    return tensors

@@ -1,0 +1,108 @@
+"""The shipped example configs merge as documented, and `mergekit-cabs demo` works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tiny_models import assert_matches, expected_cabs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "example_configs"
+BIN = Path(sys.executable).parent
+
+
+def _merge(config: dict, out: Path) -> dict:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True))
+    return load_file(str(out / "model.safetensors"))
+
+
+def _point_at(config: dict, base, tunes) -> dict:
+    """The example with its model names replaced by local tiny models, in order."""
+    config = dict(config, base_model=str(base.path))
+    assert len(config["models"]) == len(tunes)
+    config["models"] = [dict(entry, model=str(t.path)) for entry, t in zip(config["models"], tunes)]
+    return config
+
+
+def test_paper_recipe_is_the_paper_setting():
+    config = yaml.safe_load((EXAMPLES / "cabs-mistral-7b-paper.yml").read_text())
+    assert config["merge_method"] == "cabs"
+    assert config["dtype"] == "float16"
+    assert config["parameters"]["block_size"] == 256
+    assert [m["parameters"] for m in config["models"]] == [{"weight": 1.2, "n": 64}] * 2
+
+
+def test_paper_recipe_merges_as_specified(bf16_family, tmp_path):
+    base, tunes = bf16_family
+    config = yaml.safe_load((EXAMPLES / "cabs-mistral-7b-paper.yml").read_text())
+    merged = _merge(_point_at(config, base, tunes[:2]), tmp_path / "out")
+    assert set(merged) == set(base.state)
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float16, name
+        want = expected_cabs(
+            base.state[name].to(torch.float16),
+            [t.state[name].to(torch.float16) for t in tunes[:2]],
+            weights=[1.2, 1.2], ns=[64, 64], block_size=256,
+        )
+        assert_matches(tensor, want, name)
+
+
+def test_three_model_example_merges_with_its_filters(bf16_family, tmp_path):
+    base, tunes = bf16_family
+    config = yaml.safe_load((EXAMPLES / "cabs-three-models.yml").read_text())
+    merged = _merge(_point_at(config, base, tunes), tmp_path / "out")
+    assert set(merged) == set(base.state)
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16, name
+        chat_weight = 0.7 if "self_attn" in name else 0.8
+        want = expected_cabs(
+            base.state[name], [t.state[name] for t in tunes],
+            weights=[1.0, 0.9, chat_weight], densities=[0.25, None, 0.375], ns=[None, 64, None],
+            block_size=256,
+        )
+        assert_matches(tensor, want, name)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("demo") / "run"
+    result = subprocess.run(
+        [str(BIN / "mergekit-cabs"), "demo", str(directory)],
+        capture_output=True, text=True, timeout=600,
+    )
+    return directory, result
+
+
+def test_demo_builds_merges_and_reports(demo_run):
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"The merged model is in {directory / 'merged'}" in out
+    assert "places kept by two or more models: 0" in out
+    assert "largest difference from base + sum of weighted pruned task vectors: 0.00e+00" in out
+    assert "finite: True" in out
+    merged = directory / "merged"
+    assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
+    assert "CABS" in (merged / "README.md").read_text()
+    assert yaml.safe_load((directory / "cabs.yml").read_text())["merge_method"] == "cabs"
+
+
+def test_demo_refuses_a_used_directory(demo_run):
+    directory, first = demo_run
+    assert first.returncode == 0
+    again = subprocess.run(
+        [str(BIN / "mergekit-cabs"), "demo", str(directory)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode != 0
+    assert "is not empty" in again.stderr
