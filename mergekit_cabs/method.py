@@ -80,6 +80,21 @@ def _flag(name: str, value: Any) -> bool:
     raise ValueError(f"cabs: '{name}' must be true or false; got {value!r}")
 
 
+def _soft_number(name: str, value: Any) -> Any:
+    """Per-model values: make numbers of what can be numbers (mergekit needs
+    that to interpolate gradients) and leave the rest for `resolve`, which
+    knows the model's name for the error."""
+    try:
+        return _number(name, value)
+    except ValueError:
+        return value
+
+
+def _soft_whole(name: str, value: Any) -> Any:
+    value = _soft_number(name, value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _typed(name: str, kind, optional: bool = False):
     def validate(value: Any) -> Any:
         if value is None and optional:
@@ -112,17 +127,17 @@ def _finite(name: str, value: Any) -> float:
 
 PARAMETERS = (
     ParameterSpec(
-        "weight", _typed("weight", _number), ParameterScope.NON_BASE, default=1.0,
+        "weight", _typed("weight", _soft_number), ParameterScope.NON_BASE, default=1.0,
         description="scale of this model's pruned task vector (lambda_i)",
     ),
     ParameterSpec(
-        "density", _typed("density", _number, optional=True), ParameterScope.NON_BASE,
+        "density", _typed("density", _soft_number, optional=True), ParameterScope.NON_BASE,
         default=None,
         description=f"kept fraction in (0, 1]; n = floor(density * block_size + 0.5); "
         f"{DEFAULT_DENSITY} when neither density nor n is given",
     ),
     ParameterSpec(
-        "n", _typed("n", _whole, optional=True), ParameterScope.NON_BASE, default=None,
+        "n", _typed("n", _soft_whole, optional=True), ParameterScope.NON_BASE, default=None,
         description="places kept per block, in [1, block_size]; excludes density",
     ),
     ParameterSpec(
@@ -186,7 +201,8 @@ class Resolved:
         return quotas, numel
 
 
-_warned: set = set()
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def resolve(
@@ -205,33 +221,34 @@ def resolve(
     for label, params in per_model:
         who = f"for model '{label}'{where}"
         weight, density, n = params.get("weight", 1.0), params.get("density"), params.get("n")
-        if not math.isfinite(weight):
-            raise CabsConfigError(f"cabs: 'weight' {who} must be a finite number; got {weight}")
+        if not _is_number(weight) or not math.isfinite(weight):
+            raise CabsConfigError(f"cabs: 'weight' {who} must be a finite number; got {weight!r}")
         if density is not None and n is not None:
             raise CabsConfigError(
-                f"cabs: both 'n' ({n}) and 'density' ({density}) are set {who}; give one "
+                f"cabs: both 'n' ({n!r}) and 'density' ({density!r}) are set {who}; give one "
                 "of them (parameters at any level, model, slice or global, count)"
             )
         if n is not None:
-            if not 1 <= n <= m:
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m:
                 raise CabsConfigError(
-                    f"cabs: 'n' {who} is {n}; it must be a whole number in [1, block_size={m}]"
+                    f"cabs: 'n' {who} is {n!r}; it must be a whole number in "
+                    f"[1, block_size={m}] (use 'density' for a smooth gradient)"
                 )
         else:
             if density is None:
                 density = DEFAULT_DENSITY
-            if not 0 < density <= 1:
+            if not _is_number(density) or not 0 < density <= 1:
                 raise CabsConfigError(
-                    f"cabs: 'density' {who} is {density}; it must be in (0, 1]"
+                    f"cabs: 'density' {who} is {density!r}; it must be a number in (0, 1]"
                 )
             n = math.floor(density * m + 0.5)
-            if shared["balanced"] and n < 1:
+            if n < 1:
                 raise CabsConfigError(
                     f"cabs: 'density' {who} is {density}, which keeps "
                     f"floor({density} * {m} + 0.5) = 0 places per block of "
                     f"block_size={m}; use density >= {0.5 / m:.6g} or a larger block_size"
                 )
-        weights.append(weight)
+        weights.append(float(weight))
         ns.append(n)
         densities.append(density)
 
@@ -249,6 +266,39 @@ def resolve(
     return resolved
 
 
+class _OncePerMerge:
+    """Says each overlap warning once per merge, not once per tensor."""
+
+    def __init__(self):
+        self.said: set = set()
+        self.planned: set = set()
+
+    def new_merge(self) -> None:
+        self.said.clear()
+        self.planned.clear()
+
+    def planning(self, tensor: str) -> None:
+        # mergekit plans each output tensor once per merge: a name seen again
+        # means another merge is being planned (mergekit-multi, a notebook).
+        if tensor in self.planned:
+            self.new_merge()
+        self.planned.add(tensor)
+
+    def warn(self, key: Any, message: str, *args: Any) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            LOG.warning(message, *args)
+
+
+_once = _OncePerMerge()
+
+_OVERLAP_RULE = {
+    "fill": "'fill': models after the block is full also keep their largest entries "
+    "among claimed places, so their supports overlap there",
+    "strict": "'strict': later models keep only the free places, fewer than their quota",
+}
+
+
 def _warn_unavoidable_overlap(r: Resolved, tensor: Optional[str]) -> None:
     if not r.conflict_aware:
         return
@@ -259,21 +309,28 @@ def _warn_unavoidable_overlap(r: Resolved, tensor: Optional[str]) -> None:
         fractions = [d if d is not None else n / r.block_size for n, d in zip(r.n, r.density)]
         total, room = sum(fractions), 1.0
         what = f"densities {[round(f, 6) for f in fractions]} add up to {total:.6g} > 1"
-    key = (what, r.overlap)
-    if total <= room or key in _warned:
-        return
-    _warned.add(key)
-    rule = (
-        "'fill': models after the block is full also keep their largest entries among "
-        "claimed places, so their supports overlap there"
-        if r.overlap == "fill"
-        else "'strict': later models keep only the free places, fewer than their quota"
-    )
-    LOG.warning(
-        "cabs: the quotas %s%s: overlap between models cannot be avoided; going on "
-        "by overlap=%s. Said once per setting.",
-        what, f" (first seen on tensor '{tensor}')" if tensor else "", rule,
-    )
+    if total > room:
+        _once.warn(
+            (what, r.overlap),
+            "cabs: the quotas %s%s: overlap between models cannot be avoided; going on "
+            "by overlap=%s. Said once per merge and setting.",
+            what, f" (first seen on tensor '{tensor}')" if tensor else "", _OVERLAP_RULE[r.overlap],
+        )
+
+
+def _warn_short_block_overlap(r: Resolved, numel: int, tensor: Optional[str]) -> None:
+    tail = numel % r.block_size
+    if not (r.conflict_aware and r.balanced and tail) or sum(r.n) > r.block_size:
+        return  # nothing short, or already said for the full blocks
+    quotas = [block_quota(n, tail, r.block_size) for n in r.n]
+    if sum(quotas) > tail:
+        _once.warn(
+            (tuple(quotas), tail, r.overlap),
+            "cabs: in the short last block of %d elements%s the rounded quotas %s add up "
+            "to more than %d: overlap there cannot be avoided; going on by overlap=%s.",
+            tail, f" of tensor '{tensor}'" if tensor else "", quotas, tail,
+            _OVERLAP_RULE[r.overlap],
+        )
 
 
 # --- the mergekit method --------------------------------------------------
@@ -283,13 +340,21 @@ def _label(model_id: Hashable) -> str:
     return str(model_id)
 
 
+def _resolve_group(group: TensorGroup, parameters: Mapping[str, Any]) -> Resolved:
+    per_model = [
+        (_label(e.id), {k: parameters[k][e.id] for k in ("weight", "density", "n")})
+        for e in group.non_base
+    ]
+    return resolve(parameters, per_model, group.metadata.name)
+
+
 class CabsMerge(GroupMergeMethod):
     """Conflict-Aware and Balanced Sparsification, one output tensor at a time."""
 
     spec = SPEC
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
-        if base_id is None or base_id not in input_ids:
+        if base_id is None:
             where = f" (for {group_name})" if group_name else ""
             raise ValueError(
                 f"cabs needs a base model{where}: set `base_model:` in the YAML "
@@ -298,18 +363,27 @@ class CabsMerge(GroupMergeMethod):
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
+    def __call__(self, groups, /, **kwargs):
+        _once.new_merge()  # merge_tensors / merge_state_dicts: one call, one merge
+        return super().__call__(groups, **kwargs)
+
+    def _bind_parameters(self, groups, parameters):
+        bound = super()._bind_parameters(groups, parameters)
+        # Check every tensor's parameters before the first one is merged.
+        for group, values in zip(groups, bound):
+            if group.non_base:
+                _resolve_group(group, values)
+        return bound
+
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
         if not entries:
             return base
-        per_model = [
-            (_label(e.id), {k: parameters[k][e.id] for k in ("weight", "density", "n")})
-            for e in entries
-        ]
-        r = resolve(parameters, per_model, group.metadata.name)
+        r = _resolve_group(group, parameters)
         if base.numel() == 0:
             return base.clone()
+        _warn_short_block_overlap(r, base.numel(), group.metadata.name)
         quotas, m = r.kernel_quotas(base.numel())
         try:
             merged = cabs_merge(
@@ -323,7 +397,7 @@ class CabsMerge(GroupMergeMethod):
                 lam=r.lam,
             )
         except NonFiniteInputError as error:
-            who = "the base model" if error.model is None else f"model '{per_model[error.model][0]}'"
+            who = "the base model" if error.model is None else f"model '{_label(entries[error.model].id)}'"
             tensor = f" in tensor '{group.metadata.name}'" if group.metadata.name else ""
             raise ValueError(
                 f"cabs: {who} has NaN or infinite values{tensor}; fix or drop that model"
@@ -336,6 +410,7 @@ cabs_method = CabsMerge()
 
 def _check_planned_task(task) -> None:
     """Check the parameters mergekit resolved for one planned tensor."""
+    _once.planning(task.output_weight.name)
     models = [m for m in task.model_order if m != task.base_model]
     per_model = [(_label(m), dict(task.input_parameters[m].items())) for m in models]
     resolve(dict(task.parameters.items()), per_model, task.output_weight.name)

@@ -15,8 +15,6 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from tiny_models import (
     assert_matches,
@@ -28,6 +26,8 @@ from tiny_models import (
     load_output,
     run_cli,
     run_in_process,
+    cabs_is_installed,
+    cli_command,
 )
 
 
@@ -116,6 +116,19 @@ def test_cli_two_finetunes_every_tensor(bf16_family, cli_two):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == base.config["num_hidden_layers"]
     assert cfg["vocab_size"] == len(base.words)
+
+
+def test_cli_is_the_plain_console_script(cli_two):
+    """Once the package is installed, the run above was plain `mergekit-yaml`
+    (no wrapper, no `import mergekit_cabs`)."""
+    import sys
+
+    if not cabs_is_installed():
+        pytest.skip("mergekit-cabs is not installed in this environment")
+    config, out, proc = cli_two
+    command = cli_command("c.yml", "out")
+    assert command[0] == str(Path(sys.executable).parent / "mergekit-yaml")
+    assert len(command) == 3
 
 
 def test_cli_model_card_names_cabs(cli_two):

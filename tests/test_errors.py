@@ -152,11 +152,6 @@ def test_filter_invalid_on_one_tensor_kind(bf16_family, tmp_path):
     has_all(text, "'density'", str(tunes[0].path), "v_proj", "(0, 1]")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): a badly typed per-model value fails in mergekit's "
-    "pydantic validation, whose message names the parameter but not the model",
-)
 @pytest.mark.parametrize("p1", [{"density": "lots"}, {"weight": "x"}, {"n": 2.5}])
 def test_badly_typed_per_model_value_names_the_model(bf16_family, tmp_path, p1):
     base, tunes = bf16_family
@@ -164,11 +159,6 @@ def test_badly_typed_per_model_value_names_the_model(bf16_family, tmp_path, p1):
     has_all(text, next(iter(p1)), str(tunes[0].path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): with balanced: false the density * block_size < 0.5 "
-    "check of SPEC.md is skipped, so a tensor may silently keep nothing",
-)
 def test_density_too_small_unbalanced(bf16_family, tmp_path):
     base, tunes = bf16_family
     config = base_config(
@@ -288,11 +278,6 @@ def test_overlap_warning_once_per_merge(bf16_family, tmp_path, caplog):
     has_all(hits[0].getMessage(), "13", "8", "6", "14")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): the 'said once' memory is process-wide, so a second "
-    "merge in the same Python process never repeats the warning",
-)
 def test_overlap_warning_repeats_for_a_second_merge(bf16_family, tmp_path, caplog):
     base, tunes = bf16_family
     config = base_config(base, tunes, p1={"n": 9}, p2={"n": 8}, shared={"block_size": 15})
@@ -317,3 +302,39 @@ def test_no_overlap_warning(bf16_family, tmp_path, caplog, p1, p2, shared):
     with caplog.at_level(logging.WARNING):
         run_in_process(config, tmp_path / "out")
     assert overlap_records(caplog) == []
+
+
+def test_density_boundary_half_a_place():
+    """density * m == 0.5 keeps one place per block (allowed); just below is
+    an error."""
+    from mergekit.merge_methods import merge_tensors
+
+    base, tune = torch.zeros(17), torch.arange(1.0, 18.0)
+    got = merge_tensors(
+        [base, tune], "cabs", base_index=0, parameters={"block_size": 16, "density": 1 / 32}
+    )
+    want = torch.zeros(17)
+    want[15] = 16.0  # the largest |tau| of the full block; the tail rounds to 0
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="'density'.*0.031"):
+        merge_tensors(
+            [base, tune], "cabs", base_index=0, parameters={"block_size": 16, "density": 0.031}
+        )
+
+
+def test_short_last_block_overlap_is_said_once(caplog):
+    """n = 8 + 8 fills a block of 16, but on a 1-element tail both quotas
+    round up to 1: overlap there is unavoidable, and the merge says so once."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"a": (17,), "b": (33,)}  # two tensors, both with a 1-element tail
+    models = {
+        key: {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+        for key in ("base", "x", "y")
+    }
+    with caplog.at_level(logging.WARNING):
+        merge_state_dicts(models, "cabs", base="base", parameters={"n": 8, "block_size": 16})
+    hits = overlap_records(caplog)
+    assert len(hits) == 1, [r.getMessage() for r in hits]
+    has_all(hits[0].getMessage(), "short last block of 1 elements", "[1, 1]")

@@ -227,6 +227,9 @@ def test_wheel_holds_only_the_package_and_the_pth(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         pth = zf.read(PTH_NAME).decode()
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = zf.read(entry_points).decode()
+    assert "mergekit-cabs = mergekit_cabs.cli:main" in scripts
     payload = [n for n in names if ".dist-info/" not in n]
     assert PTH_NAME in payload
     strays = [n for n in payload if n != PTH_NAME and not n.startswith("mergekit_cabs/")]
