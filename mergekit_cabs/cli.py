@@ -42,8 +42,12 @@ def main() -> None:
 @click.argument("directory", default="cabs-demo", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for the made-up weights.")
 def demo(directory: Path, seed: int) -> None:
-    """Build a tiny base model and three fine-tunes in DIRECTORY (no network),
-    merge them with cabs through mergekit, and check the result."""
+    """Merge a tiny made-up model family with cabs, end to end.
+
+    Builds a tiny Llama base and three fine-tunes in DIRECTORY (default:
+    ./cabs-demo; no network), writes a cabs YAML there, merges it with
+    mergekit into DIRECTORY/merged, checks every merged tensor and loads the
+    result with transformers."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge

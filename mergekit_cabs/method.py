@@ -43,122 +43,80 @@ class CabsConfigError(ValueError):
     """A cabs parameter is out of range or contradicts another one."""
 
 
-# --- scalar types: coerce what YAML and mergekit gradients produce, name the
-# parameter when a value has the wrong type.  Ranges that involve a model are
-# checked in `resolve`, where the model's name is known.
+# --- scalar types.  mergekit validates every value through its parameter's
+# type while it resolves filters and gradients, without saying which model the
+# value belongs to.  So the types only coerce what YAML and gradients produce
+# (numeric strings such as "5e-1", integral floats from a gradient on n,
+# "true"/"false") and leave anything else as it is; `resolve` then checks every
+# value with the model's and the tensor's names at hand.
 
 
-def _number(name: str, value: Any) -> float:
+def _as_number(value: Any) -> Any:
     if isinstance(value, bool):
-        raise ValueError(f"cabs: '{name}' must be a number; got {value!r}")
+        return value
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
-            pass
-    raise ValueError(f"cabs: '{name}' must be a number; got {value!r}")
+            return value
+    return value
 
 
-def _whole(name: str, value: Any) -> int:
-    number = _number(name, value)
-    if not number.is_integer():
-        raise ValueError(
-            f"cabs: '{name}' must be a whole number; got {value!r} (a gradient on "
-            f"'{name}' interpolates between its values: give whole numbers that "
-            "interpolate exactly, or use 'density' for a smooth gradient)"
-        )
-    return int(number)
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ValueError(f"cabs: '{name}' must be true or false; got {value!r}")
-
-
-def _soft_number(name: str, value: Any) -> Any:
-    """Per-model values: make numbers of what can be numbers (mergekit needs
-    that to interpolate gradients) and leave the rest for `resolve`, which
-    knows the model's name for the error."""
-    try:
-        return _number(name, value)
-    except ValueError:
-        return value
-
-
-def _soft_whole(name: str, value: Any) -> Any:
-    value = _soft_number(name, value)
+def _as_whole(value: Any) -> Any:
+    value = _as_number(value)
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _typed(name: str, kind, optional: bool = False):
+def _as_flag(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _lenient(name: str, coerce):
     def validate(value: Any) -> Any:
-        if value is None and optional:
-            return None
-        return kind(name, value)
+        return None if value is None else coerce(value)
 
     validate.__name__ = validate.__qualname__ = f"cabs_{name}"
     return Annotated[Any, PlainValidator(validate)]
 
 
-def _block_size(name: str, value: Any) -> int:
-    size = _whole(name, value)
-    if size < 1:
-        raise ValueError(f"cabs: 'block_size' must be a whole number >= 1; got {value!r}")
-    return size
-
-
-def _overlap(name: str, value: Any) -> str:
-    if value not in OVERLAP_RULES:
-        raise ValueError(f"cabs: 'overlap' must be 'fill' or 'strict'; got {value!r}")
-    return value
-
-
-def _finite(name: str, value: Any) -> float:
-    number = _number(name, value)
-    if not math.isfinite(number):
-        raise ValueError(f"cabs: '{name}' must be a finite number; got {value!r}")
-    return number
-
-
 PARAMETERS = (
     ParameterSpec(
-        "weight", _typed("weight", _soft_number), ParameterScope.NON_BASE, default=1.0,
+        "weight", _lenient("weight", _as_number), ParameterScope.NON_BASE, default=1.0,
         description="scale of this model's pruned task vector (lambda_i)",
     ),
     ParameterSpec(
-        "density", _typed("density", _soft_number, optional=True), ParameterScope.NON_BASE,
+        "density", _lenient("density", _as_number), ParameterScope.NON_BASE,
         default=None,
         description=f"kept fraction in (0, 1]; n = floor(density * block_size + 0.5); "
         f"{DEFAULT_DENSITY} when neither density nor n is given",
     ),
     ParameterSpec(
-        "n", _typed("n", _soft_whole, optional=True), ParameterScope.NON_BASE, default=None,
+        "n", _lenient("n", _as_whole), ParameterScope.NON_BASE, default=None,
         description="places kept per block, in [1, block_size]; excludes density",
     ),
     ParameterSpec(
-        "block_size", _typed("block_size", _block_size), ParameterScope.SHARED,
+        "block_size", _lenient("block_size", _as_whole), ParameterScope.SHARED,
         default=DEFAULT_BLOCK_SIZE, description="m: consecutive elements per block",
     ),
     ParameterSpec(
-        "overlap", _typed("overlap", _overlap), ParameterScope.SHARED, default="fill",
+        "overlap", _lenient("overlap", str), ParameterScope.SHARED, default="fill",
         description="'fill' or 'strict': what a model does when a block has fewer "
         "free places than its quota",
     ),
     ParameterSpec(
-        "conflict_aware", _typed("conflict_aware", _flag), ParameterScope.SHARED,
+        "conflict_aware", _lenient("conflict_aware", _as_flag), ParameterScope.SHARED,
         default=True, description="later models choose only among free places",
     ),
     ParameterSpec(
-        "balanced", _typed("balanced", _flag), ParameterScope.SHARED, default=True,
+        "balanced", _lenient("balanced", _as_flag), ParameterScope.SHARED, default=True,
         description="n:m per block; false: magnitude top-k over the whole tensor",
     ),
     ParameterSpec(
-        "lambda", _typed("lambda", _finite), ParameterScope.SHARED, default=1.0,
+        "lambda", _lenient("lambda", _as_number), ParameterScope.SHARED, default=1.0,
         description="global scale on the summed task vectors",
     ),
 )
@@ -205,6 +163,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def resolve(
     shared: Mapping[str, Any],
     per_model: Sequence[Tuple[str, Mapping[str, Any]]],
@@ -215,8 +177,17 @@ def resolve(
     `per_model` lists (model label, that model's parameters) in priority order.
     Raises CabsConfigError naming the parameter, model, tensor and allowed values.
     """
-    m = shared["block_size"]
     where = f" on tensor '{tensor}'" if tensor else ""
+    m, overlap, lam = shared["block_size"], shared["overlap"], shared["lambda"]
+    if not _is_whole(m) or m < 1:
+        raise CabsConfigError(f"cabs: 'block_size'{where} is {m!r}; it must be a whole number >= 1")
+    if overlap not in OVERLAP_RULES:
+        raise CabsConfigError(f"cabs: 'overlap'{where} is {overlap!r}; it must be 'fill' or 'strict'")
+    for flag in ("conflict_aware", "balanced"):
+        if not isinstance(shared[flag], bool):
+            raise CabsConfigError(f"cabs: '{flag}'{where} is {shared[flag]!r}; it must be true or false")
+    if not _is_number(lam) or not math.isfinite(lam):
+        raise CabsConfigError(f"cabs: 'lambda'{where} is {lam!r}; it must be a finite number")
     weights, ns, densities = [], [], []
     for label, params in per_model:
         who = f"for model '{label}'{where}"
@@ -225,14 +196,16 @@ def resolve(
             raise CabsConfigError(f"cabs: 'weight' {who} must be a finite number; got {weight!r}")
         if density is not None and n is not None:
             raise CabsConfigError(
-                f"cabs: both 'n' ({n!r}) and 'density' ({density!r}) are set {who}; give one "
-                "of them (parameters at any level, model, slice or global, count)"
+                f"cabs: both 'n' ({n!r}) and 'density' ({density!r}) are set {who}; give "
+                "only one (a value under the top-level or a slice's `parameters:` counts "
+                "for every model)"
             )
         if n is not None:
-            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m:
+            if not _is_whole(n) or not 1 <= n <= m:
+                hint = " (a gradient on n must land on whole numbers; use density for a smooth one)"
                 raise CabsConfigError(
                     f"cabs: 'n' {who} is {n!r}; it must be a whole number in "
-                    f"[1, block_size={m}] (use 'density' for a smooth gradient)"
+                    f"[1, block_size={m}]" + (hint if isinstance(n, float) else "")
                 )
         else:
             if density is None:
@@ -257,10 +230,10 @@ def resolve(
         n=tuple(ns),
         density=tuple(densities),
         block_size=m,
-        overlap=shared["overlap"],
+        overlap=overlap,
         conflict_aware=shared["conflict_aware"],
         balanced=shared["balanced"],
-        lam=shared["lambda"],
+        lam=float(lam),
     )
     _warn_unavoidable_overlap(resolved, tensor)
     return resolved
@@ -355,9 +328,8 @@ class CabsMerge(GroupMergeMethod):
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
         if base_id is None:
-            where = f" (for {group_name})" if group_name else ""
             raise ValueError(
-                f"cabs needs a base model{where}: set `base_model:` in the YAML "
+                "cabs needs a base model: set `base_model:` in the YAML "
                 "(or base_index=/base= in merge_tensors/merge_state_dicts); task "
                 "vectors are differences from it"
             )
@@ -416,6 +388,67 @@ def _check_planned_task(task) -> None:
     resolve(dict(task.parameters.items()), per_model, task.output_weight.name)
 
 
+_SHARED_NAMES = tuple(p.name for p in SPEC.shared_parameters)
+_ALL_NAMES = tuple(p.name for p in SPEC.parameters)
+
+
+def _check_parameter_names(config) -> None:
+    """Refuse parameter names cabs does not know, and shared ones set per model.
+
+    mergekit looks up only the names a method declares, so `densty: 0.5` or a
+    `block_size` under one model would otherwise be ignored without a word.
+    """
+
+    def check(parameters, model=None) -> None:
+        for name in parameters or {}:
+            where = f" for model '{model}'" if model is not None else ""
+            if name not in _ALL_NAMES:
+                raise CabsConfigError(
+                    f"cabs: unknown parameter '{name}'{where}; cabs takes "
+                    f"{', '.join(_ALL_NAMES)}"
+                )
+            if model is not None and name in _SHARED_NAMES:
+                raise CabsConfigError(
+                    f"cabs: '{name}' is shared by all models, so it cannot be set{where}; "
+                    "put it under the top-level (or a slice's) `parameters:`"
+                )
+
+    def check_slices(slices) -> None:
+        for output_slice in slices or ():
+            check(output_slice.parameters)
+            for source in output_slice.sources:
+                check(source.parameters, source.model)
+
+    check(config.parameters)
+    for entry in config.models or ():
+        check(entry.parameters, entry.model)
+    check_slices(config.slices)
+    for module in (config.modules or {}).values():
+        check(module.parameters)
+        for entry in module.models or ():
+            check(entry.parameters, entry.model)
+        check_slices(module.slices)
+
+
+def _install_name_check() -> None:
+    """Check parameter names the first time mergekit reads a cabs config."""
+    from mergekit.config import ConfigReader
+
+    original = ConfigReader.parameter_sources
+    if getattr(original, "_cabs_checked", False):
+        return
+    checked = []  # the last configuration checked (one merge at a time)
+
+    def parameter_sources(self, model=None):
+        if self.config.merge_method == NAME and not (checked and checked[0] is self.config):
+            _check_parameter_names(self.config)
+            checked[:] = [self.config]
+        return original(self, model)
+
+    parameter_sources._cabs_checked = True
+    ConfigReader.parameter_sources = parameter_sources
+
+
 def _install_plan_check() -> None:
     """Check every planned cabs tensor while mergekit plans, before it merges.
 
@@ -444,3 +477,4 @@ def install() -> None:
     if not any(method.spec.name == NAME for method in registered_methods()):
         register(cabs_method)
     _install_plan_check()
+    _install_name_check()

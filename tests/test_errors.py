@@ -338,3 +338,39 @@ def test_short_last_block_overlap_is_said_once(caplog):
     hits = overlap_records(caplog)
     assert len(hits) == 1, [r.getMessage() for r in hits]
     has_all(hits[0].getMessage(), "short last block of 1 elements", "[1, 1]")
+
+
+@pytest.mark.parametrize(
+    "p1,shared,needles",
+    [
+        ({"densty": 0.5}, {}, ["unknown parameter 'densty'", "for model", "density"]),
+        ({}, {"lamda": 2.0}, ["unknown parameter 'lamda'", "lambda"]),
+        ({"block_size": 8}, {}, ["'block_size' is shared", "for model", "top-level"]),
+        ({"overlap": "strict"}, {}, ["'overlap' is shared", "for model"]),
+    ],
+    ids=["typo-per-model", "typo-global", "shared-set-per-model", "overlap-per-model"],
+)
+def test_parameter_names_mergekit_would_ignore(bf16_family, tmp_path, p1, shared, needles):
+    """mergekit only looks up the names a method declares: without this check
+    these settings would be dropped without a word."""
+    base, tunes = bf16_family
+    text = merge_error(base_config(base, tunes, p1=p1, shared=shared), tmp_path / "out")
+    has_all(text, "cabs", *needles)
+    if "for model" in needles:
+        has_all(text, str(tunes[0].path))
+
+
+def test_parameter_names_in_slices(bf16_family, tmp_path):
+    base, tunes = bf16_family
+    config = {
+        "merge_method": "cabs",
+        "base_model": str(base.path),
+        "slices": [{
+            "sources": [
+                {"model": str(base.path), "layer_range": [0, 3]},
+                {"model": str(tunes[0].path), "layer_range": [0, 3], "parameters": {"wieght": 1}},
+            ],
+        }],
+        "parameters": {"block_size": 16},
+    }
+    has_all(merge_error(config, tmp_path / "out"), "unknown parameter 'wieght'", str(tunes[0].path))
