@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from pydantic import PlainValidator
@@ -29,14 +29,13 @@ from mergekit.merge_methods import (
 )
 from mergekit.merge_methods.base import ParameterSpec
 
-from mergekit_cabs.kernel import NonFiniteInputError, block_quota, cabs_merge
+from mergekit_cabs.kernel import OVERLAP_RULES, NonFiniteInputError, block_quota, cabs_merge
 
 LOG = logging.getLogger("mergekit_cabs")
 
 NAME = "cabs"
 DEFAULT_DENSITY = 0.25
 DEFAULT_BLOCK_SIZE = 256
-OVERLAP_RULES = ("fill", "strict")
 
 
 class CabsConfigError(ValueError):
