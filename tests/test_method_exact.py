@@ -18,8 +18,8 @@ from mergekit.merge_methods import merge_tensors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
+from strategies import cabs_cases  # noqa: E402
 
-OVERLAPS = ["fill", "strict"]
 
 
 def cabs(tensors, base_index=0, **kw):
@@ -273,33 +273,10 @@ def test_deterministic():
 # property test through merge_tensors
 # ---------------------------------------------------------------------------
 
-SMALL_VALUES = [0.0, 0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, 0.1, -0.1]
-
-
 @st.composite
 def method_cases(draw):
-    ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
-    m = draw(st.integers(1, 16))
-    k = draw(st.integers(1, 5))
-    n = draw(st.lists(st.integers(1, m), min_size=k, max_size=k))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    numel = int(np.prod(shape))
-    vals = np.array(SMALL_VALUES, dtype=np.float32)
-    base = torch.from_numpy(rng.choice(vals, size=numel).reshape(shape))
-    models = [
-        base + torch.from_numpy(rng.choice(vals, size=numel).reshape(shape))
-        for _ in range(k)
-    ]
-    weights = draw(
-        st.lists(st.sampled_from([1.0, 0.5, -1.0, 0.3, 1.7]), min_size=k, max_size=k)
-    )
-    lam = draw(st.sampled_from([1.0, 0.7, 2.0, 0.4]))
-    overlap = draw(st.sampled_from(OVERLAPS))
-    conflict_aware = draw(st.booleans())
-    base_index = draw(st.integers(0, k))
-    return base, models, weights, n, m, overlap, conflict_aware, lam, base_index
+    case = draw(cabs_cases(min_n=1))
+    return (*case, draw(st.integers(0, len(case[1]))))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

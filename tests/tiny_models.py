@@ -202,8 +202,8 @@ def make_tiny_llama(
 
 
 # ---------------------------------------------------------------------------
-# Expected values: an independent, deliberately plain CABS for one tensor,
-# written from SPEC.md (one Python sort per block), plus helpers that predict
+# Expected values: a plain CABS for one tensor (masks from tests/reference.py),
+# with weights, densities and ablations from SPEC.md, plus helpers that predict
 # which parameter value mergekit resolves for a tensor.
 # ---------------------------------------------------------------------------
 
@@ -248,45 +248,23 @@ def expected_cabs(
     taus = [
         (t.detach().to(torch.float32).reshape(-1) - base32).tolist() for t in models
     ]
-    m = block_size
+    # Masks from the scalar reference of the kernel tests (tests/reference.py);
+    # here only the quotas are worked out from density / n / balanced.
+    from reference import ref_masks
 
-    def quotas(i: int):
-        """[(start, end, quota)] for model i."""
-        if not balanced:
-            if densities[i] is not None:
-                q = int(math.floor(densities[i] * numel + 0.5))
-            else:
-                q = int(math.floor(ns[i] / m * numel + 0.5))
-            return [(0, numel, q)]
-        n = ns[i] if ns[i] is not None else quota_from_density(densities[i], m)
-        out = []
-        for start in range(0, numel, m):
-            end = min(start + m, numel)
-            r = end - start
-            q = n if r == m else int(math.floor(n * r / m + 0.5))
-            out.append((start, end, q))
-        return out
-
-    claimed = [False] * numel
-    masks = []
-    for i in range(k):
-        tau = taus[i]
-        mask = [False] * numel
-        for start, end, q in quotas(i):
-            places = range(start, end)
-            if conflict_aware:
-                order = sorted(places, key=lambda p: (claimed[p], -abs(tau[p]), p))
-                if overlap == "strict":
-                    order = [p for p in order if not claimed[p]]
-            else:
-                order = sorted(places, key=lambda p: (-abs(tau[p]), p))
-            for p in order[:q]:
-                mask[p] = True
-        if conflict_aware:
-            for p in range(numel):
-                if mask[p] and tau[p] != 0.0:
-                    claimed[p] = True
-        masks.append(mask)
+    if balanced:
+        quotas = [n if n is not None else quota_from_density(d, block_size) for n, d in zip(ns, densities)]
+        length = block_size
+    else:
+        quotas = [
+            int(math.floor(d * numel + 0.5)) if d is not None else int(math.floor(n / block_size * numel + 0.5))
+            for n, d in zip(ns, densities)
+        ]
+        length = max(numel, 1)
+    masks = [
+        mask.reshape(-1).tolist()
+        for mask in ref_masks(base, models, quotas, length, overlap=overlap, conflict_aware=conflict_aware)
+    ]
 
     total = torch.zeros(numel, dtype=torch.float64)
     for i in range(k):
