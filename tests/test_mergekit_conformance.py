@@ -478,7 +478,9 @@ def test_mismatched_embedding_shapes_point_at_tokenizer(shape):
         method()((group,))
 
 
-def test_whole_batch_checked_before_any_merge(monkeypatch):
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that grows by one each time the method runs the kernel."""
     from mergekit_cabs import method as cabs_module
 
     calls = []
@@ -489,30 +491,24 @@ def test_whole_batch_checked_before_any_merge(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cabs_module, "cabs_merge", spy)
+    return calls
+
+
+def test_whole_batch_checked_before_any_merge(kernel_calls):
     base, tunes = grid_inputs((6,))
     good = TensorGroup.from_tensors([base, *tunes], base_index=0)
     no_base = TensorGroup.from_tensors([base, *tunes])
     with pytest.raises(ValueError, match="base"):
         method()((good, no_base))
-    assert calls == []
+    assert kernel_calls == []
 
 
-def test_bad_parameter_in_later_group_fails_before_any_merge(monkeypatch):
-    from mergekit_cabs import method as cabs_module
-
-    calls = []
-    real = cabs_module.cabs_merge
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cabs_module, "cabs_merge", spy)
+def test_bad_parameter_in_later_group_fails_before_any_merge(kernel_calls):
     base, tunes = grid_inputs((6,))
     groups = [TensorGroup.from_tensors([base, *tunes], base_index=0) for _ in range(2)]
     with pytest.raises(ValueError, match="density"):
         method()(groups, parameters={"density": PerGroupValues([0.5, 1.5])})
-    assert calls == []
+    assert kernel_calls == []
 
 
 def test_per_group_parameter_values():
