@@ -39,6 +39,12 @@ STRICT_ENV = "MERGEKIT_CABS_STRICT"
 
 def _run_install():
     """Register cabs with mergekit, reporting failures as described above."""
+    method = sys.modules.get("mergekit_cabs.method")
+    if getattr(getattr(method, "__spec__", None), "_initializing", False):
+        # `mergekit_cabs.method` is being imported (say by `from mergekit_cabs
+        # import cabs_method`) and imported mergekit: it registers itself
+        # when it is done.
+        return True
     try:
         from mergekit_cabs.method import install
 

@@ -16,18 +16,26 @@ input is float64).  Weights and lambda are rounded to that dtype.  The result is
 product and each sum rounded separately (no fused multiply-add), so every code
 path gives the same bits.  Work is done a chunk of whole blocks at a time, so
 temporary memory does not grow with the number of models.
+
+Two code paths compute this: the pure torch one below (any device) and, for
+CPU tensors when numba is installed, the compiled one in `_numba.py`.  They
+give the same bits; `backend=` (or the environment variable
+``MERGEKIT_CABS_BACKEND``: ``auto``, ``torch`` or ``numba``) picks one.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 OVERLAP_RULES = ("fill", "strict")
+BACKENDS = ("auto", "torch", "numba")
 
 # Elements per chunk of blocks; a chunk always holds at least one whole block.
 _CHUNK_ELEMENTS = 1 << 18
+_DEVICE_CHUNK_ELEMENTS = 1 << 24  # GPUs want bigger pieces of work
 _FREE_RANK = 1 << 31  # above every bit pattern of a finite |x| in float32
 # 32 bits of (free, |tau|) plus the position must fit in a signed int64.
 _MAX_KEYED_LENGTH = 1 << 31
@@ -53,6 +61,31 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def pick_backend(backend: Optional[str], tensors: Sequence[torch.Tensor]) -> str:
+    """'numba' or 'torch' for these tensors.  None reads MERGEKIT_CABS_BACKEND
+    (default 'auto': numba for CPU tensors when it is installed, unless
+    autograd has to follow the inputs)."""
+    if backend is None:
+        backend = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend (MERGEKIT_CABS_BACKEND) must be one of {BACKENDS}; got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    from mergekit_cabs import _numba  # imports numba, if installed: only when merging
+
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if backend == "numba":
+        if not _numba.available():
+            raise ValueError('backend "numba" needs numba: pip install "mergekit-cabs[fast]"')
+        if not on_cpu:
+            raise ValueError('backend "numba" runs on CPU tensors only; use "torch" (or "auto")')
+        if grad:
+            raise ValueError('backend "numba" does not record gradients; use "torch" (or "auto")')
+        return "numba"
+    return "numba" if on_cpu and not grad and _numba.available() else "torch"
+
+
 def cabs_merge(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -63,6 +96,7 @@ def cabs_merge(
     overlap: str = "fill",
     conflict_aware: bool = True,
     lam: float = 1.0,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """W_base + lam * sum_i weights[i] * (mask_i * tau_i), shaped like `base`.
 
@@ -72,6 +106,17 @@ def cabs_merge(
     _check_arguments(base, models, n, block_size, overlap, weights)
     dtype = compute_dtype(base, *models)
     base_flat = base.reshape(-1)
+    if pick_backend(backend, [base, *models]) == "numba":
+        from mergekit_cabs import _numba
+
+        flats = [model.reshape(-1) for model in models]
+        merged = _numba.run(
+            base_flat, flats, weights, n, _tail_quotas(n, base.numel(), block_size), block_size,
+            overlap == "strict", conflict_aware, lam, dtype,
+        )
+        if merged is None:
+            raise NonFiniteInputError(_blame(base_flat, flats, dtype))
+        return merged.reshape(base.shape)
     acc = torch.zeros(base_flat.numel(), dtype=dtype, device=base.device)
 
     def add_kept(i: int, where: slice, keep: torch.Tensor, tau: torch.Tensor) -> None:
@@ -91,11 +136,23 @@ def cabs_masks(
     *,
     overlap: str = "fill",
     conflict_aware: bool = True,
+    backend: Optional[str] = None,
 ) -> List[torch.Tensor]:
     """Boolean keep-masks shaped like `base`, one per model, in priority order."""
     _check_arguments(base, models, n, block_size, overlap)
     dtype = compute_dtype(base, *models)
     masks = [torch.zeros(base.numel(), dtype=torch.bool, device=base.device) for _ in models]
+    if pick_backend(backend, [base, *models]) == "numba":
+        from mergekit_cabs import _numba
+
+        flats = [model.reshape(-1) for model in models]
+        done = _numba.run(
+            base.reshape(-1), flats, None, n, _tail_quotas(n, base.numel(), block_size),
+            block_size, overlap == "strict", conflict_aware, 1.0, dtype, masks=masks,
+        )
+        if done is None:
+            raise NonFiniteInputError(_blame(base.reshape(-1), flats, dtype))
+        return [mask.reshape(base.shape) for mask in masks]
 
     def record(i: int, where: slice, keep: torch.Tensor, tau: torch.Tensor) -> None:
         masks[i][where] = keep.reshape(-1)
@@ -119,6 +176,25 @@ def _check_arguments(base, models, n, block_size, overlap, weights=None) -> None
             raise ValueError(f"shape mismatch: base {tuple(base.shape)}, model {tuple(model.shape)}")
 
 
+def _tail_quotas(n: Sequence[int], numel: int, block_size: int) -> List[int]:
+    """Quotas in the short last block (the full ones when there is none)."""
+    tail = numel % block_size
+    return [block_quota(q, tail, block_size) for q in n] if tail else list(n)
+
+
+def _blame(base_flat: torch.Tensor, flats: Sequence[torch.Tensor], dtype: torch.dtype) -> Optional[int]:
+    """Which input makes a tau non-finite: None for the base, else the first
+    model (in priority order).  Only called once something was found."""
+    if not bool(torch.isfinite(base_flat).all()):
+        return None
+    for i, flat in enumerate(flats):
+        for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
+            where = slice(start, start + _CHUNK_ELEMENTS)
+            if not bool(torch.isfinite(flat[where].to(dtype) - base_flat[where].to(dtype)).all()):
+                return i
+    raise AssertionError("no input holds a non-finite value")
+
+
 def _select_all(
     base_flat: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -134,17 +210,20 @@ def _select_all(
     numel = base_flat.numel()
     full_blocks, tail = divmod(numel, block_size)
     flats = [model.reshape(-1) for model in models]
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // block_size)
+    chunk = _CHUNK_ELEMENTS if base_flat.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    rows_per_chunk = max(1, chunk // block_size)
 
     segments = []  # (start element, rows, row length, quotas)
     for row in range(0, full_blocks, rows_per_chunk):
         rows = min(rows_per_chunk, full_blocks - row)
         segments.append((row * block_size, rows, block_size, list(n)))
     if tail:
-        quotas = [block_quota(q, tail, block_size) for q in n]
-        segments.append((full_blocks * block_size, 1, tail, quotas))
+        segments.append((full_blocks * block_size, 1, tail, _tail_quotas(n, numel, block_size)))
 
     strict = overlap == "strict"
+    # tau * 0 is 0 where tau is finite and NaN elsewhere, so this sum turns NaN
+    # exactly when some tau is not finite; read once at the end (one sync on GPUs).
+    probe = torch.zeros((), dtype=dtype, device=base_flat.device)
     for start, rows, length, quotas in segments:
         where = slice(start, start + rows * length)
         base_chunk = base_flat[where].to(dtype).view(rows, length)
@@ -155,15 +234,15 @@ def _select_all(
         )
         for i, flat in enumerate(flats):
             tau = flat[where].to(dtype).view(rows, length) - base_chunk
-            if not bool(torch.isfinite(tau).all()):
-                base_ok = bool(torch.isfinite(base_chunk).all())
-                raise NonFiniteInputError(i if base_ok else None)
+            probe += tau.mul(0).sum()
             keep = _keep(tau, claimed, quotas[i])
             if claimed is not None:
                 if strict:
                     keep &= ~claimed
                 claimed |= keep & (tau != 0)
             sink(i, where, keep, tau)
+    if not bool(torch.isfinite(probe)):
+        raise NonFiniteInputError(_blame(base_flat, flats, dtype))
 
 
 def _keep(tau: torch.Tensor, claimed: Optional[torch.Tensor], quota: int) -> torch.Tensor:

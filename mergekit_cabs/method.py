@@ -477,3 +477,9 @@ def install() -> None:
         register(cabs_method)
     _install_plan_check()
     _install_name_check()
+
+
+# Importing this module first (before mergekit) reaches mergekit's import from
+# here, while this module is still half made; `_autoload` then leaves the
+# registration to this line.
+install()

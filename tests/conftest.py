@@ -24,6 +24,23 @@ from tiny_models import default_words, make_tiny_llama  # noqa: E402
 LAYERS = 3
 
 
+@pytest.fixture(params=["torch", "numba"])
+def kernel_backend(request, monkeypatch):
+    """Run the test once on each code path of the kernel (MERGEKIT_CABS_BACKEND).
+
+    Without numba the numba case is skipped, saying so; CI sets
+    MERGEKIT_CABS_REQUIRE_NUMBA=1, which turns that skip into a failure.
+    """
+    from mergekit_cabs import _numba
+
+    if request.param == "numba" and not _numba.available():
+        if os.environ.get("MERGEKIT_CABS_REQUIRE_NUMBA") == "1":
+            pytest.fail("numba is not installed, and MERGEKIT_CABS_REQUIRE_NUMBA=1")
+        pytest.skip('numba is not installed: pip install "mergekit-cabs[fast]"')
+    monkeypatch.setenv("MERGEKIT_CABS_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny_models")

@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 from strategies import OVERLAPS, cabs_cases  # noqa: E402
 
+# Every test here runs on both code paths: pure torch and numba.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 
 # ---------------------------------------------------------------------------
@@ -576,7 +578,11 @@ def test_deterministic(overlap):
 # property test against the reference, with many ties
 # ---------------------------------------------------------------------------
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(cabs_cases())
 def test_property_kernel_equals_reference(case):
     base, models, weights, n, m, overlap, conflict_aware, lam = case
@@ -602,11 +608,13 @@ def test_property_kernel_equals_reference(case):
 @pytest.mark.parametrize("chunk", [1, 8, 24, 40])
 @pytest.mark.parametrize("overlap", OVERLAPS)
 def test_small_chunks_equal_reference(monkeypatch, chunk, overlap):
-    # White-box: shrink the kernel's chunk size (a private constant) so that a
-    # small tensor spans many chunks; results must not depend on it.
+    # White-box: shrink the chunk sizes of both paths (private constants) so
+    # that a small tensor spans many chunks; results must not depend on them.
+    import mergekit_cabs._numba as compiled
     import mergekit_cabs.kernel as kernel
 
     monkeypatch.setattr(kernel, "_CHUNK_ELEMENTS", chunk, raising=True)
+    monkeypatch.setattr(compiled, "_TASK_ELEMENTS", chunk, raising=True)
     g = torch.Generator().manual_seed(30)
     base = torch.randint(-2, 3, (7, 11), generator=g).float()
     models = [base + torch.randint(-2, 3, (7, 11), generator=g).float() for _ in range(3)]
@@ -621,7 +629,7 @@ def test_small_chunks_equal_reference(monkeypatch, chunk, overlap):
     )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cabs_cases())
 def test_blockwise_reference_equals_scalar_reference(case):
     base, models, _, n, m, overlap, conflict_aware, _ = case

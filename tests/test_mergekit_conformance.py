@@ -10,6 +10,10 @@ independently of the package).
 from __future__ import annotations
 
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -672,3 +676,27 @@ def test_gradients_use_declared_types(name, setting, t, expected):
     else:
         assert result == expected
     assert type(result) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "from mergekit_cabs import cabs_method",
+        "import mergekit_cabs.method",
+        "from mergekit_cabs.kernel import cabs_merge",
+        "import mergekit_cabs",
+        "import mergekit.merge_methods",
+    ],
+)
+def test_any_first_import_registers_cabs_once_without_a_warning(first):
+    code = "\n".join([
+        first,
+        "import mergekit_cabs",
+        "from mergekit.merge_methods import get, registered_methods",
+        "assert [m.spec.name for m in registered_methods()].count('cabs') == 1",
+        "assert get('cabs') is mergekit_cabs.cabs_method",
+    ])
+    env = {k: v for k, v in os.environ.items() if k != "MERGEKIT_CABS_STRICT"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "mergekit-cabs:" not in proc.stderr

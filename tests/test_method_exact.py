@@ -279,7 +279,12 @@ def method_cases(draw):
     return (*case, draw(st.integers(0, len(case[1]))))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.usefixtures("kernel_backend")
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(method_cases())
 def test_property_method_equals_reference(case):
     base, models, weights, n, m, overlap, conflict_aware, lam, base_index = case

@@ -1,0 +1,212 @@
+"""End to end: `mergekit-yaml` with task_arithmetic, ties, dare_ties, della and
+cabs on the same Llama-shaped models, in one run.
+
+    python benchmarks/end_to_end.py                      # make models, run all methods
+    python benchmarks/end_to_end.py --repeats 3 --methods task_arithmetic cabs
+    python benchmarks/end_to_end.py --models-dir DIR     # reuse (or keep) models there
+    python benchmarks/end_to_end.py --base B --fine-tune F1 --fine-tune F2 ...  # your own
+
+Each merge runs as its own `mergekit-yaml CONFIG OUT --no-copy-tokenizer`
+process (plus any `--mergekit-arg`), measured by a small wrapper process: wall
+time and the peak resident memory (RSS) of the merge process.  Runs are
+interleaved (every method once, then again), the model files are read once
+before the first run so every method finds them in the page cache, and each
+figure is the median over the repeats.  Results go to the terminal as a table
+and, with --json, to a file.
+
+Models made here: a bfloat16 base with random weights in the shape of a small
+Llama (hidden 2048, 12 layers, grouped KV heads, vocabulary 32000: 672M
+parameters; --layers and --hidden change it) and fine-tunes = base + random
+deltas of about 5% of the weights' scale, written as safetensors with a
+config.json, like a transformers checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "cabs")
+
+
+def make_models(root: Path, fine_tunes: int, layers: int, hidden: int, seed: int) -> list:
+    """Write a base and `fine_tunes` fine-tunes under `root` (reused when present)."""
+    import torch
+    from safetensors.torch import save_file
+
+    inter = hidden * 11 // 4
+    inter -= inter % 256
+    heads, kv_heads, vocab = hidden // 128, max(1, hidden // 512), 32000
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    head_dim = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })
+    names = ["base"] + [f"fine_tune_{i + 1}" for i in range(fine_tunes)]
+    dirs = [root / name for name in names]
+    tag = json.dumps([config, seed])
+    def ready(d: Path) -> bool:
+        return (d / "model.safetensors").exists() and (d / "made.json").exists() \
+            and (d / "made.json").read_text() == tag
+
+    if all(ready(d) for d in dirs):
+        return dirs
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"making {len(dirs)} models of {total / 1e6:.0f}M parameters in {root} ...", file=sys.stderr)
+    for index, directory in enumerate(dirs):
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for t, (name, shape) in enumerate(sorted(shapes.items())):
+            g = torch.Generator().manual_seed(seed * 1000 + t)
+            base = torch.randn(shape, generator=g) * 0.02
+            if name.endswith("norm.weight"):
+                base = base + 1.0
+            if index:
+                g.manual_seed(seed * 1000 + t + 7919 * index)
+                base = base + torch.randn(shape, generator=g) * 1e-3
+            tensors[name] = base.to(torch.bfloat16)
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(config, indent=1))
+        (directory / "made.json").write_text(tag)
+        del tensors
+    return dirs
+
+
+def config_for(method: str, base: Path, fine_tunes: list) -> str:
+    params = {
+        "task_arithmetic": {"weight": 1.0},
+        "ties": {"weight": 1.0, "density": 0.25},
+        "dare_ties": {"weight": 1.0, "density": 0.25},
+        "della": {"weight": 1.0, "density": 0.25, "epsilon": 0.1},
+        "cabs": {"weight": 1.0, "density": 0.25},
+    }[method]
+    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: bfloat16"]
+    if method == "cabs":
+        lines += ["parameters:", "  block_size: 256"]
+    lines.append("models:")
+    for path in fine_tunes:
+        lines.append(f"  - model: {path}")
+        lines.append("    parameters:")
+        lines += [f"      {k}: {v}" for k, v in params.items()]
+    return "\n".join(lines) + "\n"
+
+
+def measure(command: list) -> dict:
+    """Run `command` in a wrapper process that reports its wall time and peak RSS."""
+    wrapper = [sys.executable, __file__, "--measure-child", "--", *command]
+    done = subprocess.run(wrapper, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_child(command: list) -> None:
+    start = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        sys.exit(done.returncode)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"wall_s": wall, "peak_rss_gb": peak_kib * 1024 / 1e9}))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--measure-child":
+        return measure_child(sys.argv[3:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--fine-tunes", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models-dir", type=Path, help="where to make (or find) the models")
+    ap.add_argument("--base", type=Path, help="use this base model instead of making one")
+    ap.add_argument("--fine-tune", type=Path, action="append", default=[], help="repeatable")
+    ap.add_argument("--mergekit-arg", action="append", default=[],
+                    help="extra argument for mergekit-yaml, e.g. --mergekit-arg=--cuda")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cabs-bench-"))
+    if args.base:
+        base, fine_tunes = args.base, args.fine_tune
+    else:
+        base, *fine_tunes = make_models(args.models_dir or work / "models", args.fine_tunes,
+                                        args.layers, args.hidden, args.seed)
+    for path in [base, *fine_tunes]:  # into the page cache, for every method alike
+        for f in Path(path).glob("*.safetensors"):
+            with open(f, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+    mergekit_yaml = str(Path(sys.executable).with_name("mergekit-yaml"))
+    results = {m: [] for m in args.methods}
+    for rep in range(args.repeats):
+        for method in args.methods:
+            cfg = work / f"{method}.yml"
+            cfg.write_text(config_for(method, base, fine_tunes))
+            out = work / f"out-{method}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            r = measure([mergekit_yaml, str(cfg), str(out), "--no-copy-tokenizer", *args.mergekit_arg])
+            results[method].append(r)
+            print(f"  run {rep + 1}: {method:16s} {r['wall_s']:7.1f} s  {r['peak_rss_gb']:5.2f} GB",
+                  file=sys.stderr, flush=True)
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+
+    import torch  # only for the report
+
+    print(f"\n{len(fine_tunes)} fine-tunes, bf16, density 0.25, cabs block 256; "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs; median of {args.repeats}")
+    ref = "task_arithmetic" if "task_arithmetic" in results else None
+    summary = {}
+    print(f"{'method':16s} {'wall s':>8s} {'peak RSS GB':>12s} {'wall / TA':>10s} {'RSS / TA':>9s}")
+    for method, runs in results.items():
+        wall = statistics.median(r["wall_s"] for r in runs)
+        rss = statistics.median(r["peak_rss_gb"] for r in runs)
+        summary[method] = {"wall_s": wall, "peak_rss_gb": rss, "runs": runs}
+    for method, row in summary.items():
+        ratio = (f"{row['wall_s'] / summary[ref]['wall_s']:10.2f} {row['peak_rss_gb'] / summary[ref]['peak_rss_gb']:9.2f}"
+                 if ref else "")
+        print(f"{method:16s} {row['wall_s']:8.1f} {row['peak_rss_gb']:12.2f} {ratio}")
+    if args.json:
+        args.json.write_text(json.dumps({"fine_tunes": len(fine_tunes), "results": summary}, indent=1))
+    shutil.rmtree(work)  # configs, and the models unless --models-dir kept them elsewhere
+
+
+if __name__ == "__main__":
+    main()

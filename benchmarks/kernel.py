@@ -1,0 +1,148 @@
+"""One tensor through mergekit's `merge_tensors`: cabs against task_arithmetic,
+ties and dare_ties, for K = 2, 3, 5, 8 fine-tunes; then cabs over tensor sizes,
+and the peak memory a merge adds, per K.
+
+    python benchmarks/kernel.py                     # 4096 x 14336 bf16, K = 2 3 5 8
+    python benchmarks/kernel.py --ks 3 --methods task_arithmetic cabs
+    python benchmarks/kernel.py --device cuda       # on a GPU (cabs runs its torch path)
+
+Inputs: a bf16 base ~ N(0, 0.02) and fine-tunes = base + N(0, 1e-3), density
+0.25 (cabs: n = 64 of block_size 256), weight 1.0.  `cabs` is the default
+path (numba on CPU when installed), `cabs[torch]` the pure torch path
+(MERGEKIT_CABS_BACKEND=torch).  Each time is the median of --repeats calls
+after one warm-up call (a method slower than 5 s is timed once).  Memory is
+measured in a fresh process per case: peak RSS during the merge minus the RSS
+with the inputs loaded, in units of one float32 copy of the tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("task_arithmetic", "ties", "dare_ties", "cabs", "cabs[torch]")
+
+
+def inputs(shape, k, device, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    models = []
+    for _ in range(k):
+        models.append((base + (torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16)))
+    return [t.to(device) for t in [base, *models]]
+
+
+def merge_once(method: str, tensors, device) -> float:
+    import torch
+    from mergekit.merge_methods import merge_tensors
+
+    import mergekit_cabs  # noqa: F401  registers cabs
+
+    name, _, backend = method.partition("[")
+    os.environ["MERGEKIT_CABS_BACKEND"] = backend.rstrip("]") or "auto"
+    params = {"weight": 1.0} if name == "task_arithmetic" else {"weight": 1.0, "density": 0.25}
+    if device != "cpu":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    merge_tensors(tensors, name, parameters=params, base_index=0)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def timed(method, tensors, device, repeats) -> float:
+    first = merge_once(method, tensors, device)  # warm-up (numba loads its compiled code)
+    times = [merge_once(method, tensors, device)]
+    if times[0] < 5:
+        times += [merge_once(method, tensors, device) for _ in range(repeats - 1)]
+    return statistics.median(times) if times else first
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(method: str, shape, k: int) -> None:
+    tensors = inputs(shape, k, "cpu")
+    merge_once(method, [t[:1, :256].clone() for t in tensors], "cpu")  # load code first
+    before = rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    merge_once(method, tensors, "cpu")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra = max(0, peak - max(before, peak_before))
+    print(json.dumps({"extra_bytes": extra}))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        method, rows, cols, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+        return memory_child(method, (rows, cols), k)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs=2, default=[4096, 14336])
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 3, 5, 8])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-sizes", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+
+    shape = tuple(args.shape)
+    print(f"tensor {shape[0]}x{shape[1]} bf16 on {args.device}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats}")
+    report = {"shape": shape, "device": args.device, "times": {}, "sizes": {}, "memory": {}}
+    print(f"\n{'K':>3s} " + " ".join(f"{m:>16s}" for m in args.methods) + "   cabs/TA  ties/cabs")
+    for k in args.ks:
+        tensors = inputs(shape, k, args.device)
+        row = {m: timed(m, tensors, args.device, args.repeats) for m in args.methods}
+        report["times"][k] = row
+        ratios = ""
+        if "cabs" in row and "task_arithmetic" in row:
+            ratios += f"{row['cabs'] / row['task_arithmetic']:9.2f}"
+        if "cabs" in row and "ties" in row:
+            ratios += f"{row['ties'] / row['cabs']:10.1f}"
+        print(f"{k:3d} " + " ".join(f"{row[m]:15.3f}s" for m in args.methods) + "  " + ratios, flush=True)
+        del tensors
+
+    if not args.no_sizes and "cabs" in args.methods:
+        print("\ncabs, K = 3, over tensor size:")
+        for rows in (shape[0] // 4, shape[0] // 2, shape[0]):
+            tensors = inputs((rows, shape[1]), 3, args.device)
+            t = timed("cabs", tensors, args.device, args.repeats)
+            per = t / (rows * shape[1] * 3) * 1e9
+            report["sizes"][rows] = t
+            print(f"  {rows}x{shape[1]}: {t:.3f} s  ({per:.2f} ns per element per fine-tune)")
+
+    if not args.no_memory and args.device == "cpu":
+        print("\npeak memory a merge adds, in float32 copies of the tensor:")
+        numel4 = shape[0] * shape[1] * 4
+        for method in [m for m in args.methods if m in ("task_arithmetic", "cabs", "cabs[torch]")]:
+            cells = []
+            for k in args.ks:
+                done = subprocess.run(
+                    [sys.executable, __file__, "--memory-child", method, str(shape[0]), str(shape[1]), str(k)],
+                    capture_output=True, text=True, check=True,
+                )
+                extra = json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"]
+                report["memory"].setdefault(method, {})[k] = extra
+                cells.append(f"K={k}: {extra / numel4:4.2f}")
+            print(f"  {method:16s} " + "  ".join(cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Optional compiled CPU path for `kernel.py`, with numba: the same rule, equal bit for bit.
+
+Install with ``pip install "mergekit-cabs[fast]"``.  `kernel.py` uses this for
+CPU tensors when numba imports, unless ``MERGEKIT_CABS_BACKEND=torch``; the
+tests compare both paths on every case.
+
+Why the results are the same bits: each chunk of whole blocks is converted to
+the compute dtype by torch (exactly as the torch path does), tau is one
+subtraction, and per kept place the sum does ``acc = acc + tau * weight`` with
+the weight rounded to the compute dtype, then ``acc * lam + base``: the same
+IEEE operations in the same order (numba without fastmath does not fuse a
+multiply and an add).  Places that are not kept add nothing, which equals the
+torch path's ``acc + 0 * weight``, since the accumulator is never -0.0.  The
+kept set is defined by ranks, not by how it is found: free before claimed,
+larger |tau| before smaller, lower index first.
+
+Work is split into chunks of whole blocks handed to threads (numba releases the
+GIL), as many as ``torch.get_num_threads()``; blocks are independent, so the
+result does not depend on the split.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # the torch path does the work
+    numba = None
+
+# Elements per task handed to a thread (rounded to whole blocks).
+_TASK_ELEMENTS = 1 << 16
+
+
+def available() -> bool:
+    return numba is not None
+
+
+_SMALL = 32  # sets this small are sorted outright
+
+
+def _threshold(keys, length, q, hist, pool):
+    """(T, ge) for keys[:length] and 1 <= q < length: T is the q-th largest
+    key, ge the number of keys >= T.
+
+    A radix select from the top: skip the bits all remaining keys share, count
+    the next 8 bits in `hist`, keep only the bucket that holds the q-th
+    largest (copied into `pool`), and repeat until few keys are left, which
+    are sorted.  The answer does not depend on the path taken.
+    """
+    low8 = np.uint64(255)
+    src = keys
+    n = length
+    above = 0  # keys known to be larger than every key left in src[:n]
+    while True:
+        if n <= _SMALL:
+            for j in range(n):
+                pool[j] = src[j]
+            for j in range(1, n):  # insertion sort, descending
+                value = pool[j]
+                i = j - 1
+                while i >= 0 and pool[i] < value:
+                    pool[i + 1] = pool[i]
+                    i -= 1
+                pool[i + 1] = value
+            threshold = pool[q - above - 1]
+            ge = q - above
+            while ge < n and pool[ge] == threshold:
+                ge += 1
+            return threshold | np.uint64(0), above + ge
+        all_and = src[0] | np.uint64(0)
+        all_or = all_and
+        for j in range(n):
+            all_and &= src[j]
+            all_or |= src[j]
+        differ = all_and ^ all_or
+        if differ == 0:
+            return all_and, above + n
+        top = 0
+        rest = differ >> 1
+        while rest != 0:
+            rest >>= 1
+            top += 1
+        shift = max(top - 7, 0)
+        hist[:] = 0
+        for j in range(n):
+            hist[(src[j] >> shift) & low8] += 1
+        digit = np.int64((all_or >> shift) & low8)  # no key has a higher digit
+        while above + hist[digit] < q:
+            above += hist[digit]
+            digit -= 1
+        kept = 0
+        for j in range(n):
+            value = src[j]
+            pool[kept] = value
+            kept += np.int64((value >> shift) & low8) == digit
+        src = pool
+        n = kept
+
+
+def _model_pass(model, base, acc, claimed, tau, tau_bits, keys, takes, hist, pool, mask,
+                block_size, quota, tail_quota, weight, free_bit, infinity, strict, aware, want_mask):
+    """One model over one chunk of whole blocks (the last may be short).
+
+    Adds weight * (kept tau) into `acc`, updates `claimed`, and writes the
+    keep-mask into `mask` when `want_mask`.  A place's key is |tau|'s bit
+    pattern (non-negative floats order like their bits) with the top bit set
+    when the place is free.  Returns False as soon as a block holds a tau that
+    is not finite (the caller finds out which input is at fault).  The loops
+    are simple on purpose, so that the compiler vectorizes them.
+    """
+    magnitude = free_bit - np.uint64(1)  # clears the sign bit
+    no_weight = weight - weight
+    numel = model.size
+    start = 0
+    while start < numel:
+        length = min(block_size, numel - start)
+        stop = start + length
+        q = quota if length == block_size else tail_quota
+        m_block, b_block = model[start:stop], base[start:stop]
+        a_block, c_block = acc[start:stop], claimed[start:stop]
+        for j in range(length):
+            tau[j] = m_block[j] - b_block[j]
+        largest = np.uint64(0)
+        for j in range(length):
+            key = tau_bits[j] & magnitude
+            largest = max(largest, key)
+            keys[j] = key if c_block[j] else key | free_bit
+        if largest >= infinity:
+            return False
+        if q <= 0:
+            start = stop
+            continue
+        if q >= length:
+            for j in range(length):
+                takes[j] = True
+        else:
+            threshold, at_least = _threshold(keys, length, q, hist, pool)
+            for j in range(length):
+                takes[j] = keys[j] >= threshold
+            # Not every key equal to the threshold may fit: the lowest indices
+            # go in, so the last (at_least - q) of them stay out.
+            drop = at_least - q
+            j = length - 1
+            while drop > 0:
+                if keys[j] == threshold:
+                    takes[j] = False
+                    drop -= 1
+                j -= 1
+        if strict:
+            for j in range(length):
+                takes[j] = takes[j] and not c_block[j]
+        for j in range(length):
+            a_block[j] = a_block[j] + (tau[j] * weight if takes[j] else no_weight)
+        if aware:
+            for j in range(length):
+                c_block[j] = c_block[j] or (takes[j] and tau[j] != 0)
+        if want_mask:
+            mask[start:stop] = takes[:length]
+        start = stop
+    return True
+
+
+def _finish(acc, base, lam):
+    for j in range(acc.size):
+        acc[j] = acc[j] * lam + base[j]
+
+
+if numba is not None:
+    _jit = numba.njit(nogil=True, cache=True)
+    _threshold = _jit(_threshold)
+    _model_pass = _jit(_model_pass)
+    _finish = _jit(_finish)
+
+
+def run(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Optional[Sequence[float]],
+    quotas: Sequence[int],
+    tail_quotas: Sequence[int],
+    block_size: int,
+    strict: bool,
+    aware: bool,
+    lam: float,
+    dtype: torch.dtype,
+    masks: Optional[Sequence[torch.Tensor]] = None,
+) -> Optional[torch.Tensor]:
+    """The merge (when `weights` is given) and/or the masks (written into the
+    flat bool tensors `masks`), for flat CPU tensors.  Returns the merged flat
+    tensor in `dtype`, or None when some tau is not finite."""
+    numel = base.numel()
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    key_dtype = np.uint64 if dtype == torch.float64 else np.uint32
+    free_bit = key_dtype(1 << (8 * np.dtype(key_dtype).itemsize - 1))
+    infinity = np.array(np.inf, np_dtype).view(key_dtype)[()]  # bits of +inf
+    weights_c = np.asarray(weights if weights is not None else [0.0] * len(models), dtype=np_dtype)
+    lam_c = np_dtype(lam)
+    want_mask = masks is not None
+    mask_arrays = [m.numpy() for m in masks] if want_mask else [np.zeros(1, np.bool_)] * len(models)
+    acc = torch.empty(numel, dtype=dtype)
+    acc_np = acc.numpy()
+
+    span = max(block_size, _TASK_ELEMENTS // block_size * block_size)
+    tasks = range(0, numel, span)
+
+    def one_task(start: int) -> bool:
+        stop = min(start + span, numel)
+        size = stop - start
+        length = min(block_size, size)
+        base_c = torch.empty(size, dtype=dtype)
+        base_c.copy_(base[start:stop])
+        model_c = torch.empty(size, dtype=dtype)
+        base_np, model_np = base_c.numpy(), model_c.numpy()
+        out = acc_np[start:stop]
+        out[:] = 0
+        claimed = np.zeros(size, np.bool_)
+        tau = np.empty(length, np_dtype)
+        keys = np.empty(length, key_dtype)
+        takes = np.empty(length, np.bool_)
+        pool = np.empty(length, key_dtype)
+        hist = np.empty(256, np.int32)
+        for i, model in enumerate(models):
+            model_c.copy_(model[start:stop])
+            mask = mask_arrays[i][start:stop] if want_mask else mask_arrays[i]
+            if not _model_pass(
+                model_np, base_np, out, claimed, tau, tau.view(key_dtype), keys, takes, hist, pool, mask,
+                block_size, quotas[i], tail_quotas[i], weights_c[i], free_bit, infinity,
+                strict, aware, want_mask,
+            ):
+                return False
+        _finish(out, base_np, lam_c)
+        return True
+
+    threads = min(torch.get_num_threads(), len(tasks))
+    if threads <= 1:
+        ok = all(one_task(start) for start in tasks)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="cabs") as pool:
+            ok = all(list(pool.map(one_task, tasks)))
+    return acc if ok else None

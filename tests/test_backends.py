@@ -1,0 +1,176 @@
+"""The kernel's two code paths (pure torch, numba) give the same bits.
+
+`test_kernel.py` runs every exactness test on both paths against the SPEC
+reference; this file compares the paths with each other on larger, realistic
+inputs (every input dtype, short last blocks, many ties), and checks how a
+path is picked.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mergekit_cabs import _numba
+from mergekit_cabs.kernel import NonFiniteInputError, cabs_masks, cabs_merge, pick_backend
+
+needs_numba = pytest.mark.skipif(
+    not _numba.available() and os.environ.get("MERGEKIT_CABS_REQUIRE_NUMBA") != "1",
+    reason='numba is not installed: pip install "mergekit-cabs[fast]"',
+)
+
+
+def family(shape, k, dtype, seed, *, coarse=False):
+    """A base and k fine-tunes; `coarse` draws deltas from a few values (ties, zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    models = []
+    for _ in range(k):
+        if coarse:
+            delta = torch.randint(-3, 4, shape, generator=g).float() * 2.0**-9
+        else:
+            delta = torch.randn(shape, generator=g) * 1e-3
+        models.append((base + delta).to(dtype))
+    return base.to(dtype), models
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns, so that -0.0 and 0.0 differ."""
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
+
+
+def both_paths(fn, *args, **kwargs):
+    return fn(*args, backend="torch", **kwargs), fn(*args, backend="numba", **kwargs)
+
+
+CASES = [
+    # shape, block size, quotas, overlap, conflict_aware
+    ((64, 1000), 256, [64, 64, 64], "fill", True),
+    ((33, 777), 256, [64, 64, 64], "fill", True),  # short last block
+    ((128, 96), 32, [12, 12, 12, 12, 12], "fill", True),  # K * n > m: overlap
+    ((128, 96), 32, [12, 12, 12, 12, 12], "strict", True),
+    ((50, 64), 64, [16, 8, 32], "fill", False),
+    ((7, 5, 9), 16, [4, 16, 0], "strict", True),  # n = m and n = 0
+    ((4099,), 4099, [1000, 2000], "fill", True),  # balanced: false (one block)
+]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("shape,m,n,overlap,aware", CASES)
+def test_paths_give_the_same_bits(shape, m, n, overlap, aware, dtype, coarse):
+    base, models = family(shape, len(n), dtype, seed=len(shape) * 7 + m, coarse=coarse)
+    weights = [1.0, 0.7, 1 / 3, -1.25, 0.1][: len(n)]
+    opts = dict(overlap=overlap, conflict_aware=aware)
+    torch_out, numba_out = both_paths(cabs_merge, base, models, weights, n, m, lam=0.9, **opts)
+    assert torch_out.dtype == numba_out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(bits(torch_out), bits(numba_out))
+    torch_masks, numba_masks = both_paths(cabs_masks, base, models, n, m, **opts)
+    for a, b in zip(torch_masks, numba_masks):
+        assert torch.equal(a, b)
+    # not a vacuous comparison: something was kept and something left out
+    kept = sum(int(mask.sum()) for mask in torch_masks)
+    assert 0 < kept < len(n) * base.numel()
+
+
+@needs_numba
+def test_mixed_input_dtypes_give_the_same_bits():
+    base, models = family((40, 300), 3, torch.float32, seed=5)
+    models = [models[0].to(torch.bfloat16), models[1], models[2].to(torch.float16)]
+    a, b = both_paths(cabs_merge, base, models, [1.0, 0.5, 2.0], [64, 64, 64], 256)
+    assert torch.equal(bits(a), bits(b))
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("task", [256, 1024, 1 << 16])
+def test_numba_result_does_not_depend_on_threads_or_task_size(monkeypatch, threads, task):
+    base, models = family((96, 2048), 3, torch.bfloat16, seed=9, coarse=True)
+    want = cabs_merge(base, models, [1.0, 0.8, 0.6], [64, 64, 64], 256, backend="torch")
+    monkeypatch.setattr(_numba, "_TASK_ELEMENTS", task)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cabs_merge(base, models, [1.0, 0.8, 0.6], [64, 64, 64], 256, backend="numba")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize(
+    "where,want",
+    [("base", None), ("model 1", 1), ("model 2", 2), ("both models", 1), ("overflow", 0)],
+)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=needs_numba)])
+def test_non_finite_input_names_the_same_input_on_both_paths(where, want, backend):
+    base, models = family((20, 300), 3, torch.float32, seed=3)
+    if where == "base":
+        base[19, 299] = float("nan")
+    if where in ("model 1", "both models"):
+        models[1][0, 5] = float("inf")
+    if where in ("model 2", "both models"):
+        models[2][10, 0] = float("nan")
+    if where == "overflow":  # finite inputs whose difference is not
+        base[3, 3], models[0][3, 3] = -3e38, 3e38
+    with pytest.raises(NonFiniteInputError) as error:
+        cabs_merge(base, models, [1.0] * 3, [64] * 3, 256, backend=backend)
+    assert error.value.model == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_gives_the_same_bits_as_cpu():
+    base, models = family((256, 4096), 3, torch.bfloat16, seed=11, coarse=True)
+    cpu = cabs_merge(base, models, [1.0, 0.8, 0.6], [64] * 3, 256, backend="torch")
+    gpu = cabs_merge(base.cuda(), [m.cuda() for m in models], [1.0, 0.8, 0.6], [64] * 3, 256)
+    assert gpu.device.type == "cuda"
+    assert torch.equal(bits(gpu.cpu()), bits(cpu))
+
+
+# --- picking a path ---------------------------------------------------------
+
+
+def test_auto_picks_numba_on_cpu_when_installed(monkeypatch):
+    monkeypatch.delenv("MERGEKIT_CABS_BACKEND", raising=False)
+    cpu = [torch.zeros(3)]
+    assert pick_backend(None, cpu) == ("numba" if _numba.available() else "torch")
+    monkeypatch.setattr(_numba, "numba", None)  # as if numba were not installed
+    assert pick_backend(None, cpu) == "torch"
+    assert pick_backend("auto", cpu) == "torch"
+
+
+def test_environment_variable_picks_the_path(monkeypatch):
+    cpu = [torch.zeros(3)]
+    monkeypatch.setenv("MERGEKIT_CABS_BACKEND", "torch")
+    assert pick_backend(None, cpu) == "torch"
+    monkeypatch.setattr(_numba, "numba", object())  # pretend it is installed
+    assert pick_backend("numba", cpu) == "numba"  # an explicit argument wins
+    monkeypatch.setenv("MERGEKIT_CABS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"MERGEKIT_CABS_BACKEND.*'auto', 'torch', 'numba'.*'fast'"):
+        pick_backend(None, cpu)
+
+
+def test_numba_backend_without_numba_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(_numba, "numba", None)
+    with pytest.raises(ValueError, match=r'pip install "mergekit-cabs\[fast\]"'):
+        cabs_merge(torch.zeros(4), [torch.ones(4)], [1.0], [2], 4, backend="numba")
+
+
+def test_numba_backend_refuses_gpu_tensors(monkeypatch):
+    monkeypatch.setattr(_numba, "numba", object())  # pretend it is installed
+    meta = [torch.zeros(4, device="meta")]
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        pick_backend("numba", meta)
+    assert pick_backend("auto", meta) == "torch"
+
+
+def test_auto_takes_torch_when_gradients_are_wanted(monkeypatch):
+    monkeypatch.setattr(_numba, "numba", object())  # pretend it is installed
+    leaf = [torch.zeros(3, requires_grad=True)]
+    assert pick_backend("auto", leaf) == "torch"
+    with pytest.raises(ValueError, match="gradients"):
+        pick_backend("numba", leaf)
+    with torch.no_grad():
+        assert pick_backend("auto", leaf) == "numba"
