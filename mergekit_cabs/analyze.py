@@ -11,8 +11,8 @@ how the kept places of the models collide and how they spread:
   |tau| go to the lower flattened index; models are pruned independently;
 * ``dare``: random keep per model (DARE-style): every place is kept
   independently with probability p = k / numel (same k as above), drawn from a
-  ``torch.Generator`` seeded with ``seed * 2**32 + crc32("<tensor>#<i>")``,
-  i = the model's position among the tensor's fine-tunes (0 first). So the
+  ``torch.Generator`` seeded with ``zlib.crc32(b"<seed>:<tensor>#<i>")``, i =
+  the model's position among the tensor's fine-tunes (0 first). So the
   kept count is k only on average; it is reported as achieved. No rescaling.
 
 Definitions (per tensor; "overall" sums the counts over tensors first):
@@ -263,8 +263,9 @@ class Moments:
 
 
 def dare_seed(seed: int, tensor: str, index: int) -> int:
-    """The DARE-style generator's seed for model `index` of `tensor`."""
-    return (seed * 2**32 + zlib.crc32(f"{tensor}#{index}".encode())) % 2**63
+    """The DARE-style generator's seed for model `index` of `tensor` (32 bits:
+    torch's CPU generator uses only the low 32 bits of a seed)."""
+    return zlib.crc32(f"{seed}:{tensor}#{index}".encode())
 
 
 def rule_masks(base: torch.Tensor, models: Sequence[torch.Tensor], resolved, tensor: str, seed: int) -> dict[str, list[torch.Tensor]]:
