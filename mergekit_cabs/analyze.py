@@ -92,7 +92,8 @@ def load_config(path: Path):
     NAME, CabsConfigError, _check_parameter_names = _method("NAME", "CabsConfigError", "_check_parameter_names")
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as stream:  # a stream: YAML errors name the file
+            data = yaml.safe_load(stream)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise AnalyzeError(f"cannot read {path} as YAML: {error}") from None
     if not isinstance(data, dict):

@@ -550,7 +550,13 @@ def _bad_configs(base, tunes, tmp_path):
 
 @pytest.mark.parametrize("case", ["not cabs", "n above block_size", "unknown parameter", "density and n",
                                   "no base model", "missing model", "no models"])
-def test_bad_config_is_a_clear_error_and_writes_nothing(case, fp32_family, tmp_path):
+def test_bad_config_is_a_clear_error_and_writes_nothing(case, fp32_family, tmp_path, monkeypatch):
+    from mergekit.io.tasks import LoadTensor
+
+    def no_reading(self):
+        raise AssertionError(f"read tensor {self.tensor} before refusing the config")
+
+    monkeypatch.setattr(LoadTensor, "execute", no_reading)
     base, tunes = fp32_family
     config, message = _bad_configs(base, tunes, tmp_path)[case]
     path = tmp_path / "c.yml"
