@@ -75,6 +75,38 @@ def demo(directory: Path, seed: int) -> None:
     click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {config_path} OUT_DIR")
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", default="cabs-analysis", show_default=True,
+              type=click.Path(path_type=Path), help="Directory for report.json, report.md and the plots.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the DARE-style random keep.")
+@click.option("--force", is_flag=True,
+              help="Write into a --out that already holds files (replaces earlier report files only).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) -> None:
+    """Overlap and balance of the kept weights, before you merge.
+
+    Reads CONFIG (the cabs YAML you would give mergekit-yaml), plans it with
+    mergekit, reads the models a tensor at a time and compares the kept places
+    of cabs with magnitude top-k (TIES-style) and random keep (DARE-style) at
+    the same densities. Prints a short table; writes report.json, report.md
+    and PNG plots (with matplotlib) to --out."""
+    from mergekit_cabs import analyze as an
+
+    try:
+        merge_config = an.load_config(config)
+        an.check_out_dir(out_dir, force)
+        an.check_models(merge_config)
+        report = an.analyze(merge_config, seed=seed, progress=not quiet)
+        written, plotted = an.write_report(report, out_dir)
+    except an.AnalyzeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(an.format_table(report))
+    click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
+    if not plotted:
+        click.echo(f"No plots: {an.PLOTS_HINT}")
+
+
 def _build_demo_models(directory: Path, seed: int) -> dict:
     """A random tiny Llama base (with a word-level tokenizer) and fine-tunes
     that add a different random task vector each; all saved as safetensors."""

@@ -106,3 +106,38 @@ def test_demo_refuses_a_used_directory(demo_run):
     )
     assert again.returncode != 0
     assert "is not empty" in again.stderr
+
+
+def test_analyze_the_demo(demo_run, tmp_path):
+    """`mergekit-cabs analyze` on the demo's config, through the console script."""
+    import json
+
+    directory, first = demo_run
+    assert first.returncode == 0
+    out = tmp_path / "analysis"
+    result = subprocess.run(
+        [str(BIN / "mergekit-cabs"), "analyze", str(directory / "cabs.yml"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Reading tensors" in result.stderr  # the progress bar
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert (s["tensors"], s["weights"]) == (21, 269_280)
+    assert [report["short_names"][m] for m in report["models"]] == ["math", "code", "chat"]
+    for m in report["models"]:
+        # 64 of every 256 (short blocks round to the same share) under every rule but dare's draw
+        assert s["models"][m]["cabs"]["density"] == s["models"][m]["ties"]["density"] == 0.25
+    # 64 + 64 + 64 <= 256: disjoint under cabs; magnitude and random keeps overlap
+    assert s["shared"]["cabs"]["places"] == 0 and s["unavoidable_overlap_tensors"] == 0
+    assert all(p["cabs"]["overlap"] == 0 and p["ties"]["overlap"] > 0.1 and p["dare"]["overlap"] > 0.1
+               for p in s["pairs"])
+    assert "kept by 2+ models: cabs 0.00%" in result.stdout
+    files = {p.name for p in out.iterdir()}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert files == {"report.json", "report.md"}
+        assert 'pip install "mergekit-cabs[plot]"' in result.stdout
+    else:
+        assert files == {"report.json", "report.md", "overlap-by-layer.png", "kept-by-layer.png"}
