@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("MERGEKIT_CABS_STRICT", "1")
 import mergekit_cabs  # noqa: E402,F401  (registers `cabs` with mergekit)
 
-from tiny_models import default_words, make_tiny_llama  # noqa: E402
+from tiny_models import default_words, make_tiny_llama, optional  # noqa: E402
 
 LAYERS = 3
 
@@ -28,15 +28,11 @@ LAYERS = 3
 def kernel_backend(request, monkeypatch):
     """Run the test once on each code path of the kernel (MERGEKIT_CABS_BACKEND).
 
-    Without numba the numba case is skipped, saying so; CI sets
-    MERGEKIT_CABS_REQUIRE_NUMBA=1, which turns that skip into a failure.
+    Without numba the numba case is skipped, saying so (a failure in CI, which
+    sets MERGEKIT_CABS_FULL_TESTS=1).
     """
-    from mergekit_cabs import _numba
-
-    if request.param == "numba" and not _numba.available():
-        if os.environ.get("MERGEKIT_CABS_REQUIRE_NUMBA") == "1":
-            pytest.fail("numba is not installed, and MERGEKIT_CABS_REQUIRE_NUMBA=1")
-        pytest.skip('numba is not installed: pip install "mergekit-cabs[fast]"')
+    if request.param == "numba":
+        optional("numba", "fast")
     monkeypatch.setenv("MERGEKIT_CABS_BACKEND", request.param)
     return request.param
 

@@ -28,7 +28,7 @@ import yaml
 from click.testing import CliRunner
 from reference import ref_masks
 from safetensors.torch import save_file
-from tiny_models import gradient_value, layer_t, make_tiny_llama, quota_from_density
+from tiny_models import gradient_value, layer_t, make_tiny_llama, optional, quota_from_density
 
 from mergekit_cabs.cli import main
 
@@ -431,7 +431,7 @@ def _png_size(data: bytes):
 
 
 def test_plots_are_valid_png(scenario):
-    pytest.importorskip("matplotlib")
+    optional("matplotlib", "plot")
     for name in ("overlap-by-layer.png", "kept-by-layer.png"):
         data = (scenario["out"] / name).read_bytes()
         width, height = _png_size(data)

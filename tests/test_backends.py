@@ -8,16 +8,17 @@ path is picked.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mergekit_cabs import _numba
 from mergekit_cabs.kernel import NonFiniteInputError, cabs_masks, cabs_merge, pick_backend
 
+from tiny_models import FULL_TESTS  # noqa: E402
+
+# Under MERGEKIT_CABS_FULL_TESTS=1 these run, and fail, without numba.
 needs_numba = pytest.mark.skipif(
-    not _numba.available() and os.environ.get("MERGEKIT_CABS_REQUIRE_NUMBA") != "1",
+    not _numba.available() and not FULL_TESTS,
     reason='numba is not installed: pip install "mergekit-cabs[fast]"',
 )
 

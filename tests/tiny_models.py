@@ -18,7 +18,9 @@ magnitudes from model to model.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -29,6 +31,23 @@ from safetensors.torch import save_file
 GRID = 2.0**-7
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+# CI sets this: then a missing optional package (numba, matplotlib) fails the
+# tests that need it instead of skipping them.
+FULL_TESTS = os.environ.get("MERGEKIT_CABS_FULL_TESTS") == "1"
+
+
+def optional(module: str, extra: str):
+    """Import an optional package, or skip the test (fail under FULL_TESTS)."""
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if FULL_TESTS:
+            pytest.fail(f"{module} is not installed, and MERGEKIT_CABS_FULL_TESTS=1")
+        pytest.skip(f'{module} is not installed: pip install "mergekit-cabs[{extra}]"')
 
 
 def default_words(vocab_size: int, prefix: str = "w") -> List[str]:
