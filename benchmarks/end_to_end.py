@@ -128,7 +128,7 @@ def config_for(method: str, base: Path, fine_tunes: list) -> str:
 def measure(command: list) -> dict:
     """Run `command` in a wrapper process that reports its wall time and peak RSS."""
     wrapper = [sys.executable, __file__, "--measure-child", "--", *command]
-    done = subprocess.run(wrapper, capture_output=True, text=True)
+    done = subprocess.run(wrapper, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -136,7 +136,7 @@ def measure(command: list) -> dict:
 
 def measure_child(command: list) -> None:
     start = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode:
         sys.stderr.write(done.stderr)

@@ -21,8 +21,8 @@ result does not depend on the split.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,9 +74,11 @@ def _threshold(keys, length, q, hist, pool):
             return threshold | np.uint64(0), above + ge
         all_and = src[0] | np.uint64(0)
         all_or = all_and
+        largest = all_and
         for j in range(n):
             all_and &= src[j]
             all_or |= src[j]
+            largest = max(largest, src[j])
         differ = all_and ^ all_or
         if differ == 0:
             return all_and, above + n
@@ -89,7 +91,7 @@ def _threshold(keys, length, q, hist, pool):
         hist[:] = 0
         for j in range(n):
             hist[(src[j] >> shift) & low8] += 1
-        digit = np.int64((all_or >> shift) & low8)  # no key has a higher digit
+        digit = np.int64((largest >> shift) & low8)  # no key has a higher digit
         while above + hist[digit] < q:
             above += hist[digit]
             digit -= 1
@@ -102,11 +104,26 @@ def _threshold(keys, length, q, hist, pool):
         n = kept
 
 
-def _model_pass(model, base, acc, claimed, tau, tau_bits, keys, takes, hist, pool, mask,
+def _load(src, start, stop, bf16, out, out_bits):
+    """out[:stop - start] = src[start:stop] in the compute dtype; `bf16`: src
+    holds bfloat16 bit patterns (int16), which are the top half of float32's."""
+    block = src[start:stop]
+    if bf16:
+        for j in range(stop - start):
+            out_bits[j] = np.uint32(np.uint16(block[j])) << np.uint32(16)
+    else:
+        for j in range(stop - start):
+            out[j] = block[j]
+
+
+def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, bv, bv_bits,
+                tau, tau_bits, keys, takes, hist, pool, mask,
                 block_size, quota, tail_quota, weight, free_bit, infinity, strict, aware, want_mask):
     """One model over one chunk of whole blocks (the last may be short).
 
-    Adds weight * (kept tau) into `acc`, updates `claimed`, and writes the
+    `model` and `base` are the chunk's inputs, in the compute dtype or as
+    bfloat16 bits (see `_load`; `mv` and `bv` take one block of each).  Adds
+    weight * (kept tau) into `acc`, updates `claimed`, and writes the
     keep-mask into `mask` when `want_mask`.  A place's key is |tau|'s bit
     pattern (non-negative floats order like their bits) with the top bit set
     when the place is free.  Returns False as soon as a block holds a tau that
@@ -121,10 +138,11 @@ def _model_pass(model, base, acc, claimed, tau, tau_bits, keys, takes, hist, poo
         length = min(block_size, numel - start)
         stop = start + length
         q = quota if length == block_size else tail_quota
-        m_block, b_block = model[start:stop], base[start:stop]
+        _load(model, start, stop, model_bf16, mv, mv_bits)
+        _load(base, start, stop, base_bf16, bv, bv_bits)
         a_block, c_block = acc[start:stop], claimed[start:stop]
         for j in range(length):
-            tau[j] = m_block[j] - b_block[j]
+            tau[j] = mv[j] - bv[j]
         largest = np.uint64(0)
         for j in range(length):
             key = tau_bits[j] & magnitude
@@ -165,14 +183,33 @@ def _model_pass(model, base, acc, claimed, tau, tau_bits, keys, takes, hist, poo
     return True
 
 
-def _finish(acc, base, lam):
-    for j in range(acc.size):
-        acc[j] = acc[j] * lam + base[j]
+def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16):
+    """acc = acc * lam + base, a block (the length of `bv`) at a time; with
+    `to_bf16`, also rounded to bfloat16 bits in `out_bf16` as torch's CPU
+    conversion rounds: to nearest, ties to even, NaN to 0xFFFF (only a sum
+    that overflows both ways gives NaN; the tests compare with torch)."""
+    numel, step = acc.size, bv.size
+    for start in range(0, numel, step):
+        stop = min(start + step, numel)
+        _load(base, start, stop, base_bf16, bv, bv_bits)
+        block = acc[start:stop]
+        for j in range(stop - start):
+            block[j] = block[j] * lam + bv[j]
+        if to_bf16:
+            bits, out = acc_bits[start:stop], out_bf16[start:stop]
+            for j in range(stop - start):
+                u = np.uint32(bits[j])
+                if u & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000):
+                    out[j] = np.int16(-1)  # 0xFFFF, torch's bfloat16 NaN on CPU
+                else:
+                    u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+                    out[j] = np.int16(np.uint16(u))
 
 
 if numba is not None:
     _jit = numba.njit(nogil=True, cache=True)
     _threshold = _jit(_threshold)
+    _load = _jit(_load)
     _model_pass = _jit(_model_pass)
     _finish = _jit(_finish)
 
@@ -180,7 +217,7 @@ if numba is not None:
 def run(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
-    weights: Optional[Sequence[float]],
+    weights: Sequence[float] | None,
     quotas: Sequence[int],
     tail_quotas: Sequence[int],
     block_size: int,
@@ -188,11 +225,13 @@ def run(
     aware: bool,
     lam: float,
     dtype: torch.dtype,
-    masks: Optional[Sequence[torch.Tensor]] = None,
-) -> Optional[torch.Tensor]:
+    masks: Sequence[torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
     """The merge (when `weights` is given) and/or the masks (written into the
     flat bool tensors `masks`), for flat CPU tensors.  Returns the merged flat
-    tensor in `dtype`, or None when some tau is not finite."""
+    tensor, computed in `dtype` and rounded once to `out_dtype` (default
+    `dtype`), or None when some tau is not finite."""
     numel = base.numel()
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     key_dtype = np.uint64 if dtype == torch.float64 else np.uint32
@@ -202,38 +241,49 @@ def run(
     lam_c = np_dtype(lam)
     want_mask = masks is not None
     mask_arrays = [m.numpy() for m in masks] if want_mask else [np.zeros(1, np.bool_)] * len(models)
-    acc = torch.empty(numel, dtype=dtype)
-    acc_np = acc.numpy()
+    out_dtype = out_dtype or dtype
+    result = torch.empty(numel, dtype=out_dtype)
+    in_place = out_dtype == dtype  # accumulate right in the result
+    to_bf16 = out_dtype == torch.bfloat16 and dtype == torch.float32
+    result_np = result.view(torch.int16).numpy() if to_bf16 else result.numpy()
+    no_bf16 = np.zeros(1, np.int16)
+    base_in = _Input(base, dtype)
+    model_ins = [_Input(model, dtype) for model in models]
 
     span = max(block_size, _TASK_ELEMENTS // block_size * block_size)
     tasks = range(0, numel, span)
 
     def one_task(start: int) -> bool:
+        # numpy and numba only in here: a torch op in these threads would
+        # start torch's own thread pool on top of them.
         stop = min(start + span, numel)
         size = stop - start
         length = min(block_size, size)
-        base_c = torch.empty(size, dtype=dtype)
-        base_c.copy_(base[start:stop])
-        model_c = torch.empty(size, dtype=dtype)
-        base_np, model_np = base_c.numpy(), model_c.numpy()
-        out = acc_np[start:stop]
-        out[:] = 0
+        scratch = np.empty(size, np_dtype)
+        base_chunk = base_in.chunk(start, stop, np.empty(size, np_dtype))
+        acc = result_np[start:stop] if in_place else np.empty(size, np_dtype)
+        acc[:] = 0
         claimed = np.zeros(size, np.bool_)
-        tau = np.empty(length, np_dtype)
+        mv, bv, tau = (np.empty(length, np_dtype) for _ in range(3))
         keys = np.empty(length, key_dtype)
         takes = np.empty(length, np.bool_)
         pool = np.empty(length, key_dtype)
         hist = np.empty(256, np.int32)
-        for i, model in enumerate(models):
-            model_c.copy_(model[start:stop])
+        for i, model_in in enumerate(model_ins):
             mask = mask_arrays[i][start:stop] if want_mask else mask_arrays[i]
             if not _model_pass(
-                model_np, base_np, out, claimed, tau, tau.view(key_dtype), keys, takes, hist, pool, mask,
+                model_in.chunk(start, stop, scratch), model_in.bf16, base_chunk, base_in.bf16,
+                acc, claimed, mv, mv.view(key_dtype), bv, bv.view(key_dtype),
+                tau, tau.view(key_dtype), keys, takes, hist, pool, mask,
                 block_size, quotas[i], tail_quotas[i], weights_c[i], free_bit, infinity,
                 strict, aware, want_mask,
             ):
                 return False
-        _finish(out, base_np, lam_c)
+        _finish(acc, acc.view(key_dtype), base_chunk, base_in.bf16, bv, bv.view(key_dtype), lam_c,
+                result_np[start:stop] if to_bf16 else no_bf16, to_bf16)
+        if not (in_place or to_bf16):  # float16 and the like: numpy rounds as torch does
+            with np.errstate(over="ignore", invalid="ignore"):  # inf, as torch gives, unsaid
+                np.copyto(result_np[start:stop], acc, casting="unsafe")
         return True
 
     threads = min(torch.get_num_threads(), len(tasks))
@@ -242,4 +292,35 @@ def run(
     else:
         with ThreadPoolExecutor(threads, thread_name_prefix="cabs") as pool:
             ok = all(list(pool.map(one_task, tasks)))
-    return acc if ok else None
+    return result if ok else None
+
+
+class _Input:
+    """One flat input tensor as numpy: read in place when it already is in the
+    compute dtype, or is bfloat16 with a float32 compute dtype (as its bits);
+    else converted a chunk at a time by numpy (float16, float32 -> float64:
+    exact, as torch converts them)."""
+
+    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype):
+        tensor = tensor.contiguous()
+        self.bf16 = tensor.dtype == torch.bfloat16 and dtype == torch.float32
+        if tensor.dtype == dtype or self.bf16:
+            self.array = (tensor.view(torch.int16) if self.bf16 else tensor).numpy()
+            self.direct = True
+            return
+        if tensor.dtype not in (torch.float16, torch.float32, torch.bfloat16):
+            tensor = tensor.to(dtype)  # anything else: once, up front
+        self.direct = tensor.dtype == dtype
+        if tensor.dtype == torch.bfloat16:  # to float32 bits, then float64 below
+            tensor = tensor.view(torch.int16)
+        self.array = tensor.numpy()
+        self.from_bf16 = tensor.dtype == torch.int16
+
+    def chunk(self, start: int, stop: int, scratch: np.ndarray) -> np.ndarray:
+        if self.direct:
+            return self.array[start:stop]
+        part = self.array[start:stop]
+        if self.from_bf16:
+            part = (part.astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        np.copyto(scratch, part, casting="unsafe")
+        return scratch

@@ -26,7 +26,7 @@ give the same bits; `backend=` (or the environment variable
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ class NonFiniteInputError(ValueError):
     """An input holds NaN or infinity. `model` is the index into `models`, or
     None when the base tensor is at fault."""
 
-    def __init__(self, model: Optional[int]):
+    def __init__(self, model: int | None):
         self.model = model
         who = "the base tensor" if model is None else f"model {model}"
         super().__init__(f"{who} holds NaN or infinite values")
@@ -61,7 +61,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def pick_backend(backend: Optional[str], tensors: Sequence[torch.Tensor]) -> str:
+def pick_backend(backend: str | None, tensors: Sequence[torch.Tensor]) -> str:
     """'numba' or 'torch' for these tensors.  None reads MERGEKIT_CABS_BACKEND
     (default 'auto': numba for CPU tensors when it is installed, unless
     autograd has to follow the inputs)."""
@@ -96,12 +96,15 @@ def cabs_merge(
     overlap: str = "fill",
     conflict_aware: bool = True,
     lam: float = 1.0,
-    backend: Optional[str] = None,
+    backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """W_base + lam * sum_i weights[i] * (mask_i * tau_i), shaped like `base`.
 
     `n[i]` is model i's quota in a full block (0 <= n[i] <= block_size).
-    Returns float32, or float64 when an input is float64.
+    Computed in float32, or float64 when an input is float64, and returned in
+    that dtype, or rounded once to `out_dtype` when given (the compiled path
+    rounds while it writes, so no full-size float32 copy is made).
     """
     _check_arguments(base, models, n, block_size, overlap, weights)
     dtype = compute_dtype(base, *models)
@@ -110,12 +113,19 @@ def cabs_merge(
         from mergekit_cabs import _numba
 
         flats = [model.reshape(-1) for model in models]
+        # Roundings the compiled path does while writing, exactly as torch's
+        # .to() does them; torch takes float64 to half types through float32.
+        direct = out_dtype in (None, dtype, torch.float32, torch.float64) or (
+            dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
+        )
         merged = _numba.run(
             base_flat, flats, weights, n, _tail_quotas(n, base.numel(), block_size), block_size,
-            overlap == "strict", conflict_aware, lam, dtype,
+            overlap == "strict", conflict_aware, lam, dtype, out_dtype=out_dtype if direct else None,
         )
         if merged is None:
             raise NonFiniteInputError(_blame(base_flat, flats, dtype))
+        if not direct:
+            merged = merged.to(out_dtype)
         return merged.reshape(base.shape)
     acc = torch.zeros(base_flat.numel(), dtype=dtype, device=base.device)
 
@@ -125,6 +135,8 @@ def cabs_merge(
 
     _select_all(base_flat, models, n, block_size, overlap, conflict_aware, dtype, add_kept)
     result = acc.mul_(lam).add_(base_flat.to(dtype))
+    if out_dtype is not None:
+        result = result.to(out_dtype)
     return result.reshape(base.shape)
 
 
@@ -136,8 +148,8 @@ def cabs_masks(
     *,
     overlap: str = "fill",
     conflict_aware: bool = True,
-    backend: Optional[str] = None,
-) -> List[torch.Tensor]:
+    backend: str | None = None,
+) -> list[torch.Tensor]:
     """Boolean keep-masks shaped like `base`, one per model, in priority order."""
     _check_arguments(base, models, n, block_size, overlap)
     dtype = compute_dtype(base, *models)
@@ -176,13 +188,13 @@ def _check_arguments(base, models, n, block_size, overlap, weights=None) -> None
             raise ValueError(f"shape mismatch: base {tuple(base.shape)}, model {tuple(model.shape)}")
 
 
-def _tail_quotas(n: Sequence[int], numel: int, block_size: int) -> List[int]:
+def _tail_quotas(n: Sequence[int], numel: int, block_size: int) -> list[int]:
     """Quotas in the short last block (the full ones when there is none)."""
     tail = numel % block_size
     return [block_quota(q, tail, block_size) for q in n] if tail else list(n)
 
 
-def _blame(base_flat: torch.Tensor, flats: Sequence[torch.Tensor], dtype: torch.dtype) -> Optional[int]:
+def _blame(base_flat: torch.Tensor, flats: Sequence[torch.Tensor], dtype: torch.dtype) -> int | None:
     """Which input makes a tau non-finite: None for the base, else the first
     model (in priority order).  Only called once something was found."""
     if not bool(torch.isfinite(base_flat).all()):
@@ -245,9 +257,9 @@ def _select_all(
         raise NonFiniteInputError(_blame(base_flat, flats, dtype))
 
 
-def _keep(tau: torch.Tensor, claimed: Optional[torch.Tensor], quota: int) -> torch.Tensor:
+def _keep(tau: torch.Tensor, claimed: torch.Tensor | None, quota: int) -> torch.Tensor:
     """Per row of `tau`, mark the `quota` top-ranked places (see module doc)."""
-    rows, length = tau.shape
+    length = tau.shape[1]
     if quota <= 0:
         return torch.zeros_like(tau, dtype=torch.bool)
     if quota >= length:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Hashable, List, Mapping, Optional, Sequence, Tuple
 
@@ -29,7 +30,12 @@ from mergekit.merge_methods import (
 )
 from mergekit.merge_methods.base import ParameterSpec
 
-from mergekit_cabs.kernel import OVERLAP_RULES, NonFiniteInputError, block_quota, cabs_merge
+from mergekit_cabs.kernel import (
+    OVERLAP_RULES,
+    NonFiniteInputError,
+    block_quota,
+    cabs_merge,
+)
 
 LOG = logging.getLogger("mergekit_cabs")
 
@@ -305,6 +311,23 @@ def _warn_short_block_overlap(r: Resolved, numel: int, tensor: Optional[str]) ->
         )
 
 
+def _advise_compiled_path(base: torch.Tensor) -> None:
+    """Say once per merge when a CPU merge runs the slower pure torch path
+    only because numba is missing (not when the user asked for torch)."""
+    asked = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
+    if base.device.type != "cpu" or asked != "auto":
+        return
+    from mergekit_cabs import _numba
+
+    if not _numba.available():
+        _once.warn(
+            "no numba",
+            "cabs: numba is not installed, so this CPU merge runs the pure torch path: "
+            'the same results, several times slower. For the compiled one: pip install '
+            '"mergekit-cabs[fast]"',
+        )
+
+
 # --- the mergekit method --------------------------------------------------
 
 
@@ -355,6 +378,7 @@ class CabsMerge(GroupMergeMethod):
         if base.numel() == 0:
             return base.clone()
         _warn_short_block_overlap(r, base.numel(), group.metadata.name)
+        _advise_compiled_path(base)
         quotas, m = r.kernel_quotas(base.numel())
         try:
             merged = cabs_merge(
@@ -366,6 +390,7 @@ class CabsMerge(GroupMergeMethod):
                 overlap=r.overlap,
                 conflict_aware=r.conflict_aware,
                 lam=r.lam,
+                out_dtype=base.dtype,
             )
         except NonFiniteInputError as error:
             who = "the base model" if error.model is None else f"model '{_label(entries[error.model].id)}'"
@@ -373,7 +398,7 @@ class CabsMerge(GroupMergeMethod):
             raise ValueError(
                 f"cabs: {who} has NaN or infinite values{tensor}; fix or drop that model"
             ) from None
-        return merged.to(base.dtype)
+        return merged  # already in base.dtype (out_dtype)
 
 
 cabs_method = CabsMerge()

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import FULL_TESTS
 
 from mergekit_cabs import _numba
-from mergekit_cabs.kernel import NonFiniteInputError, cabs_masks, cabs_merge, pick_backend
-
-from tiny_models import FULL_TESTS  # noqa: E402
+from mergekit_cabs.kernel import (
+    NonFiniteInputError,
+    cabs_masks,
+    cabs_merge,
+    pick_backend,
+)
 
 # Under MERGEKIT_CABS_FULL_TESTS=1 these run, and fail, without numba.
 needs_numba = pytest.mark.skipif(
@@ -65,7 +69,7 @@ CASES = [
 def test_paths_give_the_same_bits(shape, m, n, overlap, aware, dtype, coarse):
     base, models = family(shape, len(n), dtype, seed=len(shape) * 7 + m, coarse=coarse)
     weights = [1.0, 0.7, 1 / 3, -1.25, 0.1][: len(n)]
-    opts = dict(overlap=overlap, conflict_aware=aware)
+    opts = {"overlap": overlap, "conflict_aware": aware}
     torch_out, numba_out = both_paths(cabs_merge, base, models, weights, n, m, lam=0.9, **opts)
     assert torch_out.dtype == numba_out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(bits(torch_out), bits(numba_out))
@@ -175,3 +179,69 @@ def test_auto_takes_torch_when_gradients_are_wanted(monkeypatch):
         pick_backend("numba", leaf)
     with torch.no_grad():
         assert pick_backend("auto", leaf) == "numba"
+
+
+def test_cpu_merge_without_numba_says_once_how_to_get_it(monkeypatch, caplog):
+    import logging
+
+    from mergekit.merge_methods import merge_state_dicts
+
+    monkeypatch.delenv("MERGEKIT_CABS_BACKEND", raising=False)
+    monkeypatch.setattr(_numba, "numba", None)  # as if numba were not installed
+    base = {"a": torch.zeros(300), "b": torch.zeros(40)}
+    tune = {"a": torch.ones(300), "b": torch.ones(40)}
+    with caplog.at_level(logging.WARNING):
+        merge_state_dicts([base, tune], "cabs", base=0)
+    said = [r.getMessage() for r in caplog.records if "numba is not installed" in r.getMessage()]
+    assert len(said) == 1 and 'pip install "mergekit-cabs[fast]"' in said[0]
+    caplog.clear()
+    monkeypatch.setenv("MERGEKIT_CABS_BACKEND", "torch")  # asked for: nothing to say
+    with caplog.at_level(logging.WARNING):
+        merge_state_dicts([base, tune], "cabs", base=0)
+    assert not [r for r in caplog.records if "numba" in r.getMessage()]
+
+
+# --- rounding to the output dtype while writing -------------------------------
+
+
+def out_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.bfloat16: torch.int16, torch.float16: torch.int16,
+                   torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
+
+
+@needs_numba
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_out_dtype_is_one_rounding_of_the_compute_result(in_dtype, out_dtype):
+    base, models = family((30, 500), 3, in_dtype, seed=21, coarse=True)
+    args = (base, models, [1.0, 0.7, 1 / 3], [64, 64, 64], 256)
+    want = cabs_merge(*args, lam=0.9, backend="torch").to(out_dtype)
+    for backend in ("torch", "numba"):
+        got = cabs_merge(*args, lam=0.9, backend=backend, out_dtype=out_dtype)
+        assert got.dtype == out_dtype and got.shape == base.shape
+        assert torch.equal(out_bits(got), out_bits(want)), backend
+
+
+@needs_numba
+def test_bfloat16_rounding_edge_cases_match_torch():
+    # tau = 0, so the result is the float32 base itself: these bit patterns
+    # check ties to even, overflow to infinity, subnormals and signed zeros.
+    patterns = [0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F807FFF, 0x7F7FFFFF, 0xFF7FFFFF,
+                0x7F7F8000, 0x00000001, 0x00008000, 0x80018000, 0x80000000, 0x00000000]
+    base = torch.tensor(patterns, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    got = cabs_merge(base, [base.clone()], [1.0], [1], 4, backend="numba", out_dtype=torch.bfloat16)
+    want = cabs_merge(base, [base.clone()], [1.0], [1], 4, backend="torch").to(torch.bfloat16)
+    assert torch.equal(out_bits(got), out_bits(want))
+
+
+@needs_numba
+def test_overflowing_sum_rounds_like_torch():
+    # finite inputs, weights so large that the sum overflows: +inf, -inf, NaN
+    base = torch.zeros(4)
+    models = [torch.tensor([10.0, 10.0, 10.0, 1.0]), torch.tensor([1.0, 10.0, 10.0, 1.0])]
+    for weights in ([1e38, 1e38], [1e38, -1e38], [-1e38, -1e38]):
+        for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            want = cabs_merge(base, models, weights, [4, 4], 4, conflict_aware=False, backend="torch")
+            got = cabs_merge(base, models, weights, [4, 4], 4, conflict_aware=False,
+                             backend="numba", out_dtype=out_dtype)
+            assert torch.equal(out_bits(got), out_bits(want.to(out_dtype))), (weights, out_dtype)
