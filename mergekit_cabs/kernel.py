@@ -134,7 +134,11 @@ def cabs_merge(
         acc[where] += kept.mul_(weights[i])
 
     _select_all(base_flat, models, n, block_size, overlap, conflict_aware, dtype, add_kept)
-    result = acc.mul_(lam).add_(base_flat.to(dtype))
+    step = _CHUNK_ELEMENTS if base.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    for start in range(0, acc.numel(), step):  # no full-size float32 copy of the base
+        where = slice(start, start + step)
+        acc[where].mul_(lam).add_(base_flat[where].to(dtype))
+    result = acc
     if out_dtype is not None:
         result = result.to(out_dtype)
     return result.reshape(base.shape)
