@@ -72,7 +72,7 @@ def demo(directory: Path, seed: int) -> None:
 
     _report(paths, out, click.echo)
     click.echo(f"\nThe merged model is in {out}")
-    click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {config_path} OUT_DIR")
+    click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {config_path} {directory / 'merged-again'}")
 
 
 @main.command()
@@ -154,7 +154,7 @@ def _report(paths: dict, out: Path, echo) -> None:
         tensors = {}
         for file in sorted(path.glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
         return tensors
 
     base, merged = load(paths["base"]), load(out)

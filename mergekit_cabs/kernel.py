@@ -61,14 +61,31 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def backend_setting() -> str:
+    """MERGEKIT_CABS_BACKEND, checked: 'auto' (the default), 'torch' or 'numba'."""
+    backend = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"MERGEKIT_CABS_BACKEND is {backend!r}; it must be one of {', '.join(BACKENDS)} "
+            '(numba is what the "mergekit-cabs[fast]" extra installs), or unset'
+        )
+    if backend == "numba":
+        from mergekit_cabs import _numba
+
+        if not _numba.available():
+            raise ValueError('MERGEKIT_CABS_BACKEND is "numba", but numba is not installed: '
+                             'pip install "mergekit-cabs[fast]", or unset it')
+    return backend
+
+
 def pick_backend(backend: str | None, tensors: Sequence[torch.Tensor]) -> str:
     """'numba' or 'torch' for these tensors.  None reads MERGEKIT_CABS_BACKEND
     (default 'auto': numba for CPU tensors when it is installed, unless
     autograd has to follow the inputs)."""
     if backend is None:
-        backend = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
+        backend = backend_setting()
     if backend not in BACKENDS:
-        raise ValueError(f"backend (MERGEKIT_CABS_BACKEND) must be one of {BACKENDS}; got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "torch":
         return "torch"
     from mergekit_cabs import _numba  # imports numba, if installed: only when merging

@@ -33,6 +33,7 @@ from mergekit.merge_methods.base import ParameterSpec
 from mergekit_cabs.kernel import (
     OVERLAP_RULES,
     NonFiniteInputError,
+    backend_setting,
     block_quota,
     cabs_merge,
 )
@@ -183,6 +184,10 @@ def resolve(
     Raises CabsConfigError naming the parameter, model, tensor and allowed values.
     """
     where = f" on tensor '{tensor}'" if tensor else ""
+    try:
+        backend_setting()  # a bad environment setting stops the plan, not the merge
+    except ValueError as error:
+        raise CabsConfigError(f"cabs: {error}") from None
     m, overlap, lam = shared["block_size"], shared["overlap"], shared["lambda"]
     if not _is_whole(m) or m < 1:
         raise CabsConfigError(f"cabs: 'block_size'{where} is {m!r}; it must be a whole number >= 1")

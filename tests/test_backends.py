@@ -153,8 +153,31 @@ def test_environment_variable_picks_the_path(monkeypatch):
     monkeypatch.setattr(_numba, "numba", object())  # pretend it is installed
     assert pick_backend("numba", cpu) == "numba"  # an explicit argument wins
     monkeypatch.setenv("MERGEKIT_CABS_BACKEND", "fast")
-    with pytest.raises(ValueError, match=r"MERGEKIT_CABS_BACKEND.*'auto', 'torch', 'numba'.*'fast'"):
+    with pytest.raises(ValueError, match=r"MERGEKIT_CABS_BACKEND is 'fast'; it must be one of auto, torch, numba \(numba is what the \"mergekit-cabs\[fast\]\" extra"):
         pick_backend(None, cpu)
+
+
+@pytest.mark.parametrize("setting", ["fast", "numba"])
+def test_bad_backend_setting_stops_the_plan_before_anything_is_written(
+    setting, fp32_family, tmp_path, monkeypatch
+):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from mergekit_cabs.method import CabsConfigError
+
+    if setting == "numba":
+        monkeypatch.setattr(_numba, "numba", None)  # asked for, not installed
+    monkeypatch.setenv("MERGEKIT_CABS_BACKEND", setting)
+    base, tunes = fp32_family
+    config = MergeConfiguration.model_validate({
+        "merge_method": "cabs", "base_model": str(base.path),
+        "models": [{"model": str(t.path)} for t in tunes],
+    })
+    out = tmp_path / "out"
+    with pytest.raises(CabsConfigError, match="MERGEKIT_CABS_BACKEND"):
+        run_merge(config, str(out), MergeOptions(quiet=True))
+    assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()
 
 
 def test_numba_backend_without_numba_says_how_to_get_it(monkeypatch):
