@@ -727,15 +727,10 @@ def make_plots(report: dict, directory: Path) -> list[str]:
         right.plot(x, [report["layers"][k]["pair_overlap"][rule] or 0 for k in layers], styles[rule], marker="o", label=rule)
     left.set_title("weights kept by 2+ models (%)", fontsize=10)
     right.set_title("pair overlap |A and B| / |A or B|", fontsize=10)
-    for ax in (left, right):
-        ax.set_xticks(x, layers)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
+    left.set_ylim(bottom=0)
+    right.set_ylim(bottom=0)
     left.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / "overlap-by-layer.png")
-    plt.close(fig)
+    _save_layer_figure(plt, fig, x, layers, directory / "overlap-by-layer.png")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
     for m in report["models"]:
@@ -744,16 +739,22 @@ def make_plots(report: dict, directory: Path) -> list[str]:
         right.plot(x, [report["layers"][k]["row_cv"][rule] or 0 for k in layers], styles[rule], marker="o", label=rule)
     left.set_title("kept share of each layer's weights (cabs)", fontsize=10)
     right.set_title("spread across rows: CV of kept share per row", fontsize=10)
-    for ax in (left, right):
+    right.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    _save_layer_figure(plt, fig, x, layers, directory / "kept-by-layer.png")
+    return ["overlap-by-layer.png", "kept-by-layer.png"]
+
+
+def _save_layer_figure(plt, fig, x, layers, path: Path) -> None:
+    """Layer ticks, labels and grid on every panel; write the PNG."""
+    for ax in fig.axes:
         ax.set_xticks(x, layers)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    right.set_ylim(bottom=0)
     fig.tight_layout()
-    fig.savefig(directory / "kept-by-layer.png")
+    fig.savefig(path)
     plt.close(fig)
-    return ["overlap-by-layer.png", "kept-by-layer.png"]
 
 
 def check_out_dir(out: Path, force: bool) -> None:
