@@ -217,21 +217,23 @@ if numba is not None:
 def run(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
-    weights: Sequence[float] | None,
     quotas: Sequence[int],
     tail_quotas: Sequence[int],
     block_size: int,
     strict: bool,
     aware: bool,
-    lam: float,
     dtype: torch.dtype,
-    masks: Sequence[torch.Tensor] | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    lam: float = 1.0,
     out_dtype: torch.dtype | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """The merge (when `weights` is given) and/or the masks (written into the
-    flat bool tensors `masks`), for flat CPU tensors.  Returns the merged flat
-    tensor, computed in `dtype` and rounded once to `out_dtype` (default
-    `dtype`), or None when some tau is not finite."""
+    """For flat CPU tensors: the merge when `weights` is given, computed in
+    `dtype` and rounded once to `out_dtype` (default `dtype`), and/or the
+    keep-masks, written into the flat bool tensors `masks`.  Returns the
+    merged flat tensor (an empty one when only masks were asked for), or None
+    when some tau is not finite."""
     numel = base.numel()
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     key_dtype = np.uint64 if dtype == torch.float64 else np.uint32
@@ -241,9 +243,10 @@ def run(
     lam_c = np_dtype(lam)
     want_mask = masks is not None
     mask_arrays = [m.numpy() for m in masks] if want_mask else [np.zeros(1, np.bool_)] * len(models)
+    merging = weights is not None
     out_dtype = out_dtype or dtype
-    result = torch.empty(numel, dtype=out_dtype)
-    in_place = out_dtype == dtype  # accumulate right in the result
+    result = torch.empty(numel if merging else 0, dtype=out_dtype)
+    in_place = merging and out_dtype == dtype  # accumulate right in the result
     to_bf16 = out_dtype == torch.bfloat16 and dtype == torch.float32
     result_np = result.view(torch.int16).numpy() if to_bf16 else result.numpy()
     no_bf16 = np.zeros(1, np.int16)
@@ -279,6 +282,8 @@ def run(
                 strict, aware, want_mask,
             ):
                 return False
+        if not merging:  # masks only
+            return True
         _finish(acc, acc.view(key_dtype), base_chunk, base_in.bf16, bv, bv.view(key_dtype), lam_c,
                 result_np[start:stop] if to_bf16 else no_bf16, to_bf16)
         if not (in_place or to_bf16):  # float16 and the like: numpy rounds as torch does

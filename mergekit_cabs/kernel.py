@@ -127,23 +127,16 @@ def cabs_merge(
     dtype = compute_dtype(base, *models)
     base_flat = base.reshape(-1)
     if pick_backend(backend, [base, *models]) == "numba":
-        from mergekit_cabs import _numba
-
-        flats = [model.reshape(-1) for model in models]
         # Roundings the compiled path does while writing, exactly as torch's
         # .to() does them; torch takes float64 to half types through float32.
         direct = out_dtype in (None, dtype, torch.float32, torch.float64) or (
             dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
         )
-        merged = _numba.run(
-            base_flat, flats, weights, n, _tail_quotas(n, base.numel(), block_size), block_size,
-            overlap == "strict", conflict_aware, lam, dtype, out_dtype=out_dtype if direct else None,
+        merged = _compiled(
+            base, models, n, block_size, overlap, conflict_aware, dtype,
+            weights=weights, lam=lam, out_dtype=out_dtype if direct else None,
         )
-        if merged is None:
-            raise NonFiniteInputError(_blame(base_flat, flats, dtype))
-        if not direct:
-            merged = merged.to(out_dtype)
-        return merged.reshape(base.shape)
+        return (merged if direct else merged.to(out_dtype)).reshape(base.shape)
     acc = torch.zeros(base_flat.numel(), dtype=dtype, device=base.device)
 
     def add_kept(i: int, where: slice, keep: torch.Tensor, tau: torch.Tensor) -> None:
@@ -176,15 +169,7 @@ def cabs_masks(
     dtype = compute_dtype(base, *models)
     masks = [torch.zeros(base.numel(), dtype=torch.bool, device=base.device) for _ in models]
     if pick_backend(backend, [base, *models]) == "numba":
-        from mergekit_cabs import _numba
-
-        flats = [model.reshape(-1) for model in models]
-        done = _numba.run(
-            base.reshape(-1), flats, None, n, _tail_quotas(n, base.numel(), block_size),
-            block_size, overlap == "strict", conflict_aware, 1.0, dtype, masks=masks,
-        )
-        if done is None:
-            raise NonFiniteInputError(_blame(base.reshape(-1), flats, dtype))
+        _compiled(base, models, n, block_size, overlap, conflict_aware, dtype, masks=masks)
         return [mask.reshape(base.shape) for mask in masks]
 
     def record(i: int, where: slice, keep: torch.Tensor, tau: torch.Tensor) -> None:
@@ -192,6 +177,20 @@ def cabs_masks(
 
     _select_all(base.reshape(-1), models, n, block_size, overlap, conflict_aware, dtype, record)
     return [mask.reshape(base.shape) for mask in masks]
+
+
+def _compiled(base, models, n, block_size, overlap, conflict_aware, dtype, **outputs):
+    """Run `_numba.run` (the merge and/or the masks), raising on non-finite input."""
+    from mergekit_cabs import _numba
+
+    base_flat, flats = base.reshape(-1), [model.reshape(-1) for model in models]
+    merged = _numba.run(
+        base_flat, flats, n, _tail_quotas(n, base.numel(), block_size), block_size,
+        overlap == "strict", conflict_aware, dtype, **outputs,
+    )
+    if merged is None:
+        raise NonFiniteInputError(_blame(base_flat, flats, dtype))
+    return merged
 
 
 def _check_arguments(base, models, n, block_size, overlap, weights=None) -> None:
