@@ -50,7 +50,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,7 @@ class PlannedTensor:
     task: Any  # mergekit ExecuteMergeMethodTask
     models: list[Any]  # ModelReference of the fine-tunes, priority order
     resolved: Any  # method.Resolved
+    save_dtype: str | None = None  # what mergekit-yaml casts the result to when writing
 
 
 @contextlib.contextmanager
@@ -195,7 +196,7 @@ def plan(config, options=None) -> list[PlannedTensor]:
         per_model = [(str(m), dict(task.input_parameters[m].items())) for m in models]
         with _quiet_cabs_log():
             resolved = resolve(dict(task.parameters.items()), per_model, task.output_weight.name)
-        planned.append(PlannedTensor(order, task.output_weight.name, task, models, resolved))
+        planned.append(PlannedTensor(order, task.output_weight.name, task, models, resolved, target.dtype))
     return planned
 
 
@@ -757,43 +758,51 @@ def _save_layer_figure(plt, fig, x, layers, path: Path) -> None:
     plt.close(fig)
 
 
-def check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool, names: Sequence[str] = REPORT_FILES, error=AnalyzeError) -> None:
     """Refuse a file, or a directory that holds files unless `force`."""
     if out.exists() and not out.is_dir():
-        raise AnalyzeError(f"--out {out} is a file; give a directory")
+        raise error(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise AnalyzeError(
+        raise error(
             f"--out {out} already holds files; pass --force to replace its "
-            f"{', '.join(REPORT_FILES)} (other files are left alone), or give another --out"
+            f"{', '.join(names)} (other files are left alone), or give another --out"
         )
 
 
 def write_report(report: dict, out: Path) -> tuple[list[str], bool]:
-    """Write report.json, report.md and the plots into `out`.
-
-    Everything is written to a temporary directory next to `out` first and
-    moved in at the end (report.json last), so a failed run leaves no report
-    that looks complete; earlier report files in `out` are replaced or removed.
-    Returns (file names written, whether the plots were made).
-    """
+    """Write report.json, report.md and the plots into `out` (see `publish`).
+    Returns (file names written, whether the plots were made)."""
     import json
 
+    made = []
+
+    def build(staging: Path) -> list[str]:
+        try:
+            made.extend(make_plots(report, staging))
+        except ImportError:
+            pass
+        (staging / "report.md").write_text(render_markdown(report, made), encoding="utf-8")
+        (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        return made + ["report.md", "report.json"]
+
+    return publish(out, REPORT_FILES, build), bool(made)
+
+
+def publish(out: Path, names: Sequence[str], build: Callable[[Path], list[str]]) -> list[str]:
+    """Let `build` write files into a temporary directory next to `out`, then
+    move them in, in the order it returns them (so the last one, the JSON,
+    appears last).  Earlier files of `names` in `out` are replaced or removed;
+    a failure leaves no new file that looks complete.  Returns the names written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".cabs-analysis-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        try:
-            plots = make_plots(report, staging)
-        except ImportError:
-            plots = []
-        (staging / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")
-        (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        written = build(staging)
         out.mkdir(parents=True, exist_ok=True)
-        for name in REPORT_FILES:
+        for name in names:
             (out / name).unlink(missing_ok=True)
-        written = plots + ["report.md", "report.json"]
         for name in written:
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return written, bool(plots)
+    return written

@@ -107,6 +107,73 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
         click.echo(f"No plots: {an.PLOTS_HINT}")
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", "data", multiple=True, required=True, metavar="MODEL=FILE",
+              help="A fine-tuned model (as the YAML names it, or its directory's name) and a text or JSONL "
+                   "(a 'text' field per line) file of its task. Once per fine-tuned model.")
+@click.option("--general", type=click.Path(path_type=Path), default=None,
+              help="A text or JSONL file of general text, scored too and counted in the objective.")
+@click.option("--general-weight", default=1.0, show_default=True,
+              help="Weight of the general set in the objective.")
+@click.option("--objective", type=click.Choice(["gain", "loss"]), default="gain", show_default=True,
+              help="gain: mean normalized gain over tasks; loss: mean loss.")
+@click.option("--out", "out_dir", default="cabs-tune", show_default=True, type=click.Path(path_type=Path),
+              help="Directory for tuned.yml, tune.json, tune.md and tune.png.")
+@click.option("--budget", default=60, show_default=True, help="Most merged-model evaluations the search may spend.")
+@click.option("--weight-bounds", default="0,2", show_default=True, metavar="LOW,HIGH", help="Range of each weight.")
+@click.option("--lambda-bounds", default="0.25,2", show_default=True, metavar="LOW,HIGH", help="Range of lambda.")
+@click.option("--tolerance", default=0.05, show_default=True, help="Stop when every step is below this.")
+@click.option("--window", default=None, type=int,
+              help="Tokens per scored window [default: 256, or the base's max_position_embeddings if smaller].")
+@click.option("--max-windows", default=64, show_default=True, help="Most windows per file and split.")
+@click.option("--fit-fraction", default=0.5, show_default=True,
+              help="Share of each file's windows (the first ones) to fit on; the rest is held out.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--cuda", is_flag=True, help="Compute masks, merges and scores on the GPU.")
+@click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
+         tolerance, window, max_windows, fit_fraction, batch_size, cuda, force, quiet) -> None:
+    """Pick each model's weight and lambda from your own data.
+
+    Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
+    holds the pruned task vectors in memory, so a new weight vector costs one
+    pass over the parameters instead of a merge. A coordinate-wise search
+    maximises the mean normalized gain over the models' tasks on the first
+    part of each --data file; the rest is held out and reported. Writes
+    tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
+    tune.png to --out."""
+    import math
+
+    from mergekit_cabs import tune as tn
+    from mergekit_cabs.analyze import check_out_dir
+
+    try:
+        bounds = tn._parse_bounds(weight_bounds, "--weight-bounds"), tn._parse_bounds(lambda_bounds, "--lambda-bounds")
+        if not (math.isfinite(general_weight) and tolerance > 0 and batch_size >= 1):
+            raise tn.TuneError("--general-weight must be finite, --tolerance > 0 and --batch-size >= 1")
+        device = "cpu"
+        if cuda:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise tn.TuneError("--cuda: torch sees no CUDA device here")
+            device = "cuda"
+        check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
+        prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
+                          max_windows=max_windows, budget=budget)
+        report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
+                             budget=budget, weight_bounds=bounds[0], lambda_bounds=bounds[1],
+                             tolerance=tolerance, batch_size=batch_size, quiet=quiet)
+        written = tn.write_outputs(report, out_dir)
+    except tn.TuneError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(tn.format_summary(report))
+    click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
+    click.echo(f"Merge it:  mergekit-yaml {out_dir / 'tuned.yml'} OUTPUT_DIR")
+
+
 def _build_demo_models(directory: Path, seed: int) -> dict:
     """A random tiny Llama base (with a word-level tokenizer) and fine-tunes
     that add a different random task vector each; all saved as safetensors."""
