@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 KINDS = ("python", "c", "javascript", "docs")
-GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
 DENSITY = 0.25
 
 

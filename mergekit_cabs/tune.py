@@ -672,7 +672,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str = "gain",
 
     # References: the base on every set, each fine-tune on its own task.
     t0 = time.perf_counter()
-    _say(f"Loading the base model {prep.config.base_model}", quiet)
+    _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(tasks)} data sets", quiet)
     model = load(str(prep.config.base_model.model.path))
     reference = {"base": {s: means(losses_of(model, s)) for s in ("fit", "heldout")}, "models": {}}
     for label, ref, task in tqdm.tqdm(list(zip(own_tasks, prep.finetunes, tasks)), desc="Scoring the fine-tunes",
@@ -747,6 +747,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str = "gain",
                       "window_losses": {k: v.tolist() for k, v in per_window.items()}}
         return out
 
+    _say(f"Scoring the start and the chosen point on fit and held-out windows ({result.stopped} after "
+         f"{len(points)} evaluations)", quiet)
     t0 = time.perf_counter()
     start_scores = scored(result.history[0][0])  # the start, clipped into the bounds
     best_scores = scored(result.best)  # the model is left at the chosen weights
