@@ -273,12 +273,12 @@ class _Slot:
 
         dtype = compute_dtype(self.base)
         base = self.base[where].to(dtype)
-        acc = torch.zeros_like(base)
         if self.owner is not None:
             table = torch.tensor([0.0] + [weights[i] for i in self.models], dtype=dtype, device=base.device)
-            tau = self.kept[where].to(dtype) - base  # 0 where no model keeps a change
-            acc += tau.mul_(table[self.owner[where].long()])
+            acc = self.kept[where].to(dtype) - base  # tau (a new tensor); 0 where no model keeps a change
+            acc.mul_(table[self.owner[where].long()]).add_(0.0)  # 0 + w tau: turns -0 into +0, as the kernel sum does
         else:
+            acc = torch.zeros_like(base)
             for j, (t, mask) in enumerate(zip(self.inputs, self.masks)):
                 tau = t[where].to(dtype) - base
                 acc += torch.where(mask[where], tau, 0).mul_(weights[self.models[j]])
