@@ -128,7 +128,7 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="Tokens per scored window [default: 256, or the base's max_position_embeddings if smaller].")
 @click.option("--max-windows", default=64, show_default=True, help="Most windows per file and split.")
 @click.option("--fit-fraction", default=0.5, show_default=True,
-              help="Share of each file's windows (the first ones) to fit on; the rest is held out.")
+              help="Share of each file's windows to fit on, spread evenly along the file; the rest is held out.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
 @click.option("--cuda", is_flag=True, help="Compute masks, merges and scores on the GPU.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
@@ -140,8 +140,9 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
     holds the pruned task vectors in memory, so a new weight vector costs one
     pass over the parameters instead of a merge. A coordinate-wise search
-    maximises the mean normalized gain over the models' tasks on the first
-    part of each --data file; the rest is held out and reported. Writes
+    maximises the mean normalized gain over the models' tasks on half of
+    each --data file's windows (every other one); the other half is held out
+    and reported. Writes
     tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
     tune.png to --out."""
     import math

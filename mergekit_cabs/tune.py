@@ -174,14 +174,16 @@ def read_texts(path: Path) -> list[str]:
 
 def load_task_data(name: str, path: Path, tokenizer, *, window: int, fit_fraction: float, max_windows: int) -> TaskData:
     """Tokenize a file (documents joined by the end-of-text token, when the
-    tokenizer has one), cut it into consecutive windows, and split them: the
-    first `fit_fraction` of the windows to fit, the rest held out; each part
+    tokenizer has one), cut it into consecutive windows, and split them
+    evenly along the file: window i is held out when
+    floor((i + 1) * h) > floor(i * h), h = 1 - fit_fraction (every other
+    window at 0.5), so both parts see every region of the file; each part is
     thinned evenly to at most `max_windows` windows."""
     ids: list[int] = []
     for text in read_texts(path):
         if ids and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     count = len(ids) // window
     if count < 2:
         raise TuneError(
@@ -189,7 +191,10 @@ def load_task_data(name: str, path: Path, tokenizer, *, window: int, fit_fractio
             f"and one held out (2 x --window {window} tokens); give more text or a smaller --window"
         )
     windows = torch.tensor(ids[: count * window], dtype=torch.long).view(count, window)
-    n_fit = min(count - 1, max(1, round(count * fit_fraction)))
+    held = 1 - fit_fraction
+    is_held = torch.tensor([math.floor((i + 1) * held) > math.floor(i * held) for i in range(count)])
+    if bool(is_held.all()) or not bool(is_held.any()):  # two windows and an extreme fraction
+        is_held = torch.arange(count) == count - 1
 
     def thin(part: torch.Tensor) -> torch.Tensor:
         if len(part) <= max_windows:
@@ -197,7 +202,7 @@ def load_task_data(name: str, path: Path, tokenizer, *, window: int, fit_fractio
         picks = torch.linspace(0, len(part) - 1, max_windows).round().long()
         return part[picks]
 
-    return TaskData(name, str(path), len(ids), thin(windows[:n_fit]), thin(windows[n_fit:]))
+    return TaskData(name, str(path), len(ids), thin(windows[~is_held]), thin(windows[is_held]))
 
 
 @torch.no_grad()
@@ -836,8 +841,9 @@ def render_markdown(report: dict, plot: bool) -> str:
          f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"),
         (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit windows "
          f"{1000 * t['evaluate_mean_s']:.1f} ms"),
-        ("- held out: each file's windows are split in order; the search saw only the first part (fit), and the "
-         "held-out part is scored once, for the start and the chosen point"),
+        ("- held out: each file's windows are split evenly along the file (every other window at --fit-fraction "
+         "0.5); the search saw only the fit windows, and the held-out ones are scored once, for the start and the "
+         "chosen point"),
         "", "## Chosen", "",
         "| | start | tuned |", "|---|---|---|",
         f"| lambda | {start['lambda']:.4g} | {best['lambda']:.4g} |",
