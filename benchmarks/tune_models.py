@@ -39,7 +39,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import random
 import shutil
 import sys
