@@ -523,7 +523,6 @@ class Prepared:
     start_weights: list[float]
     start_lambda: float
     tasks: list[TaskData]  # one per fine-tune, then the general set if given
-    tokenizer: Any
 
 
 def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = None, window: int | None = None,
@@ -582,7 +581,7 @@ def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = No
              for name, path in named]
     with open(config_path, encoding="utf-8") as stream:
         raw = yaml.safe_load(stream)
-    return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks, tokenizer)
+    return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks)
 
 
 # --- tuned.yml -------------------------------------------------------------------------
