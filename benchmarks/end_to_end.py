@@ -200,8 +200,11 @@ def main() -> None:
         rss = statistics.median(r["peak_rss_gb"] for r in runs)
         summary[method] = {"wall_s": wall, "peak_rss_gb": rss, "runs": runs}
     for method, row in summary.items():
-        ratio = (f"{row['wall_s'] / summary[ref]['wall_s']:10.2f} {row['peak_rss_gb'] / summary[ref]['peak_rss_gb']:9.2f}"
-                 if ref else "")
+        ratio = ""
+        if ref:
+            wall_ratio = row["wall_s"] / summary[ref]["wall_s"]
+            rss_ratio = row["peak_rss_gb"] / summary[ref]["peak_rss_gb"]
+            ratio = f"{wall_ratio:10.2f} {rss_ratio:9.2f}"
         print(f"{method:16s} {row['wall_s']:8.1f} {row['peak_rss_gb']:12.2f} {ratio}")
     if args.json:
         args.json.write_text(json.dumps({"fine_tunes": len(fine_tunes), "results": summary}, indent=1))

@@ -8,9 +8,10 @@ In one run, on the same windows of each specialist's own held-out text:
 * cabs with one lambda picked from the same grid;
 * cabs tuned by ``mergekit-cabs tune`` (per-model weights and lambda).
 
-Every candidate is scored on the *fit* windows (the first half of each data
-file, as ``tune`` splits it); the chosen one is then scored once on the
-*held-out* windows.  Reported per task: held-out loss and normalized gain
+Every candidate is scored on the *fit* windows (every other window of each
+data file, spread along it, as ``tune`` splits it at its default
+--fit-fraction 0.5); the chosen one is then scored once on the *held-out*
+windows (the windows in between).  Reported per task: held-out loss and normalized gain
 (L_base - L) / (L_base - L_own) with 95% bootstrap intervals over windows
 (paired: the same resampled windows for base, own model and merge), the mean
 gain over tasks, the evaluations each search spent and its wall time.
@@ -74,7 +75,6 @@ def main() -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from mergekit_cabs import tune as tn
@@ -89,21 +89,19 @@ def main() -> None:
     batch = tn.DEFAULTS["batch_size"]
 
     def load(path) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return tn.load_model(str(path), "cpu")
 
     def score(model, split: str) -> dict[str, torch.Tensor]:
-        return {name: tn.window_losses(model, getattr(t, split), batch) for name, t in tasks.items()}
+        return tn.task_losses(model, prep.tasks, split, batch)
 
-    base_losses = {s: score(load(root / "base"), s) for s in ("fit", "heldout")}
+    base_losses = {s: score(load(root / "base"), s) for s in tn.SPLITS}
     own = {}
     for kind in KINDS:
         model = load(root / kind)
-        own[kind] = {s: tn.window_losses(model, getattr(tasks[kind], s), batch) for s in ("fit", "heldout")}
-    objective = {
-        s: tn.Objective("gain", list(KINDS), {k: float(v.mean()) for k, v in base_losses[s].items()},
-                        {k: float(own[k][s].mean()) for k in KINDS}, tn.DEFAULTS["general_weight"])
-        for s in ("fit", "heldout")
-    }
+        own[kind] = {s: tn.window_losses(model, getattr(tasks[kind], s), batch) for s in tn.SPLITS}
+    reference = {"base": {s: {k: float(v.mean()) for k, v in base_losses[s].items()} for s in tn.SPLITS},
+                 "models": {k: {s: float(own[k][s].mean()) for s in tn.SPLITS} for k in KINDS}}
+    objective = tn.split_objectives("gain", list(KINDS), reference, tn.DEFAULTS["general_weight"])
 
     results = {}
     work = Path(tempfile.mkdtemp(prefix="tune-compare-"))

@@ -125,7 +125,10 @@ def collect(kind: str, roots: list[Path], pattern: str) -> list[tuple[str, str]]
 def split(files):
     """By file: eval (data/<kind>.txt), general (data/general.txt), then base / spec alternately."""
     parts = {"eval": [], "general": [], "base": [], "spec": []}
-    size = lambda part: sum(len(t.encode()) for _, t in parts[part])
+
+    def size(part):
+        return sum(len(t.encode()) for _, t in parts[part])
+
     for i, f in enumerate(files):
         if size("eval") < EVAL_BYTES:
             parts["eval"].append(f)
@@ -196,7 +199,8 @@ def eval_loss(model, stream: torch.Tensor) -> float:
 
 
 def save(model, tokenizer, path: Path):
-    kw = {"safe_serialization": True} if "safe_serialization" in inspect.signature(model.save_pretrained).parameters else {}
+    takes = inspect.signature(model.save_pretrained).parameters
+    kw = {"safe_serialization": True} if "safe_serialization" in takes else {}
     model.to(torch.float32).save_pretrained(path, **kw)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(path)
 
@@ -287,7 +291,7 @@ def main():
         steps={"base": args.base_steps, "specialist": args.spec_steps},
         lr={"base": base_lr, "specialist": spec_lr},
         final_train_loss=final,
-        eval_loss={m: {k: round(v, 4) for k, v in l.items()} for m, l in losses.items()},
+        eval_loss={m: {k: round(v, 4) for k, v in by_set.items()} for m, by_set in losses.items()},
         eval_windows=EVAL_WINDOWS,
         model_bytes={m: sum(f.stat().st_size for f in (out / m).glob("*.safetensors")) for m in ["base", *KINDS]},
         wall_s={k: round(v, 1) for k, v in phases.items()} | {"total": round(sum(phases.values()), 1)},
@@ -296,8 +300,8 @@ def main():
 
     print(f"\nmean next-token loss on data/*.txt ({EVAL_WINDOWS} windows of {SEQ} tokens spread over each)")
     print(f"{'model':11s}" + "".join(f"{name:>12s}" for name in evals))
-    for m, l in losses.items():
-        print(f"{m:11s}" + "".join(f"{l[name]:12.3f}" for name in evals))
+    for m, by_set in losses.items():
+        print(f"{m:11s}" + "".join(f"{by_set[name]:12.3f}" for name in evals))
     print(f"\nwrote {out} in {sum(phases.values()) / 60:.1f} min: " +
           ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()))
 

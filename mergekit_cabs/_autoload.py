@@ -18,8 +18,12 @@ spec's loader so that the real module executes first and then
 has fired, so it costs nothing afterwards. If ``mergekit.merge_methods`` has
 already been imported when the hook is installed, ``install()`` runs at once.
 
-Start-up cost: this module imports only ``sys`` (already loaded by the
-interpreter), so a Python process that never touches mergekit imports nothing
+Switching it off: with ``MERGEKIT_CABS_AUTOLOAD=0`` in the environment the
+hook does nothing, and nothing registers ``cabs`` until the program calls
+``mergekit_cabs.install()`` itself (or imports ``mergekit_cabs.method``).
+
+Start-up cost: this module imports only ``sys`` and ``os`` (both already
+loaded by the interpreter), so a Python process that never touches mergekit imports nothing
 else because of this package: no torch, no mergekit, no ``importlib.util``.
 
 Errors: a broken plugin must not take mergekit down for the users of every
@@ -31,10 +35,12 @@ the error is raised instead, which makes the import of mergekit fail; the
 test suite sets it so a broken registration cannot pass unnoticed.
 """
 
+import os
 import sys
 
 TARGET = "mergekit.merge_methods"
 STRICT_ENV = "MERGEKIT_CABS_STRICT"
+SWITCH_ENV = "MERGEKIT_CABS_AUTOLOAD"
 
 
 def _run_install():
@@ -50,8 +56,6 @@ def _run_install():
 
         install()
     except Exception as error:
-        import os
-
         if os.environ.get(STRICT_ENV) == "1":
             raise
         sys.stderr.write(
@@ -134,10 +138,8 @@ class CabsAutoloadFinder:
 
     def _retire(self):
         self.fired = True
-        try:
+        if self in sys.meta_path:
             sys.meta_path.remove(self)
-        except ValueError:
-            pass
 
     # Older code asks finders for this; nothing to invalidate.
     def invalidate_caches(self):
@@ -156,6 +158,8 @@ def install_hook():
     executed.
     """
     global _finder
+    if os.environ.get(SWITCH_ENV) == "0":
+        return
     module = sys.modules.get(TARGET)
     if module is not None:
         spec = getattr(module, "__spec__", None)

@@ -1,26 +1,48 @@
-"""Optional compiled CPU path for `kernel.py`, with numba: the same rule, equal bit for bit.
+"""The compiled CPU path for `kernel.py`, with numba: the same rule, equal bit for bit.
 
-Install with ``pip install "mergekit-cabs[fast]"``.  `kernel.py` uses this for
-CPU tensors when numba imports, unless ``MERGEKIT_CABS_BACKEND=torch``; the
-tests compare both paths on every case.
+numba comes with ``pip install mergekit-cabs`` wherever numba ships wheels
+(the markers in pyproject.toml); elsewhere ``pip install numba`` adds it, and
+without it the pure torch path in `kernel.py` does the work.  `kernel.py` uses
+this for CPU tensors when numba imports, unless ``MERGEKIT_CABS_BACKEND=torch``;
+the tests compare both paths on every case.
 
-Why the results are the same bits: each chunk of whole blocks is converted to
-the compute dtype by torch (exactly as the torch path does), tau is one
-subtraction, and per kept place the sum does ``acc = acc + tau * weight`` with
-the weight rounded to the compute dtype, then ``acc * lam + base``: the same
-IEEE operations in the same order (numba without fastmath does not fuse a
-multiply and an add).  Places that are not kept add nothing, which equals the
-torch path's ``acc + 0 * weight``, since the accumulator is never -0.0.  The
-kept set is defined by ranks, not by how it is found: free before claimed,
-larger |tau| before smaller, lower index first.
+Inputs are read as numpy arrays without a full-size copy (`_Input`): a tensor
+already in the compute dtype is read in place, and so is a bfloat16 one when
+the compute dtype is float32, as its int16 bit patterns, which `_load` widens
+to float32 inside the compiled code (bfloat16 is the top half of float32, so
+this is exact).  float16, and float32 or bfloat16 under a float64 compute
+dtype, are converted by numpy one chunk at a time, also exactly; any other
+dtype is converted once, up front, by torch.  The sum is kept in the compute
+dtype, right in the result when that is the output dtype.  A bfloat16 output
+of a float32 merge is rounded inside `_finish` as torch's CPU conversion
+rounds (to nearest, ties to even); any other output dtype is rounded by
+numpy, which rounds as torch does.
 
-Work is split into chunks of whole blocks handed to threads (numba releases the
-GIL), as many as ``torch.get_num_threads()``; blocks are independent, so the
-result does not depend on the split.
+Why the results are the same bits: each input conversion above gives what
+torch's gives; tau is one subtraction, and per kept place the sum does
+``acc = acc + tau * weight`` with the weight in the compute dtype, then
+``acc * lam + base``: the same IEEE operations in the same order (numba
+without fastmath does not fuse a multiply and an add).  Places that are not
+kept add nothing, which equals the torch path's ``acc + 0 * weight``, since
+the accumulator is never -0.0.  The kept set is defined by ranks, not by how
+it is found: free before claimed, larger |tau| before smaller, lower index
+first.
+
+Work is split into chunks of whole blocks (about 64K elements each) handed to
+threads (numba releases the GIL), as many as ``torch.get_num_threads()``;
+blocks are independent, so the result does not depend on the split.
+
+The compiled code is cached on disk (where ``NUMBA_CACHE_DIR`` says, else in
+the ``__pycache__`` next to this file, else in a per-user cache directory),
+so only the first process after an install compiles it (about 4 s).  Where
+numba can keep no cache (no writable place for one), or reading or writing
+the cache fails, `_jit` compiles without it and says so once: merges work,
+and each process compiles again.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -206,8 +228,74 @@ def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16)
                     out[j] = np.int16(np.uint16(u))
 
 
+_cache_said = False  # the no-cache line is said once per process
+
+
+def _no_cache(reason: BaseException) -> None:
+    global _cache_said
+    if not _cache_said:
+        _cache_said = True
+        sys.stderr.write(
+            f"mergekit-cabs: numba cannot cache compiled code here ({reason}); compiling without a "
+            "cache, so every process compiles again (~4 s)\n"
+        )
+
+
+class _GuardedCache:
+    """A dispatcher's on-disk cache, whose errors cost the cache, not the merge.
+
+    numba checks at decoration that it has a writable cache directory (see
+    `_jit`), but reading and writing happen at the first call, where a full
+    disk, a directory gone read-only or a damaged index file would raise out
+    of the merge.  Here such an error is said once and the cache switched off
+    for that function; it then compiles, or keeps what it compiled."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def _off(self, reason: BaseException) -> None:
+        from numba.core.caching import NullCache
+
+        self._cache = NullCache()
+        _no_cache(reason)
+
+    def load_overload(self, sig, target_context):
+        try:
+            return self._cache.load_overload(sig, target_context)
+        except Exception as err:  # unreadable or damaged: compile instead
+            self._off(err)
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            self._cache.save_overload(sig, data)
+        except Exception as err:
+            self._off(err)
+
+    def __getattr__(self, name):  # flush(), cache_path and the like
+        return getattr(self._cache, name)
+
+
+def _jit(func):
+    """``numba.njit(nogil=True, cache=True)(func)``, or without the cache where
+    numba cannot keep one.  Without a writable cache directory numba raises
+    ``RuntimeError: cannot cache function ...: no locator available`` right
+    here, at decoration (not an ImportError, and not at the first call)."""
+    if not _cache_said:
+        try:
+            dispatcher = numba.njit(nogil=True, cache=True)(func)
+        except RuntimeError as err:
+            if "cannot cache" not in str(err):
+                raise
+            _no_cache(err)
+        else:
+            if hasattr(dispatcher, "_cache"):  # numba's own attribute; guard if present
+                dispatcher._cache = _GuardedCache(dispatcher._cache)
+            return dispatcher
+    return numba.njit(nogil=True)(func)
+
+
 if numba is not None:
-    _jit = numba.njit(nogil=True, cache=True)
     _threshold = _jit(_threshold)
     _load = _jit(_load)
     _model_pass = _jit(_model_pass)
@@ -234,70 +322,81 @@ def run(
     keep-masks, written into the flat bool tensors `masks`.  Returns the
     merged flat tensor (an empty one when only masks were asked for), or None
     when some tau is not finite."""
-    numel = base.numel()
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    key_dtype = np.uint64 if dtype == torch.float64 else np.uint32
-    free_bit = key_dtype(1 << (8 * np.dtype(key_dtype).itemsize - 1))
-    infinity = np.array(np.inf, np_dtype).view(key_dtype)[()]  # bits of +inf
-    weights_c = np.asarray(weights if weights is not None else [0.0] * len(models), dtype=np_dtype)
-    lam_c = np_dtype(lam)
-    want_mask = masks is not None
-    mask_arrays = [m.numpy() for m in masks] if want_mask else [np.zeros(1, np.bool_)] * len(models)
-    merging = weights is not None
-    out_dtype = out_dtype or dtype
-    result = torch.empty(numel if merging else 0, dtype=out_dtype)
-    in_place = merging and out_dtype == dtype  # accumulate right in the result
-    to_bf16 = out_dtype == torch.bfloat16 and dtype == torch.float32
-    result_np = result.view(torch.int16).numpy() if to_bf16 else result.numpy()
-    no_bf16 = np.zeros(1, np.int16)
-    base_in = _Input(base, dtype)
-    model_ins = [_Input(model, dtype) for model in models]
+    job = _Job(base, models, quotas, tail_quotas, block_size, strict, aware, dtype,
+               weights=weights, lam=lam, out_dtype=out_dtype or dtype, masks=masks)
+    starts = range(0, base.numel(), job.span)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        ok = all(job.task(start) for start in starts)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="cabs") as pool:
+            ok = all(list(pool.map(job.task, starts)))
+    return job.result if ok else None
 
-    span = max(block_size, _TASK_ELEMENTS // block_size * block_size)
-    tasks = range(0, numel, span)
 
-    def one_task(start: int) -> bool:
-        # numpy and numba only in here: a torch op in these threads would
-        # start torch's own thread pool on top of them.
-        stop = min(start + span, numel)
-        size = stop - start
-        length = min(block_size, size)
+class _Job:
+    """One call of `run`: its inputs as numpy, its settings, and the work on
+    one chunk of whole blocks (`task`), which threads run side by side."""
+
+    def __init__(self, base, models, quotas, tail_quotas, block_size, strict, aware, dtype, *,
+                 weights, lam, out_dtype, masks):
+        self.numel, self.block_size, self.strict, self.aware = base.numel(), block_size, strict, aware
+        self.quotas, self.tail_quotas = quotas, tail_quotas
+        self.np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        self.key_dtype = np.uint64 if dtype == torch.float64 else np.uint32
+        self.free_bit = self.key_dtype(1 << (8 * np.dtype(self.key_dtype).itemsize - 1))
+        self.infinity = np.array(np.inf, self.np_dtype).view(self.key_dtype)[()]  # bits of +inf
+        self.weights = np.asarray(weights if weights is not None else [0.0] * len(models), dtype=self.np_dtype)
+        self.lam = self.np_dtype(lam)
+        self.want_mask = masks is not None
+        self.masks = [m.numpy() for m in masks] if self.want_mask else [np.zeros(1, np.bool_)] * len(models)
+        self.merging = weights is not None
+        self.result = torch.empty(self.numel if self.merging else 0, dtype=out_dtype)
+        self.in_place = self.merging and out_dtype == dtype  # accumulate right in the result
+        self.to_bf16 = out_dtype == torch.bfloat16 and dtype == torch.float32
+        self.result_np = self.result.view(torch.int16).numpy() if self.to_bf16 else self.result.numpy()
+        self.no_bf16 = np.zeros(1, np.int16)
+        self.base = _Input(base, dtype)
+        self.models = [_Input(model, dtype) for model in models]
+        self.span = max(block_size, _TASK_ELEMENTS // block_size * block_size)
+
+    def task(self, start: int) -> bool:
+        """Merge (and/or mask) elements [start, start + span); False on a non-finite tau.
+
+        numpy and numba only in here: a torch op in these threads would start
+        torch's own thread pool on top of them."""
+        stop = min(start + self.span, self.numel)
+        size, np_dtype, key_dtype = stop - start, self.np_dtype, self.key_dtype
+        length = min(self.block_size, size)
         scratch = np.empty(size, np_dtype)
-        base_chunk = base_in.chunk(start, stop, np.empty(size, np_dtype))
-        acc = result_np[start:stop] if in_place else np.empty(size, np_dtype)
+        base_chunk = self.base.chunk(start, stop, np.empty(size, np_dtype))
+        acc = self.result_np[start:stop] if self.in_place else np.empty(size, np_dtype)
         acc[:] = 0
         claimed = np.zeros(size, np.bool_)
         mv, bv, tau = (np.empty(length, np_dtype) for _ in range(3))
-        keys = np.empty(length, key_dtype)
-        takes = np.empty(length, np.bool_)
-        pool = np.empty(length, key_dtype)
+        keys, takes, pool = np.empty(length, key_dtype), np.empty(length, np.bool_), np.empty(length, key_dtype)
         hist = np.empty(256, np.int32)
-        for i, model_in in enumerate(model_ins):
-            mask = mask_arrays[i][start:stop] if want_mask else mask_arrays[i]
+        for i, model in enumerate(self.models):
+            mask = self.masks[i][start:stop] if self.want_mask else self.masks[i]
             if not _model_pass(
-                model_in.chunk(start, stop, scratch), model_in.bf16, base_chunk, base_in.bf16,
+                model.chunk(start, stop, scratch), model.bf16, base_chunk, self.base.bf16,
                 acc, claimed, mv, mv.view(key_dtype), bv, bv.view(key_dtype),
                 tau, tau.view(key_dtype), keys, takes, hist, pool, mask,
-                block_size, quotas[i], tail_quotas[i], weights_c[i], free_bit, infinity,
-                strict, aware, want_mask,
+                self.block_size, self.quotas[i], self.tail_quotas[i], self.weights[i], self.free_bit,
+                self.infinity, self.strict, self.aware, self.want_mask,
             ):
                 return False
-        if not merging:  # masks only
-            return True
-        _finish(acc, acc.view(key_dtype), base_chunk, base_in.bf16, bv, bv.view(key_dtype), lam_c,
-                result_np[start:stop] if to_bf16 else no_bf16, to_bf16)
-        if not (in_place or to_bf16):  # float16 and the like: numpy rounds as torch does
-            with np.errstate(over="ignore", invalid="ignore"):  # inf, as torch gives, unsaid
-                np.copyto(result_np[start:stop], acc, casting="unsafe")
+        if self.merging:
+            self._finish(start, stop, acc, base_chunk, bv)
         return True
 
-    threads = min(torch.get_num_threads(), len(tasks))
-    if threads <= 1:
-        ok = all(one_task(start) for start in tasks)
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="cabs") as pool:
-            ok = all(list(pool.map(one_task, tasks)))
-    return result if ok else None
+    def _finish(self, start: int, stop: int, acc: np.ndarray, base_chunk: np.ndarray, bv: np.ndarray) -> None:
+        out = self.result_np[start:stop]
+        _finish(acc, acc.view(self.key_dtype), base_chunk, self.base.bf16, bv, bv.view(self.key_dtype), self.lam,
+                out if self.to_bf16 else self.no_bf16, self.to_bf16)
+        if not (self.in_place or self.to_bf16):  # float16 and the like: numpy rounds as torch does
+            with np.errstate(over="ignore", invalid="ignore"):  # inf, as torch gives, unsaid
+                np.copyto(out, acc, casting="unsafe")
 
 
 class _Input:

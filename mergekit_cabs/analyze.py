@@ -19,7 +19,8 @@ Definitions (per tensor; "overall" sums the counts over tensors first):
 
 * a model's *kept places* in overlap numbers are the places where its mask
   keeps a changed weight (tau != 0): keeping an unchanged weight changes
-  nothing and, as in SPEC.md, is no conflict. Densities count every kept place;
+  nothing and is no conflict (it does not claim the place for later models).
+  Densities count every kept place;
 * pair overlap = |A_i & A_j| / |A_i | A_j|; overall = sum of intersections /
   sum of unions over the tensors both models take part in;
 * shared = places kept by two or more models / numel;
@@ -43,180 +44,28 @@ time (mergekit's executor drops each input as soon as it has been used).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import os
 import re
-import shutil
-import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from mergekit_cabs._output import PLOTS_HINT, fmt, pct, publish, pyplot, short_names
+from mergekit_cabs.kernel import NonFiniteInputError, block_quota, cabs_masks, compute_dtype
+from mergekit_cabs.params import CabsError
+from mergekit_cabs.planning import PlannedTensor, plan, read_tensors
+
 RULES = ("cabs", "ties", "dare")
 REPORT_FILES = ("report.json", "report.md", "overlap-by-layer.png", "kept-by-layer.png")
-PLOTS_HINT = 'pip install "mergekit-cabs[plot]" gets the plots (matplotlib)'
 OTHER = "other"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class AnalyzeError(ValueError):
-    """The configuration or a model cannot be analysed; the message says why."""
-
-
-def _method(*names: str):
-    """Names from mergekit_cabs.method, imported after mergekit.merge_methods
-    (the other order makes the autoload hook import method.py half-built)."""
-    import mergekit.merge_methods  # noqa: F401
-
-    from mergekit_cabs import method
-
-    return tuple(getattr(method, name) for name in names)
-
-
-# --- reading the configuration ----------------------------------------------
-
-
-def load_config(path: Path):
-    """Parse a mergekit YAML and check that it is a cabs configuration.
-
-    Raises AnalyzeError naming the file, the parameter or the model at fault.
-    """
-    import yaml
-    from mergekit.config import MergeConfiguration
-
-    NAME, CabsConfigError, _check_parameter_names = _method("NAME", "CabsConfigError", "_check_parameter_names")
-
-    try:
-        with open(path, encoding="utf-8") as stream:  # a stream: YAML errors name the file
-            data = yaml.safe_load(stream)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise AnalyzeError(f"cannot read {path} as YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise AnalyzeError(f"{path} is not a mergekit configuration (a YAML mapping with merge_method:, models: ...)")
-    method = data.get("merge_method")
-    if method != NAME:
-        raise AnalyzeError(
-            f"{path} has merge_method: {method!r}; analyze reads cabs configurations "
-            f"(merge_method: {NAME})"
-        )
-    try:
-        config = MergeConfiguration.model_validate(data)
-    except (ValueError, RuntimeError, TypeError) as error:
-        raise AnalyzeError(f"{path} is not a valid mergekit configuration: {error}") from None
-    if config.base_model is None:
-        raise AnalyzeError(f"{path} has no base_model:; cabs needs one (task vectors are differences from it)")
-    try:
-        _check_parameter_names(config)
-    except CabsConfigError as error:
-        raise AnalyzeError(str(error)) from None
-    return config
-
-
-def check_models(config, trust_remote_code: bool = False) -> None:
-    """Every model the configuration names must be readable (its config.json)."""
-    for model in sorted(config.referenced_models(), key=str):
-        path = model.model.path
-        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
-            raise AnalyzeError(f"model '{model}' not found: there is no directory {path}")
-        try:
-            model.config(trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as error:  # what transformers/hub raise
-            raise AnalyzeError(f"cannot read model '{model}': {error}") from None
-
-
-@dataclass
-class PlannedTensor:
-    """One output tensor as mergekit plans it, with its resolved cabs parameters."""
-
-    order: int
-    name: str
-    task: Any  # mergekit ExecuteMergeMethodTask
-    models: list[Any]  # ModelReference of the fine-tunes, priority order
-    resolved: Any  # method.Resolved
-    save_dtype: str | None = None  # what mergekit-yaml casts the result to when writing
-
-
-@contextlib.contextmanager
-def _quiet_cabs_log():
-    """The merge's one-line overlap warnings: the report lists those cases itself."""
-    log = logging.getLogger("mergekit_cabs")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def plan(config, options=None) -> list[PlannedTensor]:
-    """The tensors `mergekit-yaml` would merge, with their parameters.
-
-    Runs mergekit's own MergePlanner on a copy of `config`, so filters,
-    gradients and slices resolve exactly as in a merge; reads only the models'
-    configs and tensor indexes.
-    """
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache, SaveTensor
-    from mergekit.merge import _model_out_config
-    from mergekit.options import MergeOptions
-    from mergekit.plan import MergePlanner
-
-    CabsConfigError, install, resolve = _method("CabsConfigError", "install", "resolve")
-    install()
-    options = options or MergeOptions(quiet=True)
-    config = config.model_copy(deep=True)  # the planner normalises it in place
-    try:
-        arch_info = get_architecture_info(config, options)
-        cache = LoaderCache()
-        cache.setup(options=options)
-        for model in config.referenced_models():
-            cache.get(model)
-        out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
-        with _quiet_cabs_log():
-            # plan_to_disk only builds the task graph; nothing runs or is
-            # written unless its tasks are executed, and only the inputs are.
-            # (plan_in_memory fails to build in mergekit 0.1.5.)
-            tasks = MergePlanner(config, arch_info, options=options, out_model_config=out_config).plan_to_disk(
-                out_path=os.devnull
-            )
-    except CabsConfigError as error:
-        raise AnalyzeError(str(error)) from None
-    except (ValueError, RuntimeError, OSError, KeyError) as error:
-        raise AnalyzeError(f"mergekit cannot plan this merge: {error}") from None
-
-    planned = []
-    for order, target in enumerate(t for t in tasks if isinstance(t, SaveTensor)):
-        task = target.tensor_task
-        models = [m for m in task.model_order if m != task.base_model]
-        per_model = [(str(m), dict(task.input_parameters[m].items())) for m in models]
-        with _quiet_cabs_log():
-            resolved = resolve(dict(task.parameters.items()), per_model, task.output_weight.name)
-        planned.append(PlannedTensor(order, task.output_weight.name, task, models, resolved, target.dtype))
-    return planned
-
-
-def read_tensors(planned: Sequence[PlannedTensor], progress: bool = True) -> Iterator[tuple[PlannedTensor, dict]]:
-    """(planned tensor, {model: tensor}) one tensor at a time, in mergekit's
-    reading order, through its executor (inputs are dropped once used)."""
-    import tqdm
-    from mergekit.graph import Executor
-
-    by_input: dict[Any, list[PlannedTensor]] = {}
-    for p in planned:
-        by_input.setdefault(p.task.gather_tensors, []).append(p)
-    if not by_input:
-        return
-    executor = Executor(targets=list(by_input), math_device="cpu", storage_device="cpu")
-    with tqdm.tqdm(total=len(planned), desc="Reading tensors", unit="tensor", disable=not progress) as bar:
-        for task, tensors in executor.run(quiet=True):
-            for p in by_input[task]:
-                yield p, tensors
-                bar.update(1)
+class AnalyzeError(CabsError):
+    """A model cannot be analysed; the message says why."""
 
 
 # --- one tensor ---------------------------------------------------------------
@@ -270,10 +119,10 @@ def dare_seed(seed: int, tensor: str, index: int) -> int:
     return zlib.crc32(f"{seed}:{tensor}#{index}".encode())
 
 
-def rule_masks(base: torch.Tensor, models: Sequence[torch.Tensor], resolved, tensor: str, seed: int) -> dict[str, list[torch.Tensor]]:
+def rule_masks(
+    base: torch.Tensor, models: Sequence[torch.Tensor], resolved, tensor: str, seed: int
+) -> dict[str, list[torch.Tensor]]:
     """Flat boolean keep-masks per rule (see the module doc), models in order."""
-    from mergekit_cabs.kernel import cabs_masks
-
     numel = base.numel()
     quotas, length = resolved.kernel_quotas(numel)
     cabs = cabs_masks(base, models, quotas, length, overlap=resolved.overlap, conflict_aware=resolved.conflict_aware)
@@ -293,8 +142,6 @@ def unavoidable_overlap(resolved, numel: int) -> dict | None:
     `excess` is per block (or per tensor with balanced: false); `places` sums it
     over the tensor's blocks: how many kept places cannot be free ones.
     """
-    from mergekit_cabs.kernel import block_quota
-
     if not resolved.conflict_aware or numel == 0:
         return None
     quotas, length = resolved.kernel_quotas(numel)
@@ -382,10 +229,10 @@ class TensorRecord:
         }
 
 
-def measure_tensor(name: str, base: torch.Tensor, models: Sequence[torch.Tensor], labels: Sequence[str], resolved, seed: int = 0) -> TensorRecord:
+def measure_tensor(
+    name: str, base: torch.Tensor, models: Sequence[torch.Tensor], labels: Sequence[str], resolved, seed: int = 0
+) -> TensorRecord:
     """All numbers of one tensor under the three rules (see the module doc)."""
-    from mergekit_cabs.kernel import NonFiniteInputError, compute_dtype
-
     try:
         masks = rule_masks(base, models, resolved, name, seed)
     except NonFiniteInputError as error:
@@ -408,7 +255,9 @@ def measure_tensor(name: str, base: torch.Tensor, models: Sequence[torch.Tensor]
         kept_places = [m & c for m, c in zip(rule_mask, changed)]
         record.kept[rule] = [int(m.sum()) for m in rule_mask]
         record.kept_changed[rule] = [int(k.sum()) for k in kept_places]
-        record.kept_sq[rule] = [float(torch.where(m, tau, 0).to(torch.float64).square().sum()) for m, tau in zip(rule_mask, taus)]
+        record.kept_sq[rule] = [
+            float(torch.where(m, tau, 0).to(torch.float64).square().sum()) for m, tau in zip(rule_mask, taus)
+        ]
         if record.row_length:
             record.rows[rule] = [Moments.of(m.reshape(base.shape[0], -1).sum(1)) for m in rule_mask]
         else:
@@ -435,7 +284,7 @@ def analyze(config, *, seed: int = 0, options=None, progress: bool = True) -> di
         if reason:
             skipped.append({"tensor": p.name, "reason": reason})
             continue
-        base = tensors[p.task.base_model]
+        base = tensors[p.base]
         records[p.order] = measure_tensor(
             p.name, base, [tensors[m] for m in p.models], [str(m) for m in p.models], p.resolved, seed
         )
@@ -444,7 +293,7 @@ def analyze(config, *, seed: int = 0, options=None, progress: bool = True) -> di
 
 
 def _skip_reason(p: PlannedTensor, tensors: dict) -> str | None:
-    base = tensors.get(p.task.base_model)
+    base = tensors.get(p.base)
     if base is None:
         return "the base model has no such tensor"
     if not p.models:
@@ -459,97 +308,113 @@ def _skip_reason(p: PlannedTensor, tensors: dict) -> str | None:
     return None
 
 
-def build_report(records: Sequence[TensorRecord], skipped: Sequence[dict], *, base_model: str, seed: int) -> dict:
-    """Aggregate tensor records (in plan order) into the report dict written as JSON."""
-    models: list[str] = []
-    for r in records:
-        models += [m for m in r.models if m not in models]
-    layers = sorted({r.layer for r in records}, key=_layer_sort_key)
+@dataclass
+class _Totals:
+    """Counts summed over tensor records: per model, per pair, per layer."""
 
-    per_model = {m: {rule: _ModelTotals() for rule in RULES} for m in models}
-    pair_totals: dict[tuple[str, str], dict[str, list[int]]] = {}
-    shared = {rule: 0 for rule in RULES}
-    layer_totals = {
-        layer: {"numel": 0, "shared": {rule: 0 for rule in RULES},
-                "pairs": {rule: [0, 0] for rule in RULES},
-                "rows": {rule: Moments() for rule in RULES},
-                "models": {m: {rule: [0, 0] for rule in RULES} for m in models}}
-        for layer in layers
-    }
-    for r in records:
-        lt = layer_totals[r.layer]
+    models: list[str]
+    layers: list[str]
+    per_model: dict = field(default_factory=dict)  # model -> rule -> _ModelTotals
+    pairs: dict = field(default_factory=dict)  # (model, model) -> rule -> [inter, union]
+    shared: dict = field(default_factory=lambda: {rule: 0 for rule in RULES})
+    by_layer: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.per_model = {m: {rule: _ModelTotals() for rule in RULES} for m in self.models}
+        self.by_layer = {
+            layer: {"numel": 0, "shared": {rule: 0 for rule in RULES},
+                    "pairs": {rule: [0, 0] for rule in RULES},
+                    "rows": {rule: Moments() for rule in RULES},
+                    "models": {m: {rule: [0, 0] for rule in RULES} for m in self.models}}
+            for layer in self.layers
+        }
+
+    def add(self, r: TensorRecord) -> None:
+        lt = self.by_layer[r.layer]
         lt["numel"] += r.numel
         for rule in RULES:
-            shared[rule] += r.shared[rule]
+            self.shared[rule] += r.shared[rule]
             lt["shared"][rule] += r.shared[rule]
             for i, m in enumerate(r.models):
-                t = per_model[m][rule]
-                t.numel += r.numel
-                t.kept += r.kept[rule][i]
-                t.kept_changed += r.kept_changed[rule][i]
-                t.kept_sq += r.kept_sq[rule][i]
-                t.tau_sq += r.tau_sq[i]
-                if r.rows[rule][i] is not None:  # pooled as row densities
-                    rows = r.rows[rule][i].scaled(1 / r.row_length)
-                    t.rows = t.rows.merge(rows)
-                    lt["rows"][rule] = lt["rows"][rule].merge(rows)
-                lt["models"][m][rule][0] += r.kept[rule][i]
-                lt["models"][m][rule][1] += r.numel
+                self._add_model(r, rule, i, m, lt)
             for i, j, inter, union in r.pairs[rule]:
-                pair = pair_totals.setdefault((r.models[i], r.models[j]), {x: [0, 0] for x in RULES})
+                pair = self.pairs.setdefault((r.models[i], r.models[j]), {x: [0, 0] for x in RULES})
                 pair[rule][0] += inter
                 pair[rule][1] += union
                 lt["pairs"][rule][0] += inter
                 lt["pairs"][rule][1] += union
 
+    def _add_model(self, r: TensorRecord, rule: str, i: int, m: str, lt: dict) -> None:
+        t = self.per_model[m][rule]
+        t.numel += r.numel
+        t.kept += r.kept[rule][i]
+        t.kept_changed += r.kept_changed[rule][i]
+        t.kept_sq += r.kept_sq[rule][i]
+        t.tau_sq += r.tau_sq[i]
+        if r.rows[rule][i] is not None:  # pooled as row densities
+            rows = r.rows[rule][i].scaled(1 / r.row_length)
+            t.rows = t.rows.merge(rows)
+            lt["rows"][rule] = lt["rows"][rule].merge(rows)
+        lt["models"][m][rule][0] += r.kept[rule][i]
+        lt["models"][m][rule][1] += r.numel
+
+    def model_summary(self, m: str, rule: str) -> dict:
+        t = self.per_model[m][rule]
+        numbered = [layer for layer in self.layers if layer != OTHER]
+        spread = Moments.of(torch.tensor(
+            [k / n for k, n in (self.by_layer[layer]["models"][m][rule] for layer in numbered) if n],
+            dtype=torch.float64,
+        ))
+        return {
+            "numel": t.numel, "kept": t.kept, "kept_changed": t.kept_changed,
+            "density": _ratio(t.kept, t.numel),
+            "norm_ratio": _sqrt_ratio(t.kept_sq, t.tau_sq),
+            "row_cv": t.rows.cv, "row_density_min": _finite(t.rows.lo), "row_density_max": _finite(t.rows.hi),
+            "rows": t.rows.n,
+            "layer_cv": spread.cv, "layer_density_min": _finite(spread.lo), "layer_density_max": _finite(spread.hi),
+        }
+
+    def layer_summary(self, layer: str) -> dict:
+        lt = self.by_layer[layer]
+        return {
+            "numel": lt["numel"],
+            "shared": {rule: _ratio(lt["shared"][rule], lt["numel"]) for rule in RULES},
+            "pair_overlap": {rule: _ratio(*lt["pairs"][rule]) for rule in RULES},
+            "row_cv": {rule: lt["rows"][rule].cv for rule in RULES},
+            "density": {m: {rule: _ratio(*lt["models"][m][rule]) for rule in RULES} for m in self.models},
+        }
+
+
+def build_report(records: Sequence[TensorRecord], skipped: Sequence[dict], *, base_model: str, seed: int) -> dict:
+    """Aggregate tensor records (in plan order) into the report dict written as JSON."""
+    models: list[str] = []
+    for r in records:
+        models += [m for m in r.models if m not in models]
+    totals = _Totals(models, sorted({r.layer for r in records}, key=_layer_sort_key))
+    for r in records:
+        totals.add(r)
     total = sum(r.numel for r in records)
-    numbered = [layer for layer in layers if layer != OTHER]
-    summary_models = {}
-    for m in models:
-        summary_models[m] = {}
-        for rule in RULES:
-            t = per_model[m][rule]
-            spread = Moments.of(torch.tensor(
-                [k / n for k, n in (layer_totals[layer]["models"][m][rule] for layer in numbered) if n],
-                dtype=torch.float64,
-            ))
-            summary_models[m][rule] = {
-                "numel": t.numel, "kept": t.kept, "kept_changed": t.kept_changed,
-                "density": _ratio(t.kept, t.numel),
-                "norm_ratio": _sqrt_ratio(t.kept_sq, t.tau_sq),
-                "row_cv": t.rows.cv, "row_density_min": _finite(t.rows.lo), "row_density_max": _finite(t.rows.hi),
-                "rows": t.rows.n,
-                "layer_cv": spread.cv, "layer_density_min": _finite(spread.lo), "layer_density_max": _finite(spread.hi),
-            }
     unavoidable = [dict(tensor=r.name, **r.unavoidable) for r in records if r.unavoidable]
     return {
         "format": "mergekit-cabs analyze report, version 1",
         "base_model": base_model,
         "models": models,
-        "short_names": dict(zip(models, _short_names(models))),
+        "short_names": dict(zip(models, short_names(models))),
         "rules": list(RULES),
         "seed": seed,
         "summary": {
             "tensors": len(records),
             "weights": total,
-            "models": summary_models,
+            "models": {m: {rule: totals.model_summary(m, rule) for rule in RULES} for m in models},
             "pairs": [
-                {"models": [a, b], **{rule: _pair_counts(*totals[rule]) for rule in RULES}}
-                for (a, b), totals in pair_totals.items()
+                {"models": [a, b], **{rule: _pair_counts(*counts[rule]) for rule in RULES}}
+                for (a, b), counts in totals.pairs.items()
             ],
-            "shared": {rule: {"places": shared[rule], "share": _ratio(shared[rule], total)} for rule in RULES},
+            "shared": {rule: {"places": totals.shared[rule], "share": _ratio(totals.shared[rule], total)}
+                       for rule in RULES},
             "unavoidable_overlap_tensors": len(unavoidable),
         },
-        "layers": {
-            layer: {
-                "numel": lt["numel"],
-                "shared": {rule: _ratio(lt["shared"][rule], lt["numel"]) for rule in RULES},
-                "pair_overlap": {rule: _ratio(*lt["pairs"][rule]) for rule in RULES},
-                "row_cv": {rule: lt["rows"][rule].cv for rule in RULES},
-                "density": {m: {rule: _ratio(*lt["models"][m][rule]) for rule in RULES} for m in models},
-            }
-            for layer, lt in layer_totals.items()
-        },
+        "layers": {layer: totals.layer_summary(layer) for layer in totals.layers},
         "unavoidable_overlap": unavoidable,
         "skipped": list(skipped),
         "tensors": [r.to_json() for r in records],
@@ -586,21 +451,7 @@ def _layer_sort_key(layer: str):
     return (1, 0) if layer == OTHER else (0, int(layer))
 
 
-def _short_names(labels: Sequence[str]) -> list[str]:
-    """Last path component of each model, unless two would look the same."""
-    short = [os.path.basename(label.rstrip("/\\")) or label for label in labels]
-    return short if len(set(short)) == len(short) else list(labels)
-
-
 # --- output -----------------------------------------------------------------------
-
-
-def _fmt(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def format_table(report: dict) -> str:
@@ -616,17 +467,18 @@ def format_table(report: dict) -> str:
     ]
     for m in report["models"]:
         r = s["models"][m]
-        cvs = " / ".join(_fmt(r[rule]["row_cv"], ".3f") for rule in RULES)
-        lines.append(f"{names[m]:<{width}}  {_fmt(r['cabs']['density'])}   {_fmt(r['cabs']['norm_ratio'], '.3f')}      {cvs}")
+        cvs = " / ".join(fmt(r[rule]["row_cv"], ".3f") for rule in RULES)
+        density, norm = fmt(r["cabs"]["density"]), fmt(r["cabs"]["norm_ratio"], ".3f")
+        lines.append(f"{names[m]:<{width}}  {density}   {norm}      {cvs}")
     if s["pairs"]:
         pair_names = [f"{names[p['models'][0]]} & {names[p['models'][1]]}" for p in s["pairs"]]
         pw = max(len("pair"), *map(len, pair_names))
         lines += ["", f"{'pair':<{pw}}  overlap cabs    ties    dare"]
         for label, p in zip(pair_names, s["pairs"]):
-            lines.append(f"{label:<{pw}}        " + "  ".join(_fmt(p[rule]["overlap"]) for rule in RULES))
+            lines.append(f"{label:<{pw}}        " + "  ".join(fmt(p[rule]["overlap"]) for rule in RULES))
     lines += [
         "",
-        "kept by 2+ models: " + "  ".join(f"{rule} {_pct(s['shared'][rule]['share'])}" for rule in RULES),
+        "kept by 2+ models: " + "  ".join(f"{rule} {pct(s['shared'][rule]['share'])}" for rule in RULES),
         f"tensors where overlap is unavoidable (quotas > block): {s['unavoidable_overlap_tensors']}",
     ]
     if report["skipped"]:
@@ -634,10 +486,81 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
-    """report.md: the summary, per layer, unavoidable overlap and per tensor."""
+def _md_models(report: dict) -> list[str]:
     s, names = report["summary"], report["short_names"]
     out = [
+        "## Models", "",
+        "| model | rule | density | kept-norm ratio | row CV | row density min / max | layer CV "
+        "| layer density min / max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report["models"]:
+        for rule in RULES:
+            r = s["models"][m][rule]
+            out.append(
+                f"| {names[m]} | {rule} | {fmt(r['density'])} | {fmt(r['norm_ratio'])} | {fmt(r['row_cv'])} | "
+                f"{fmt(r['row_density_min'])} / {fmt(r['row_density_max'])} | {fmt(r['layer_cv'])} | "
+                f"{fmt(r['layer_density_min'])} / {fmt(r['layer_density_max'])} |"
+            )
+    out += ["", "## Overlap", "", "| pair | cabs | ties | dare |", "|---|---|---|---|"]
+    for p in s["pairs"]:
+        a, b = p["models"]
+        out.append(f"| {names[a]} & {names[b]} | " + " | ".join(fmt(p[rule]["overlap"]) for rule in RULES) + " |")
+    shares = " | ".join(pct(s["shared"][rule]["share"]) for rule in RULES)
+    return out + [f"| kept by 2+ models (share of weights) | {shares} |"]
+
+
+def _md_layers(report: dict) -> list[str]:
+    out = [
+        "## Per layer", "",
+        "Row CV pools the rows of every model's tensors in the layer (kept share per row).", "",
+        "| layer | weights | kept by 2+ cabs / ties / dare | pair overlap cabs / ties / dare "
+        "| row CV cabs / ties / dare |",
+        "|---|---|---|---|---|",
+    ]
+    for layer, lt in report["layers"].items():
+        out.append(
+            f"| {layer} | {lt['numel']:,} | " + " / ".join(pct(lt["shared"][rule]) for rule in RULES)
+            + " | " + " / ".join(fmt(lt["pair_overlap"][rule]) for rule in RULES)
+            + " | " + " / ".join(fmt(lt["row_cv"][rule]) for rule in RULES) + " |"
+        )
+    out += ["", "## Unavoidable overlap", ""]
+    if not report["unavoidable_overlap"]:
+        return out + ["None: in every tensor the quotas fit in the blocks (or conflict_aware is false)."]
+    out += [
+        ("The quotas add up to more than the room, so some kept places cannot be free ones "
+         "(the `overlap` rule decides what happens there)."),
+        "", "| tensor | where | quotas | room | excess | places |", "|---|---|---|---|---|---|",
+    ]
+    for u in report["unavoidable_overlap"]:
+        out.append(
+            f"| `{u['tensor']}` | {u['where']} | {u['quotas']} | {u['room']} | {u['excess']} | {u['places']:,} |"
+        )
+    return out
+
+
+def _md_tensors(report: dict, plots: Sequence[str]) -> list[str]:
+    out = []
+    if report["skipped"]:
+        out += ["## Not analysed", ""] + [f"- `{x['tensor']}`: {x['reason']}" for x in report["skipped"]] + [""]
+    out += [
+        "## Per tensor", "",
+        "| tensor | weights | kept by 2+ cabs / ties / dare | cabs kept-norm ratio per model |", "|---|---|---|---|",
+    ]
+    for t in report["tensors"]:
+        ratios = ", ".join(fmt(t["rules"]["cabs"]["models"][m]["norm_ratio"], ".3f") for m in t["models"])
+        out.append(
+            f"| `{t['name']}` | {t['numel']:,} | "
+            + " / ".join(pct(t["rules"][rule]["shared"]["share"]) for rule in RULES) + f" | {ratios} |"
+        )
+    out += ["", "## Plots", ""]
+    return out + ([f"![{p}]({p})" for p in plots] if plots else [f"Not made: {PLOTS_HINT}."])
+
+
+def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
+    """report.md: the summary, per layer, unavoidable overlap and per tensor."""
+    s = report["summary"]
+    head = [
         "# CABS analysis",
         "",
         f"Base model: `{report['base_model']}`; fine-tunes in priority order: "
@@ -649,74 +572,14 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
          "Overlap counts places where models keep a changed weight (tau != 0): "
          "|A and B| / |A or B|, overall = sum of intersections / sum of unions."),
         "",
-        "## Models",
-        "",
-        "| model | rule | density | kept-norm ratio | row CV | row density min / max | layer CV | layer density min / max |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for m in report["models"]:
-        for rule in RULES:
-            r = s["models"][m][rule]
-            out.append(
-                f"| {names[m]} | {rule} | {_fmt(r['density'])} | {_fmt(r['norm_ratio'])} | {_fmt(r['row_cv'])} | "
-                f"{_fmt(r['row_density_min'])} / {_fmt(r['row_density_max'])} | {_fmt(r['layer_cv'])} | "
-                f"{_fmt(r['layer_density_min'])} / {_fmt(r['layer_density_max'])} |"
-            )
-    out += ["", "## Overlap", "", "| pair | cabs | ties | dare |", "|---|---|---|---|"]
-    for p in s["pairs"]:
-        a, b = p["models"]
-        out.append(f"| {names[a]} & {names[b]} | " + " | ".join(_fmt(p[rule]["overlap"]) for rule in RULES) + " |")
-    out.append("| kept by 2+ models (share of weights) | " + " | ".join(_pct(s["shared"][rule]["share"]) for rule in RULES) + " |")
-    out += [
-        "", "## Per layer", "",
-        "Row CV pools the rows of every model's tensors in the layer (kept share per row).", "",
-        "| layer | weights | kept by 2+ cabs / ties / dare | pair overlap cabs / ties / dare | row CV cabs / ties / dare |",
-        "|---|---|---|---|---|",
-    ]
-    for layer, lt in report["layers"].items():
-        out.append(
-            f"| {layer} | {lt['numel']:,} | " + " / ".join(_pct(lt["shared"][rule]) for rule in RULES)
-            + " | " + " / ".join(_fmt(lt["pair_overlap"][rule]) for rule in RULES)
-            + " | " + " / ".join(_fmt(lt["row_cv"][rule]) for rule in RULES) + " |"
-        )
-    out += ["", "## Unavoidable overlap", ""]
-    if report["unavoidable_overlap"]:
-        out += [
-            ("The quotas add up to more than the room, so some kept places cannot be free ones "
-             "(the `overlap` rule decides what happens there)."),
-            "", "| tensor | where | quotas | room | excess | places |", "|---|---|---|---|---|---|",
-        ]
-        for u in report["unavoidable_overlap"]:
-            out.append(f"| `{u['tensor']}` | {u['where']} | {u['quotas']} | {u['room']} | {u['excess']} | {u['places']:,} |")
-    else:
-        out.append("None: in every tensor the quotas fit in the blocks (or conflict_aware is false).")
-    if report["skipped"]:
-        out += ["", "## Not analysed", ""] + [f"- `{x['tensor']}`: {x['reason']}" for x in report["skipped"]]
-    out += [
-        "", "## Per tensor", "",
-        "| tensor | weights | kept by 2+ cabs / ties / dare | cabs kept-norm ratio per model |", "|---|---|---|---|",
-    ]
-    for t in report["tensors"]:
-        ratios = ", ".join(_fmt(t["rules"]["cabs"]["models"][m]["norm_ratio"], ".3f") for m in t["models"])
-        out.append(
-            f"| `{t['name']}` | {t['numel']:,} | "
-            + " / ".join(_pct(t["rules"][rule]["shared"]["share"]) for rule in RULES) + f" | {ratios} |"
-        )
-    out += ["", "## Plots", ""]
-    if plots:
-        out += [f"![{p}]({p})" for p in plots]
-    else:
-        out.append(f"Not made: {PLOTS_HINT}.")
-    return "\n".join(out) + "\n"
+    parts = [_md_models(report), _md_layers(report), _md_tensors(report, plots)]
+    return "\n".join(head + parts[0] + [""] + parts[1] + [""] + parts[2]) + "\n"
 
 
 def make_plots(report: dict, directory: Path) -> list[str]:
     """overlap-by-layer.png and kept-by-layer.png; ImportError without matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = list(report["layers"])
     x = list(range(len(layers)))
     names = report["short_names"]
@@ -724,8 +587,10 @@ def make_plots(report: dict, directory: Path) -> list[str]:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
     for rule in RULES:
-        left.plot(x, [100 * (report["layers"][k]["shared"][rule] or 0) for k in layers], styles[rule], marker="o", label=rule)
-        right.plot(x, [report["layers"][k]["pair_overlap"][rule] or 0 for k in layers], styles[rule], marker="o", label=rule)
+        shared = [100 * (report["layers"][k]["shared"][rule] or 0) for k in layers]
+        left.plot(x, shared, styles[rule], marker="o", label=rule)
+        right.plot(x, [report["layers"][k]["pair_overlap"][rule] or 0 for k in layers], styles[rule], marker="o",
+                   label=rule)
     left.set_title("weights kept by 2+ models (%)", fontsize=10)
     right.set_title("pair overlap |A and B| / |A or B|", fontsize=10)
     left.set_ylim(bottom=0)
@@ -758,17 +623,6 @@ def _save_layer_figure(plt, fig, x, layers, path: Path) -> None:
     plt.close(fig)
 
 
-def check_out_dir(out: Path, force: bool, names: Sequence[str] = REPORT_FILES, error=AnalyzeError) -> None:
-    """Refuse a file, or a directory that holds files unless `force`."""
-    if out.exists() and not out.is_dir():
-        raise error(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise error(
-            f"--out {out} already holds files; pass --force to replace its "
-            f"{', '.join(names)} (other files are left alone), or give another --out"
-        )
-
-
 def write_report(report: dict, out: Path) -> tuple[list[str], bool]:
     """Write report.json, report.md and the plots into `out` (see `publish`).
     Returns (file names written, whether the plots were made)."""
@@ -777,32 +631,10 @@ def write_report(report: dict, out: Path) -> tuple[list[str], bool]:
     made = []
 
     def build(staging: Path) -> list[str]:
-        try:
+        with contextlib.suppress(ImportError):  # no matplotlib: no plots
             made.extend(make_plots(report, staging))
-        except ImportError:
-            pass
         (staging / "report.md").write_text(render_markdown(report, made), encoding="utf-8")
         (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         return made + ["report.md", "report.json"]
 
     return publish(out, REPORT_FILES, build), bool(made)
-
-
-def publish(out: Path, names: Sequence[str], build: Callable[[Path], list[str]]) -> list[str]:
-    """Let `build` write files into a temporary directory next to `out`, then
-    move them in, in the order it returns them (so the last one, the JSON,
-    appears last).  Earlier files of `names` in `out` are replaced or removed;
-    a failure leaves no new file that looks complete.  Returns the names written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        written = build(staging)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            (out / name).unlink(missing_ok=True)
-        for name in written:
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written

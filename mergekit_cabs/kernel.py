@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-OVERLAP_RULES = ("fill", "strict")
+from mergekit_cabs.params import OVERLAP_RULES, block_quota
+
 BACKENDS = ("auto", "torch", "numba")
 
 # Elements per chunk of blocks; a chunk always holds at least one whole block.
@@ -51,11 +52,6 @@ class NonFiniteInputError(ValueError):
         super().__init__(f"{who} holds NaN or infinite values")
 
 
-def block_quota(n: int, length: int, block_size: int) -> int:
-    """Places kept in a block of `length` elements: floor(n * length / block_size + 0.5)."""
-    return (2 * n * length + block_size) // (2 * block_size)
-
-
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -66,15 +62,14 @@ def backend_setting() -> str:
     backend = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(
-            f"MERGEKIT_CABS_BACKEND is {backend!r}; it must be one of {', '.join(BACKENDS)} "
-            '(numba is what the "mergekit-cabs[fast]" extra installs), or unset'
+            f"MERGEKIT_CABS_BACKEND is {backend!r}; it must be one of {', '.join(BACKENDS)}, or unset"
         )
     if backend == "numba":
         from mergekit_cabs import _numba
 
         if not _numba.available():
             raise ValueError('MERGEKIT_CABS_BACKEND is "numba", but numba is not installed: '
-                             'pip install "mergekit-cabs[fast]", or unset it')
+                             "pip install numba, or unset it")
     return backend
 
 
@@ -94,7 +89,7 @@ def pick_backend(backend: str | None, tensors: Sequence[torch.Tensor]) -> str:
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if backend == "numba":
         if not _numba.available():
-            raise ValueError('backend "numba" needs numba: pip install "mergekit-cabs[fast]"')
+            raise ValueError('backend "numba" needs numba: pip install numba')
         if not on_cpu:
             raise ValueError('backend "numba" runs on CPU tensors only; use "torch" (or "auto")')
         if grad:
@@ -139,19 +134,40 @@ def cabs_merge(
         return (merged if direct else merged.to(out_dtype)).reshape(base.shape)
     acc = torch.zeros(base_flat.numel(), dtype=dtype, device=base.device)
 
-    def add_kept(i: int, where: slice, keep: torch.Tensor, tau: torch.Tensor) -> None:
-        kept = torch.where(keep, tau, 0).reshape(-1)
-        acc[where] += kept.mul_(weights[i])
+    def sink(i: int, where: slice, keep: torch.Tensor, tau: torch.Tensor) -> None:
+        add_kept(acc[where], keep, tau, weights[i])
 
-    _select_all(base_flat, models, n, block_size, overlap, conflict_aware, dtype, add_kept)
-    step = _CHUNK_ELEMENTS if base.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
-    for start in range(0, acc.numel(), step):  # no full-size float32 copy of the base
+    _select_all(base_flat, models, n, block_size, overlap, conflict_aware, dtype, sink)
+    return finish(acc, base_flat, lam, out_dtype).reshape(base.shape)
+
+
+# --- the sum: one arithmetic for the merge and for tune's rebuilds -------------
+
+
+def add_kept(acc: torch.Tensor, keep: torch.Tensor, tau: torch.Tensor, weight: float) -> None:
+    """One step of the sum: acc += weight * (tau where keep, else 0), in acc's dtype."""
+    acc += torch.where(keep, tau, 0).reshape(acc.shape).mul_(weight)
+
+
+def disjoint_sum(tau: torch.Tensor, owner: torch.Tensor, owner_weights: torch.Tensor) -> torch.Tensor:
+    """The whole sum ``(0 + w_1 m_1 tau_1) + ...`` where no place is kept by two
+    models: `owner` holds 1 + the index of the model that keeps each place (0:
+    none; tau is then 0 there), `owner_weights` is [0, w_1, w_2, ...] in tau's
+    dtype.  The same bits as the step-by-step sum, since adding +0 changes no
+    value but -0 (which the sum's start, +0, turns into +0).  Overwrites `tau`."""
+    return tau.mul_(owner_weights[owner.long()]).add_(0.0)
+
+
+def finish(acc: torch.Tensor, base_flat: torch.Tensor, lam: float,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``base + lam * acc`` in acc's dtype (acc is overwritten; the base is
+    converted a chunk at a time, so no full-size copy of it is made), rounded
+    once to `out_dtype` when given."""
+    step = _CHUNK_ELEMENTS if acc.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    for start in range(0, acc.numel(), step):
         where = slice(start, start + step)
-        acc[where].mul_(lam).add_(base_flat[where].to(dtype))
-    result = acc
-    if out_dtype is not None:
-        result = result.to(out_dtype)
-    return result.reshape(base.shape)
+        acc[where].mul_(lam).add_(base_flat[where].to(acc.dtype))
+    return acc if out_dtype is None else acc.to(out_dtype)
 
 
 def cabs_masks(

@@ -32,7 +32,7 @@ def kernel_backend(request, monkeypatch):
     sets MERGEKIT_CABS_FULL_TESTS=1).
     """
     if request.param == "numba":
-        optional("numba", "fast")
+        optional("numba", "numba")
     monkeypatch.setenv("MERGEKIT_CABS_BACKEND", request.param)
     return request.param
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def working_dtype(tensors: Sequence[torch.Tensor]):
     return np.float32
 
 
-def flatten_row_major(t: torch.Tensor, npdt) -> List:
+def flatten_row_major(t: torch.Tensor, npdt) -> list:
     """Row-major flatten by explicit multi-index iteration (last index fastest).
 
     Values are upcast through Python floats, which are exact for every dtype
@@ -77,7 +77,7 @@ def unflatten(values: Sequence, shape, torch_dtype) -> torch.Tensor:
     return flat.reshape(tuple(shape))
 
 
-def blocks_of(numel: int, m: int) -> List[range]:
+def blocks_of(numel: int, m: int) -> list[range]:
     """Consecutive blocks of m places; the last one may be shorter."""
     return [range(start, min(start + m, numel)) for start in range(0, numel, m)]
 
@@ -101,7 +101,7 @@ def ref_select(
     m: int,
     overlap: str = "fill",
     conflict_aware: bool = True,
-) -> List[List[bool]]:
+) -> list[list[bool]]:
     """Masks (flat lists of bools) for flat task vectors, in priority order."""
     assert overlap in OVERLAP_MODES
     assert len(taus) == len(n)
@@ -112,7 +112,7 @@ def ref_select(
         for block in blocks_of(numel, m):
             q = quota_for(n_i, block, m)
 
-            def rank(p):  # larger |tau| first, then lower index first
+            def rank(p, tau=tau):  # larger |tau| first, then lower index first
                 return (-abs(float(tau[p])), p)
 
             if conflict_aware:
@@ -152,7 +152,7 @@ def ref_masks(
     *,
     overlap: str = "fill",
     conflict_aware: bool = True,
-) -> List[torch.Tensor]:
+) -> list[torch.Tensor]:
     """Bool masks shaped like base, one per model in priority order."""
     _, b, taus = ref_taus(base, models)
     flat = ref_select(taus, len(b), n, m, overlap, conflict_aware)
@@ -243,7 +243,9 @@ def paper_two_model(base, model_a, model_b, n: int, m: int, w_a=1.0, w_b=1.0):
     Returns (merged float32 tensor, mask_a, mask_b) with numpy bool masks.
     """
     assert base.numel() % m == 0
-    f = lambda t: t.detach().to(torch.float32).contiguous().numpy().reshape(-1)
+    def f(t):
+        return t.detach().to(torch.float32).contiguous().numpy().reshape(-1)
+
     b, a, bb = f(base), f(model_a), f(model_b)
     tau_a = a - b
     tau_b = bb - b
@@ -276,7 +278,7 @@ def ref_masks_blockwise(
     *,
     overlap: str = "fill",
     conflict_aware: bool = True,
-) -> List[np.ndarray]:
+) -> list[np.ndarray]:
     """Flat numpy bool masks; same contract as ref_masks."""
     tdt = torch.float64 if working_dtype([base, *models]) is np.float64 else torch.float32
     b = base.detach().to(tdt).reshape(-1).numpy()

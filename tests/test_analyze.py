@@ -26,11 +26,12 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from reference import ref_masks
 from safetensors.torch import save_file
-from tiny_models import gradient_value, layer_t, make_tiny_llama, optional, quota_from_density
 
 from mergekit_cabs.cli import main
+
+from reference import ref_masks
+from tiny_models import gradient_value, layer_t, make_tiny_llama, optional, quota_from_density
 
 RULES = ("cabs", "ties", "dare")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +56,8 @@ def _gradient_and_filter(base, tunes):
     def params(name, numel):
         density = gradient_value([0.25, 0.5], layer_t(name, 2))
         n2 = 6 if "mlp" in name else 4
-        return {"quotas": [quota_from_density(density, 16), n2], "length": 16, "overlap": "fill", "conflict_aware": True}
+        return {"quotas": [quota_from_density(density, 16), n2], "length": 16, "overlap": "fill",
+                "conflict_aware": True}
 
     return config, params
 
@@ -291,7 +293,8 @@ def test_overall_and_per_layer_numbers(scenario):
     report, expected = scenario["report"], scenario["expected"]
     labels, s = report["models"], report["summary"]
     total = sum(w["numel"] for w in expected.values())
-    layers = sorted({w["layer"] for w in expected.values()}, key=lambda x: (x == "other", int(x) if x != "other" else 0))
+    layers = sorted({w["layer"] for w in expected.values()},
+                    key=lambda x: (x == "other", int(x) if x != "other" else 0))
     assert list(report["layers"]) == layers
     for rule in RULES:
         shared = sum(w["rules"][rule]["shared"] for w in expected.values())
@@ -431,7 +434,7 @@ def _png_size(data: bytes):
 
 
 def test_plots_are_valid_png(scenario):
-    optional("matplotlib", "plot")
+    optional("matplotlib", '"mergekit-cabs[plot]"')
     for name in ("overlap-by-layer.png", "kept-by-layer.png"):
         data = (scenario["out"] / name).read_bytes()
         width, height = _png_size(data)

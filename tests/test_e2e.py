@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
 
 from tiny_models import (
-    assert_matches,
     aligned_vocab_rows,
+    assert_matches,
+    cabs_is_installed,
+    cli_command,
     expected_cabs,
     gradient_value,
     layer_t,
-    quota_from_density,
     load_output,
+    quota_from_density,
     run_cli,
     run_in_process,
-    cabs_is_installed,
-    cli_command,
 )
-
 
 README_LINK = "[CABS](https://arxiv.org/abs/2503.01874)"
 
@@ -43,8 +42,8 @@ def expected_state(
     base,
     tunes,
     params_for: Callable[[str], dict],
-    names: Optional[List[str]] = None,
-) -> Dict[str, torch.Tensor]:
+    names: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """Expected float64 tensors for a `models:` merge (names map 1:1)."""
     out = {}
     for name in names or sorted(base.state):
@@ -56,8 +55,8 @@ def expected_state(
 
 
 def compare_all(
-    actual: Dict[str, torch.Tensor],
-    expected: Dict[str, torch.Tensor],
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
     dtype,
     via=None,
 ):

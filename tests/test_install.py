@@ -17,24 +17,29 @@ interpreter, so the new environment gets the same two-line wrappers that pip
 writes for them (``mergekit-yaml``, ``mergekit-multi``, ``mergekit-pytorch``).
 
 The build uses pip's normal build isolation, like a user's ``pip install``,
-so it needs the package index (or pip's cache) to fetch hatchling.
+so it needs the package index (or pip's cache) to fetch hatchling; so does
+the sdist test, which installs hatchling into a venv of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import zipfile
+from email.parser import HeaderParser
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.install
@@ -42,7 +47,13 @@ pytestmark = pytest.mark.install
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PTH_NAME = "mergekit_cabs_autoload.pth"
 # What a build needs from the project tree (the sdist's own list).
-BUILD_FILES = ["pyproject.toml", "hatch_build.py", PTH_NAME, "README.md"]
+BUILD_FILES = ["pyproject.toml", "hatch_build.py", PTH_NAME, "README.md", "LICENSE"]
+# and what else the sdist carries
+SDIST_DIRS = ["tests", "example_configs"]
+# the one place the version is written
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"$', (REPO_ROOT / "mergekit_cabs" / "__init__.py").read_text(), re.M
+).group(1)
 CLIS = {
     "mergekit-yaml": "mergekit.scripts.run_yaml",
     "mergekit-multi": "mergekit.scripts.multimerge",
@@ -96,18 +107,24 @@ def _run(cmd, env=None, cwd=None, check=True, timeout=300):
     return proc
 
 
-def _copy_project(dest: Path) -> Path:
+def _copy_project(dest: Path, dirs=("mergekit_cabs",)) -> Path:
     dest.mkdir(parents=True)
     for name in BUILD_FILES:
         src = REPO_ROOT / name
         assert src.is_file(), f"{name} is missing from the project root; the build needs it"
         shutil.copy2(src, dest / name)
-    shutil.copytree(
-        REPO_ROOT / "mergekit_cabs",
-        dest / "mergekit_cabs",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
+    for name in dirs:
+        shutil.copytree(
+            REPO_ROOT / name,
+            dest / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"),
+        )
     return dest
+
+
+def _metadata(text: str):
+    """A METADATA / PKG-INFO file's headers (multi-valued ones via get_all)."""
+    return HeaderParser().parsestr(text)
 
 
 class Venv:
@@ -119,7 +136,7 @@ class Venv:
         self.site = Path(out.stdout.strip())
 
     @classmethod
-    def create(cls, root: Path, borrow_parent: bool = True) -> "Venv":
+    def create(cls, root: Path, borrow_parent: bool = True) -> Venv:
         _run([sys.executable, "-m", "venv", "--without-pip", root], cwd=root.parent)
         venv = cls(root)
         if borrow_parent:
@@ -167,6 +184,20 @@ def wheel(project, tmp_path_factory):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, project], cwd=out, timeout=600)
     (whl,) = out.glob("mergekit_cabs-*.whl")
     return whl
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The sdist, built by hatchling (installed into a venv of its own) from a
+    copy of everything the sdist is to carry."""
+    root = tmp_path_factory.mktemp("sdist")
+    project = _copy_project(root / "project", dirs=("mergekit_cabs", *SDIST_DIRS))
+    venv = Venv.create(root / "venv", borrow_parent=False)
+    venv.pip("install", "-q", "hatchling>=1.27")
+    out = root / "dist"
+    _run([venv.python, "-m", "hatchling", "build", "-t", "sdist", "-d", out], cwd=project, timeout=600)
+    (tar,) = out.glob("mergekit_cabs-*.tar.gz")
+    return tar
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +277,94 @@ def test_editable_pth_sorts_after_the_path_pth(installed):
         path_pths = [p for p in pths if p not in (PTH_NAME, "zzzz_borrow_parent_env.pth")]
         assert path_pths, pths
         assert all(p < PTH_NAME for p in path_pths), pths
+
+
+def _numba_requirements(metadata):
+    found = {}
+    for line in metadata.get_all("Requires-Dist"):
+        req = Requirement(line)
+        if req.name == "numba":
+            marker = str(req.marker) if req.marker else ""
+            extra = re.search(r'extra == "([^"]+)"', marker)
+            found[extra.group(1) if extra else None] = req
+    return found
+
+
+# platform, machine, Python: does plain `pip install mergekit-cabs` bring numba?
+NUMBA_WHEELS = [
+    ("linux", "x86_64", "3.10", True),
+    ("linux", "x86_64", "3.15", True),
+    ("linux", "aarch64", "3.12", True),
+    ("win32", "AMD64", "3.11", True),
+    ("darwin", "arm64", "3.13", True),
+    ("darwin", "x86_64", "3.12", False),  # numba has no Intel macOS wheels since 0.62
+    ("win32", "ARM64", "3.12", False),
+    ("linux", "ppc64le", "3.12", False),
+    ("linux", "x86_64", "3.16", False),  # not yet released by numba
+]
+
+
+def test_wheel_metadata(wheel):
+    """Version from __init__.py, the licence, numba where it has wheels, the extras."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = _metadata(zf.read(meta_name).decode())
+        dist_info = meta_name.rsplit("/", 1)[0]
+        licence = zf.read(f"{dist_info}/licenses/LICENSE").decode()
+    assert wheel.name.startswith(f"mergekit_cabs-{VERSION}-")
+    assert meta["Version"] == VERSION
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    assert licence == (REPO_ROOT / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+
+    numba = _numba_requirements(meta)
+    assert set(numba) == {None, "fast", "test"}, numba
+    for platform, machine, python, wanted in NUMBA_WHEELS:
+        env = {"sys_platform": platform, "platform_machine": machine, "python_version": python, "extra": ""}
+        assert numba[None].marker.evaluate(env) is wanted, (platform, machine, python)
+    # `[fast]` still works, and asks for numba wherever it is used
+    assert numba["fast"].specifier == numba[None].specifier
+    assert numba["fast"].marker.evaluate({"extra": "fast", "platform_machine": "ppc64le"})
+    requirements = [Requirement(r) for r in meta.get_all("Requires-Dist")]
+    test_extra = {r.name for r in requirements if "extra ==" in str(r.marker) and r.marker.evaluate({"extra": "test"})}
+    assert test_extra >= {"pytest", "numba", "matplotlib", "ruff"}, test_extra
+
+
+def test_sdist_carries_licence_and_builds(sdist, tmp_path):
+    """The sdist holds the licence and what a build needs; a wheel built from it is whole."""
+    with tarfile.open(sdist) as tf:
+        names = [n.split("/", 1)[1] for n in tf.getnames() if "/" in n]
+        (pkg_info,) = [m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")]
+        meta = _metadata(tf.extractfile(pkg_info).read().decode())
+    for name in [*BUILD_FILES, "mergekit_cabs/__init__.py", "tests/conftest.py"]:
+        assert name in names, (name, sorted(names))
+    assert any(n.startswith("example_configs/") for n in names)
+    assert not [n for n in names if "__pycache__" in n]
+    assert meta["Version"] == VERSION
+    assert meta["License-Expression"] == "Apache-2.0"
+
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path, sdist], cwd=tmp_path, timeout=600)
+    (whl,) = tmp_path.glob("mergekit_cabs-*.whl")
+    with zipfile.ZipFile(whl) as zf:
+        built = zf.namelist()
+    assert PTH_NAME in built
+    assert f"mergekit_cabs-{VERSION}.dist-info/licenses/LICENSE" in built
+
+
+def test_installed_version(installed):
+    mode, venv, _ = installed
+    (dist_info,) = venv.site.glob("mergekit_cabs-*.dist-info")
+    assert dist_info.name == f"mergekit_cabs-{VERSION}.dist-info"
+    assert _metadata((dist_info / "METADATA").read_text())["Version"] == VERSION
+    proc = venv.py(
+        """
+        import importlib.metadata, mergekit_cabs
+        print(importlib.metadata.version("mergekit-cabs"), mergekit_cabs.__version__)
+        """
+    )
+    assert proc.stdout.split() == [VERSION, VERSION], mode
 
 
 # --------------------------------------------------------------------------

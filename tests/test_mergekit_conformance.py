@@ -9,15 +9,12 @@ independently of the package).
 
 from __future__ import annotations
 
-
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from mergekit import merge_methods
 from mergekit.merge_methods import (
     BasePolicy,
@@ -29,6 +26,7 @@ from mergekit.merge_methods import (
     merge_state_dicts,
     merge_tensors,
 )
+from safetensors.torch import load_file, save_file
 
 from tiny_models import assert_matches, expected_cabs
 
@@ -122,6 +120,7 @@ def test_registry_isolation(monkeypatch):
 
 def test_construction_does_not_register(monkeypatch):
     from mergekit.merge_methods import registry
+
     from mergekit_cabs.method import CabsMerge
 
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
@@ -583,7 +582,7 @@ def test_raw_graph_and_state_dict_merges_agree(tmp_path):
 
     g = torch.Generator().manual_seed(12)
     states = []
-    for i in range(3):
+    for _ in range(3):
         bn = {
             "w": torch.randint(-20, 21, (7, 9), generator=g).float() * GRID,
             "b": torch.randint(-20, 21, (9,), generator=g).float() * GRID,

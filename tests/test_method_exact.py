@@ -12,14 +12,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mergekit.merge_methods import merge_tensors
 
 import mergekit_cabs  # noqa: F401  (registers the method)
-from mergekit.merge_methods import merge_tensors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 from strategies import cabs_cases  # noqa: E402
-
 
 
 def cabs(tensors, base_index=0, **kw):

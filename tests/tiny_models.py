@@ -21,9 +21,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -38,8 +38,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 FULL_TESTS = os.environ.get("MERGEKIT_CABS_FULL_TESTS") == "1"
 
 
-def optional(module: str, extra: str):
-    """Import an optional package, or skip the test (fail under FULL_TESTS)."""
+def optional(module: str, install: str):
+    """Import an optional package, or skip the test saying `pip install
+    <install>` (fail under FULL_TESTS)."""
     import pytest
 
     try:
@@ -47,10 +48,10 @@ def optional(module: str, extra: str):
     except ImportError:
         if FULL_TESTS:
             pytest.fail(f"{module} is not installed, and MERGEKIT_CABS_FULL_TESTS=1")
-        pytest.skip(f'{module} is not installed: pip install "mergekit-cabs[{extra}]"')
+        pytest.skip(f"{module} is not installed: pip install {install}")
 
 
-def default_words(vocab_size: int, prefix: str = "w") -> List[str]:
+def default_words(vocab_size: int, prefix: str = "w") -> list[str]:
     """A vocabulary of ``vocab_size`` tokens: three specials, then words."""
     words = list(SPECIAL_TOKENS)
     words += [f"{prefix}{i}" for i in range(vocab_size - len(words))]
@@ -60,13 +61,13 @@ def default_words(vocab_size: int, prefix: str = "w") -> List[str]:
 @dataclass
 class TinyModel:
     path: Path
-    words: List[str]
+    words: list[str]
     dtype: torch.dtype
-    state: Dict[str, torch.Tensor] = field(repr=False)
+    state: dict[str, torch.Tensor] = field(repr=False)
     config: dict = field(repr=False, default_factory=dict)
 
     @property
-    def vocab(self) -> Dict[str, int]:
+    def vocab(self) -> dict[str, int]:
         return {word: idx for idx, word in enumerate(self.words)}
 
     def __str__(self) -> str:
@@ -102,7 +103,7 @@ def llama_config(
     )
 
 
-def tensor_shapes(config) -> Dict[str, torch.Size]:
+def tensor_shapes(config) -> dict[str, torch.Size]:
     """Names and shapes of a Llama's persistent weights, built on `meta`."""
     from transformers import LlamaForCausalLM
 
@@ -147,13 +148,13 @@ def _grid_delta(shape, gen: torch.Generator, scale: int, zero_frac: float):
 def make_tiny_llama(
     path,
     *,
-    vocab_size: Optional[int] = None,
-    words: Optional[Sequence[str]] = None,
+    vocab_size: int | None = None,
+    words: Sequence[str] | None = None,
     hidden: int = 40,
     intermediate: int = 72,
     layers: int = 2,
     seed: int = 0,
-    base: Optional[TinyModel] = None,
+    base: TinyModel | None = None,
     scale: int = 1,
     zero_frac: float = 0.1,
     dtype: torch.dtype = torch.float32,
@@ -191,7 +192,7 @@ def make_tiny_llama(
     shapes = tensor_shapes(config)
     gen = torch.Generator().manual_seed(seed)
 
-    state: Dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
     for name in sorted(shapes):
         shape = shapes[name]
         norm = name.endswith("norm.weight")
@@ -239,8 +240,8 @@ def expected_cabs(
     models: Sequence[torch.Tensor],
     *,
     weights: Sequence[float],
-    densities: Optional[Sequence[Optional[float]]] = None,
-    ns: Optional[Sequence[Optional[int]]] = None,
+    densities: Sequence[float | None] | None = None,
+    ns: Sequence[int | None] | None = None,
     block_size: int = 256,
     overlap: str = "fill",
     conflict_aware: bool = True,
@@ -302,7 +303,7 @@ def assert_matches(
     actual: torch.Tensor,
     expected64: torch.Tensor,
     name: str = "",
-    via: Optional[torch.dtype] = None,
+    via: torch.dtype | None = None,
 ):
     """Compare a product tensor with a float64 expectation.
 
@@ -361,10 +362,10 @@ def layer_t(name: str, num_layers: int) -> float:
 
 def aligned_vocab_rows(
     out_words: Sequence[str],
-    tensors: Dict[str, torch.Tensor],
-    vocabs: Dict[str, Dict[str, int]],
+    tensors: dict[str, torch.Tensor],
+    vocabs: dict[str, dict[str, int]],
     base_key: str,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Re-create the vocabulary alignment of ``tokenizer_source: union``.
 
     For each output token, a model that has the token contributes its own row.
@@ -412,7 +413,7 @@ def cabs_is_installed() -> bool:
     return True
 
 
-def cli_command(config_path, out_path) -> List[str]:
+def cli_command(config_path, out_path) -> list[str]:
     """`mergekit-yaml CONFIG OUT` from this interpreter's environment.
 
     Before the package is installed (development checkout), the same click
@@ -472,11 +473,11 @@ def run_in_process(config: dict, out_path, **options) -> None:
     )
 
 
-def load_output(out_path) -> Dict[str, torch.Tensor]:
+def load_output(out_path) -> dict[str, torch.Tensor]:
     """Every tensor of every safetensors shard in a merge's output folder."""
     from safetensors.torch import load_file
 
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     shards = sorted(Path(out_path).glob("*.safetensors"))
     assert shards, f"no safetensors in {out_path}"
     for shard in shards:

@@ -1,151 +1,27 @@
-"""`mergekit-cabs tune`: the weight store, the search, the outputs, the errors.
+"""`mergekit-cabs tune` end to end, on tiny generated models.
 
-* Rebuilding a tensor from the store (owner index, or per-model tensors when
-  supports overlap) equals a full `cabs_merge` bit for bit, on both kernel paths.
-* The search finds known optima of synthetic objectives inside its bounds and
-  budget.
-* End to end on tiny generated models: the losses `tune` reports for the
-  chosen point are exactly those of the model `mergekit` writes from
-  tuned.yml; tuned.yml changes only the weights and lambda.
+* The losses `tune` reports for the chosen point are exactly those of the
+  model `mergekit` writes from tuned.yml; tuned.yml changes only the weights
+  and lambda.
 * Every bad input fails with a clear message before any model is loaded.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from tiny_models import make_tiny_llama, optional
 
 from mergekit_cabs import tune as tn
 from mergekit_cabs.cli import main
-from mergekit_cabs.kernel import cabs_masks, cabs_merge
+
+from tiny_models import make_tiny_llama, optional
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-# --- the store: owner index / per-model tensors == cabs_merge --------------------------
-
-
-def _inputs(dtype, k, shape, seed):
-    gen = torch.Generator().manual_seed(seed)
-    base = (torch.randn(shape, generator=gen) * 0.05).to(dtype)
-    base.view(-1)[:7] = -0.0  # negative zeros in the base
-    models = []
-    for _ in range(k):
-        delta = (torch.randn(shape, generator=gen) * 0.01).to(dtype)
-        delta[torch.rand(shape, generator=gen) < 0.2] = 0  # unchanged weights
-        models.append((base.float() + delta.float()).to(dtype))
-    return base, models
-
-
-CASES = [  # (K, n, block, overlap, conflict_aware, disjoint?)
-    (3, 16, 64, "fill", True, True),
-    (2, 32, 64, "strict", True, True),
-    (3, 40, 64, "fill", True, False),  # K * n > m: overlap unavoidable
-    (3, 16, 64, "fill", False, False),  # every model chooses from all places
-    (1, 64, 64, "fill", True, True),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"K{c[0]}n{c[1]}m{c[2]}-{c[3]}-ca{int(c[4])}")
-def test_rebuild_equals_cabs_merge(kernel_backend, dtype, case):
-    k, n, m, overlap, aware, disjoint = case
-    base, models = _inputs(dtype, k, (37, 50), seed=k * 100 + n)  # 1850 elements: a short last block
-    masks = cabs_masks(base, models, [n] * k, m, overlap=overlap, conflict_aware=aware)
-    slot = tn._Slot.make("t", tuple(range(k)), base, models, masks)
-    assert (slot.owner is not None) == disjoint
-    assert (slot.shared == 0) == disjoint
-    for weights, lam in [((1.0, 0.8, 0.6)[:k], 1.0), ((0.0, -0.7, 1 / 3)[:k], 1.7), ((2.0, 0.0, 0.25)[:k], 1 / 3)]:
-        expected = cabs_merge(base, models, list(weights), [n] * k, m, overlap=overlap, conflict_aware=aware,
-                              lam=lam, out_dtype=dtype)
-        got = slot.merged(weights, lam).view(base.shape)
-        assert got.dtype == dtype
-        assert torch.equal(_bits(got), _bits(expected)), (weights, lam)
-
-
-def test_owner_store_is_compact_and_each_weight_moves_its_own_places():
-    base, models = _inputs(torch.bfloat16, 3, (64, 64), seed=7)
-    masks = cabs_masks(base, models, [16] * 3, 64)
-    slot = tn._Slot.make("t", (0, 1, 2), base, models, masks)
-    # base + kept in bf16 and a one-byte owner: 5 bytes per weight, not 3 x 2 more.
-    assert slot.nbytes() == base.numel() * (2 + 2 + 1)
-    before = slot.merged((1.0, 1.0, 1.0), 1.0)
-    after = slot.merged((1.0, 0.3, 1.0), 1.0)
-    changed = before != after
-    assert changed.any()
-    assert bool((slot.owner[changed] == 2).all())  # only model 2's places (index 1)
-
-
-def test_slot_maps_a_subset_of_models():
-    """A tensor some fine-tunes lack: its inputs index into the full weight vector."""
-    base, models = _inputs(torch.float32, 2, (8, 64), seed=3)
-    masks = cabs_masks(base, models, [16, 16], 64)
-    slot = tn._Slot.make("t", (0, 2), base, models, masks)
-    expected = cabs_merge(base, models, [0.5, 1.5], [16, 16], 64, out_dtype=torch.float32)
-    assert torch.equal(slot.merged((0.5, 99.0, 1.5), 1.0).view(base.shape), expected)
-
-
-# --- the search ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("target", [(0.37, 1.61, 0.9), (1.0, 0.05, 1.95), (0.0, 2.0, 1.3)])
-def test_search_finds_the_optimum_of_a_separable_objective(target):
-    calls = []
-
-    def objective(x):
-        calls.append(x)
-        return -sum((a - b) ** 2 for a, b in zip(x, target))
-
-    result = tn.coordinate_search(objective, (1.0, 1.0, 1.0), [(0.0, 2.0)] * 3, budget=200, tolerance=0.01)
-    assert result.stopped == "converged"
-    assert all(abs(a - b) <= 0.01 for a, b in zip(result.best, target)), result.best
-    assert len(calls) == len(set(calls)) == len(result.history)  # no point twice
-    assert result.score == max(s for _, s in result.history)
-
-
-def test_search_with_coupled_coordinates_and_an_optimum_outside_the_box():
-    # optimum of the unconstrained problem at (3, -1): the box's best point is (2, 0)
-    def objective(x):
-        a, b = x[0] - 3, x[1] + 1
-        return -(a * a + b * b + 0.5 * a * b)
-
-    result = tn.coordinate_search(objective, (1.0, 1.0), [(0.0, 2.0), (0.0, 2.0)], budget=200, tolerance=0.01)
-    assert result.best == (2.0, 0.0)
-    # a coupled interior optimum: -(x-1)^2 - (y-0.5)^2 - (x-1)(y-0.5)
-    result = tn.coordinate_search(
-        lambda x: -((x[0] - 1) ** 2 + (x[1] - 0.5) ** 2 + (x[0] - 1) * (x[1] - 0.5)),
-        (0.0, 2.0), [(-2.0, 2.0), (-2.0, 2.0)], budget=300, tolerance=0.005,
-    )
-    assert abs(result.best[0] - 1) < 0.03 and abs(result.best[1] - 0.5) < 0.03, result.best
-
-
-def test_search_keeps_to_its_budget_and_bounds():
-    seen = []
-
-    def objective(x):
-        seen.append(x)
-        return math.sin(5 * x[0]) + math.cos(3 * x[1])
-
-    result = tn.coordinate_search(objective, (5.0, -5.0), [(0.0, 1.0), (-1.0, 1.0)], budget=7, tolerance=1e-6)
-    assert result.stopped == "budget" and len(seen) == 7
-    assert seen[0] == (1.0, -1.0)  # the start, clipped into the box
-    assert all(0 <= a <= 1 and -1 <= b <= 1 for a, b in seen)
-    again = tn.coordinate_search(objective, (5.0, -5.0), [(0.0, 1.0), (-1.0, 1.0)], budget=7, tolerance=1e-6)
-    assert again.history == result.history  # deterministic
-
-
-# --- end to end on tiny models --------------------------------------------------------------
 
 
 def _sample_text(path: Path, tokens: int, seed: int) -> str:
@@ -217,7 +93,7 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     result = _run([tune_family["config"], *_data_args(tune_family), "--general", tune_family["general"],
                    "--out", out, "--budget", 25, "--quiet"])
     assert result.exit_code == 0, result.output
-    optional("matplotlib", "plot")
+    optional("matplotlib", '"mergekit-cabs[plot]"')
     assert sorted(p.name for p in out.iterdir()) == ["tune.json", "tune.md", "tune.png", "tuned.yml"]
     assert (out / "tune.png").read_bytes().startswith(PNG_SIGNATURE)
     report = json.loads((out / "tune.json").read_text())
@@ -404,26 +280,6 @@ def test_tuned_config_sets_weights_in_every_slice_source(tune_family):
 def _plan(raw: dict):
     from mergekit.config import MergeConfiguration
 
-    from mergekit_cabs.analyze import plan
+    from mergekit_cabs.planning import plan
 
     return plan(MergeConfiguration.model_validate(raw))
-
-
-class _CountingTokenizer:
-    """Token i of the text is the number i: windows are easy to recognise."""
-
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False, verbose=True):
-        return {"input_ids": [int(w) for w in text.split()]}
-
-
-@pytest.mark.parametrize("fraction, held", [(0.5, [1, 3, 5, 7, 9]), (0.7, [3, 6, 9]), (0.2, [1, 2, 3, 4, 6, 7, 8, 9])])
-def test_split_spreads_held_out_windows_along_the_file(tmp_path, fraction, held):
-    path = tmp_path / "d.txt"
-    path.write_text(" ".join(str(i) for i in range(43)))  # 10 windows of 4, 3 tokens left over
-    data = tn.load_task_data("d", path, _CountingTokenizer(), window=4, fit_fraction=fraction, max_windows=64)
-    assert [int(w[0]) // 4 for w in data.heldout] == held
-    assert sorted([int(w[0]) // 4 for w in data.fit] + held) == list(range(10))
-    thinned = tn.load_task_data("d", path, _CountingTokenizer(), window=4, fit_fraction=0.5, max_windows=2)
-    assert [int(w[0]) // 4 for w in thinned.fit] == [0, 8] and [int(w[0]) // 4 for w in thinned.heldout] == [1, 9]

@@ -1,0 +1,317 @@
+"""Every use of a mergekit internal, in one place.
+
+mergekit 0.1.5 has no plugin hooks, so the package leans on a few of its
+internals; nothing outside this module reaches past mergekit's public API
+(``mergekit.merge_methods``, ``MergeConfiguration``, ``MergeOptions``,
+``ModelReference``, ``run_merge``).  `REQUIREMENTS` lists every internal
+name and signature used here, and `problems()` says which of them a
+mergekit lacks (the project's tests check that list, so a mergekit release
+that changes one fails that one test).
+
+What this module does with them:
+
+* two wrappers, installed once per process: ``ConfigReader.parameter_sources``
+  (check a cabs configuration's parameter names the first time mergekit reads
+  it) and ``ExecuteMergeMethodTask.__init__`` (check each planned cabs tensor's
+  parameters while mergekit plans, before anything is merged).  Both act only
+  when the configuration or task names one of our methods, read mergekit's
+  attributes defensively, and on anything unexpected leave mergekit to its own
+  behaviour and say so in one ``mergekit-cabs:`` line (an error under
+  ``MERGEKIT_CABS_STRICT=1``).  Errors in the user's configuration
+  (`CabsError`) are raised as such.
+* `CheckedGroupMethod`: ``_bind_parameters`` runs a check on every group of a
+  ``merge_tensors`` call before the first is merged.
+* planning and executing a configuration the way ``mergekit-yaml`` does
+  (`plan_config`, `execute`), for analyze, tune and check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mergekit_cabs.params import CabsError
+
+STRICT_ENV = "MERGEKIT_CABS_STRICT"
+
+# The attributes the wrappers read, by name; a release that renames one makes
+# them fall back.
+CONFIG_ATTR = "config"  # ConfigReader.config
+METHOD_ATTR = "merge_method"  # MergeConfiguration.merge_method
+TASK_METHOD_ATTR = "method_name"  # ExecuteMergeMethodTask.method_name
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A mergekit name this package uses: `params` are the leading parameter
+    names of a callable, `fields` the attributes instances carry."""
+
+    module: str
+    name: str
+    params: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+
+    def problem(self) -> str | None:
+        """None when mergekit has it as described, else what is wrong."""
+        where = f"{self.module}.{self.name}"
+        try:
+            value: Any = importlib.import_module(self.module)
+            for part in self.name.split("."):
+                value = getattr(value, part)
+        except (ImportError, AttributeError) as error:
+            return f"{where} is missing ({error})"
+        if self.params:
+            try:
+                names = tuple(inspect.signature(value).parameters)
+            except (TypeError, ValueError) as error:
+                return f"{where} has no signature ({error})"
+            if names[: len(self.params)] != self.params:
+                return f"{where} takes {names}, expected {self.params} first"
+        known = set(getattr(value, "model_fields", None) or getattr(value, "__dataclass_fields__", None) or ())
+        lost = [f for f in self.fields if f not in known]
+        return f"{where} has no field(s) {', '.join(lost)}" if lost else None
+
+
+REQUIREMENTS = (
+    Requirement("mergekit.config", "ConfigReader", fields=("config",)),
+    Requirement("mergekit.config", "ConfigReader.parameter_sources", params=("self", "model")),
+    Requirement("mergekit.config", "MergeConfiguration", fields=("merge_method", "parameters", "models", "slices",
+                                                                 "modules", "base_model")),
+    Requirement("mergekit.merge_methods.task_adapter", "ExecuteMergeMethodTask",
+                fields=("method_name", "gather_tensors", "model_order", "base_model", "output_weight",
+                        "parameters", "input_parameters")),
+    Requirement("mergekit.merge_methods.task_adapter", "ExecuteMergeMethodTask.__init__", params=("self", "data")),
+    Requirement("mergekit.merge_methods.base", "MergeMethod._bind_parameters",
+                params=("self", "groups", "parameters")),
+    Requirement("mergekit.merge_methods.base", "ParameterSpec",
+                params=("name", "value_type", "scope", "default", "description")),
+    Requirement("mergekit.merge", "_model_out_config", params=("config", "arch_info", "trust_remote_code")),
+    Requirement("mergekit.architecture", "get_architecture_info", params=("config", "options")),
+    Requirement("mergekit.plan", "MergePlanner.__init__",
+                params=("self", "config", "arch_info", "options", "out_model_config")),
+    Requirement("mergekit.plan", "MergePlanner.plan_to_disk", params=("self", "out_path")),
+    Requirement("mergekit.io.tasks", "LoaderCache.setup", params=("self", "options")),
+    Requirement("mergekit.io.tasks", "LoaderCache.get", params=("self", "model")),
+    Requirement("mergekit.io.tasks", "SaveTensor", fields=("tensor_task", "dtype")),
+    Requirement("mergekit.graph", "Executor.__init__", params=("self", "targets", "math_device", "storage_device")),
+    Requirement("mergekit.graph", "Executor.run", params=("self", "quiet")),
+    Requirement("mergekit.common", "dtype_from_name", params=("name",)),
+)
+
+
+def problems() -> list[str]:
+    """What this mergekit lacks of `REQUIREMENTS` (empty when all is there)."""
+    return [p for p in (r.problem() for r in REQUIREMENTS) if p]
+
+
+_said: set = set()
+
+
+def fall_back(what: str, error: BaseException | str) -> None:
+    """Say once per process that a check is skipped and mergekit goes on alone;
+    raise instead under MERGEKIT_CABS_STRICT=1."""
+    if os.environ.get(STRICT_ENV) == "1":
+        if isinstance(error, BaseException):
+            raise error
+        raise RuntimeError(f"mergekit-cabs: {what}: {error}")
+    detail = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+    line = (f"mergekit-cabs: {what} ({detail}); this mergekit differs from the one mergekit-cabs knows, so "
+            f"mergekit goes on with its own behaviour there. Set {STRICT_ENV}=1 to raise instead.")
+    if line not in _said:
+        _said.add(line)
+        sys.stderr.write(line + "\n")
+
+
+# --- the planned tensor, read defensively ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """What cabs needs of one of mergekit's per-tensor merge tasks."""
+
+    name: str  # output tensor
+    base: Any  # ModelReference
+    models: tuple  # the fine-tunes, priority order
+    shared: dict  # resolved shared parameters
+    per_model: dict  # ModelReference -> resolved per-model parameters
+    inputs: Any  # the task that loads the input tensors
+    task: Any  # mergekit's ExecuteMergeMethodTask itself
+
+
+def planned_task(task) -> PlannedTask:
+    """Read a mergekit ExecuteMergeMethodTask (AttributeError when it changed)."""
+    base = task.base_model
+    models = tuple(m for m in task.model_order if m != base)
+    return PlannedTask(
+        name=task.output_weight.name,
+        base=base,
+        models=models,
+        shared=dict(task.parameters.items()),
+        per_model={m: dict(task.input_parameters[m].items()) for m in models},
+        inputs=task.gather_tensors,
+        task=task,
+    )
+
+
+# --- the two wrappers ------------------------------------------------------------
+
+
+def _config_method(reader) -> tuple[Any, str | None]:
+    """(configuration, its merge_method) of a ConfigReader, or (None, None)."""
+    config = getattr(reader, CONFIG_ATTR, None)
+    method = getattr(config, METHOD_ATTR, None)
+    if config is None or method is None:
+        fall_back(f"cannot read ConfigReader.{CONFIG_ATTR}.{METHOD_ATTR}; cabs parameter names are not checked",
+                  "attribute missing")
+        return None, None
+    return config, method if isinstance(method, str) else None
+
+
+def _wrap(module: str, owner: str, attribute: str, make: Callable[[Any], Any], missing: str) -> None:
+    """Replace `owner.attribute` (a class in mergekit's `module`) by
+    `make(original)`, once per process; if it is not there, fall back."""
+    try:
+        cls = getattr(importlib.import_module(module), owner)
+        original = getattr(cls, attribute)
+    except (ImportError, AttributeError) as error:
+        fall_back(missing, error)
+        return
+    if not getattr(original, "_cabs_wrapped", False):
+        wrapper = make(original)
+        wrapper._cabs_wrapped = True
+        setattr(cls, attribute, wrapper)
+
+
+def wrap_config_reader(is_ours: Callable[[str], bool], check_config: Callable[[Any], None]) -> None:
+    """Run `check_config(config)` the first time mergekit reads the parameters
+    of a configuration whose merge_method `is_ours`."""
+    checked = []  # the last configuration checked (one merge at a time)
+
+    def make(original):
+        def parameter_sources(self, model=None):
+            config, method = _config_method(self)
+            if method is not None and is_ours(method) and not (checked and checked[0] is config):
+                try:
+                    check_config(config)
+                except CabsError:
+                    raise  # the user's configuration is at fault
+                except Exception as error:  # noqa: BLE001 (our check, not mergekit, failed)
+                    fall_back("checking the cabs parameter names failed", error)
+                checked[:] = [config]
+            return original(self, model)
+
+        return parameter_sources
+
+    _wrap("mergekit.config", "ConfigReader", "parameter_sources", make, "cabs parameter names are not checked")
+
+
+def _task_view(task, is_ours: Callable[[str], bool]) -> PlannedTask | None:
+    """The planned task when it is one of ours and readable, else None."""
+    method = getattr(task, TASK_METHOD_ATTR, None)
+    if method is None:
+        fall_back(f"cannot read ExecuteMergeMethodTask.{TASK_METHOD_ATTR}; cabs tensors are checked at "
+                  "merge time", "attribute missing")
+        return None
+    if not (isinstance(method, str) and is_ours(method)):
+        return None
+    try:
+        return planned_task(task)
+    except Exception as error:  # noqa: BLE001 (mergekit changed: its own checks still run)
+        fall_back("cannot read mergekit's planned cabs tensor; it is checked at merge time", error)
+        return None
+
+
+def wrap_task_init(is_ours: Callable[[str], bool], check_task: Callable[[PlannedTask], None]) -> None:
+    """Run `check_task` on every per-tensor merge task of one of our methods,
+    as mergekit plans it."""
+
+    def make(original):
+        def __init__(self, /, **data):
+            original(self, **data)
+            view = _task_view(self, is_ours)
+            if view is not None:
+                check_task(view)
+
+        return __init__
+
+    _wrap("mergekit.merge_methods.task_adapter", "ExecuteMergeMethodTask", "__init__", make,
+          "cabs parameters are checked at merge time, not while planning")
+
+
+# --- the method's side ---------------------------------------------------------------
+
+
+def parameter_specs(parameters: Iterable) -> tuple:
+    """mergekit ParameterSpecs for `params.Parameter`s."""
+    from mergekit.merge_methods import ParameterScope
+    from mergekit.merge_methods.base import ParameterSpec
+
+    return tuple(
+        ParameterSpec(p.name, p.type, ParameterScope.SHARED if p.shared else ParameterScope.NON_BASE,
+                      default=p.default, description=p.description)
+        for p in parameters
+    )
+
+
+def checked_group_method():
+    """A GroupMergeMethod base class whose `check_group(group, values)` runs on
+    every group of a call before the first group is merged."""
+    from mergekit.merge_methods import GroupMergeMethod
+
+    class CheckedGroupMethod(GroupMergeMethod):
+        def check_group(self, group, values) -> None:
+            """Raise on bad parameters; called with each group's bound values."""
+
+        def _bind_parameters(self, groups, parameters):
+            bound = super()._bind_parameters(groups, parameters)
+            for group, values in zip(groups, bound):
+                self.check_group(group, values)
+            return bound
+
+    return CheckedGroupMethod
+
+
+# --- planning and executing a configuration ---------------------------------------------
+
+
+def plan_config(config, options) -> list[tuple[PlannedTask, str | None]]:
+    """(planned task, dtype mergekit-yaml writes it in) for every tensor a merge
+    of `config` would write, from mergekit's own planner.  Reads the models'
+    configs and tensor indexes only; `config` is normalised in place."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache, SaveTensor
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
+
+    arch_info = get_architecture_info(config, options)
+    cache = LoaderCache()
+    cache.setup(options=options)
+    for model in config.referenced_models():
+        cache.get(model)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    # plan_to_disk only builds the task graph; nothing runs or is written
+    # unless its tasks are executed.  (plan_in_memory fails in mergekit 0.1.5.)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    tasks = planner.plan_to_disk(out_path=os.devnull)
+    return [(planned_task(t.tensor_task), t.dtype) for t in tasks if isinstance(t, SaveTensor)]
+
+
+def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
+    """(target, value) for mergekit tasks, run by mergekit's executor, which
+    drops each input as soon as nothing needs it."""
+    from mergekit.graph import Executor
+
+    executor = Executor(targets=targets, math_device=device, storage_device=device)
+    yield from executor.run(quiet=True)
+
+
+def dtype_from_name(name: str | None):
+    """The torch dtype mergekit means by `name` (None for None)."""
+    from mergekit.common import dtype_from_name as convert
+
+    return convert(name)

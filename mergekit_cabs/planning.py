@@ -1,0 +1,169 @@
+"""A cabs configuration as mergekit plans it: load and check the YAML, plan
+the merge, read the planned tensors one at a time.
+
+Used by analyze, tune and check; mergekit's planner and executor are reached
+through `_mergekit`, so filters, gradients, slices and ``dtype:`` resolve
+exactly as in ``mergekit-yaml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergekit_cabs import _mergekit
+from mergekit_cabs.params import ALT_NAME, NAME, CabsError, Resolved, check_parameter_names, resolve
+
+
+class PlanError(CabsError):
+    """The configuration or a model cannot be planned; the message says why."""
+
+
+def _method_names() -> tuple[str, ...]:
+    """The merge_method names that mean this package's cabs here."""
+    import mergekit.merge_methods  # noqa: F401  (registers cabs, through the autoload hook)
+
+    from mergekit_cabs import method
+
+    method.install()
+    return tuple(sorted(method.names, key=lambda n: n != NAME)) or (ALT_NAME,)
+
+
+def read_yaml(path: Path) -> dict:
+    """The YAML mapping in `path` (PlanError naming the file otherwise)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:  # a stream: YAML errors name the file
+            data = yaml.safe_load(stream)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise PlanError(f"cannot read {path} as YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"{path} is not a mergekit configuration (a YAML mapping with merge_method:, models: ...)")
+    return data
+
+
+def load_config(path: Path, command: str = "analyze"):
+    """Parse a mergekit YAML and check that it is a cabs configuration.
+
+    Raises PlanError naming the file, the parameter or the model at fault;
+    `command` names who reads it ("analyze reads cabs configurations").
+    """
+    from mergekit.config import MergeConfiguration
+
+    data = read_yaml(path)
+    method = data.get("merge_method")
+    names = _method_names()
+    if method not in names:
+        raise PlanError(
+            f"{path} has merge_method: {method!r}; {command} reads cabs configurations "
+            f"(merge_method: {names[0]})"
+        )
+    try:
+        config = MergeConfiguration.model_validate(data)
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise PlanError(f"{path} is not a valid mergekit configuration: {error}") from None
+    if config.base_model is None:
+        raise PlanError(f"{path} has no base_model:; cabs needs one (task vectors are differences from it)")
+    check_parameter_names(config)
+    return config
+
+
+def check_models(config, trust_remote_code: bool = False) -> None:
+    """Every model the configuration names must be readable (its config.json)."""
+    for model in sorted(config.referenced_models(), key=str):
+        path = model.model.path
+        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
+            raise PlanError(f"model '{model}' not found: there is no directory {path}")
+        try:
+            model.config(trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as error:  # what transformers/hub raise
+            raise PlanError(f"cannot read model '{model}': {error}") from None
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor as mergekit plans it, with its resolved cabs parameters."""
+
+    order: int
+    name: str
+    task: Any  # the merge task (_mergekit.PlannedTask.task), for `_mergekit.execute`
+    inputs: Any  # the task that loads its input tensors
+    base: Any  # ModelReference of the base
+    models: list[Any]  # ModelReference of the fine-tunes, priority order
+    resolved: Resolved
+    save_dtype: str | None = None  # what mergekit-yaml casts the result to when writing
+
+
+@contextlib.contextmanager
+def quiet_cabs_log():
+    """The merge's one-line overlap warnings: the reports list those cases themselves."""
+    log = logging.getLogger("mergekit_cabs")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def plan(config, options=None) -> list[PlannedTensor]:
+    """The tensors `mergekit-yaml` would merge, with their parameters.
+
+    Runs mergekit's own planner on a copy of `config`, so filters, gradients
+    and slices resolve exactly as in a merge; reads only the models' configs
+    and tensor indexes.
+    """
+    from mergekit.options import MergeOptions
+
+    _method_names()  # cabs registered, wrappers in place
+    options = options or MergeOptions(quiet=True)
+    config = config.model_copy(deep=True)  # the planner normalises it in place
+    try:
+        with quiet_cabs_log():
+            tasks = _mergekit.plan_config(config, options)
+    except CabsError:
+        raise
+    except (ValueError, RuntimeError, OSError, KeyError) as error:
+        raise PlanError(f"mergekit cannot plan this merge: {error}") from None
+    except AttributeError as error:  # a mergekit release that changed an internal
+        raise PlanError(f"this mergekit is not one mergekit-cabs can plan with ({error}); "
+                        "mergekit-cabs works with mergekit 0.1.x") from None
+    planned = []
+    for order, (task, save_dtype) in enumerate(tasks):
+        per_model = [(str(m), task.per_model[m]) for m in task.models]
+        with quiet_cabs_log():
+            resolved = resolve(task.shared, per_model, task.name)
+        planned.append(PlannedTensor(order, task.name, task.task, task.inputs, task.base, list(task.models),
+                                     resolved, save_dtype))
+    return planned
+
+
+def read_tensors(planned: Sequence[PlannedTensor], progress: bool = True) -> Iterator[tuple[PlannedTensor, dict]]:
+    """(planned tensor, {model: tensor}) one tensor at a time, in mergekit's
+    reading order, through its executor (inputs are dropped once used)."""
+    import tqdm
+
+    by_input: dict[Any, list[PlannedTensor]] = {}
+    for p in planned:
+        by_input.setdefault(p.inputs, []).append(p)
+    if not by_input:
+        return
+    with tqdm.tqdm(total=len(planned), desc="Reading tensors", unit="tensor", disable=not progress) as bar:
+        for task, tensors in _mergekit.execute(list(by_input)):
+            for p in by_input[task]:
+                yield p, tensors
+                bar.update(1)
+
+
+def fine_tunes(planned: Sequence[PlannedTensor]) -> list:
+    """Every fine-tuned model of the plan, in first-seen (priority) order."""
+    found: list = []
+    for p in planned:
+        found += [m for m in p.models if m not in found]
+    return found

@@ -1,0 +1,90 @@
+"""`mergekit-cabs tune`: pick each model's weight (and lambda) from the user's data.
+
+A CABS merge is ``base + lambda * sum_i weight_i * (mask_i * tau_i)``.  The
+masks do not depend on the weights, so the tuner computes them once, through
+mergekit's own plan and execution graph (filters, gradients, slices and dtype
+settings resolve exactly as in ``mergekit-yaml``), and keeps what it needs to
+rebuild any merged tensor (`store`).  Setting a weight vector is then one pass
+over the parameters with the kernel's own arithmetic, written into a live
+transformers model that is scored on each model's own data (`data`).  A
+search over the weights and lambda (coordinate-wise, with halving steps)
+maximises the mean normalized gain over tasks (`search`); the chosen point is
+written as ``tuned.yml`` (`config`) with a report (`report`).  `run` holds the
+phases in order.
+
+    from mergekit_cabs import tune
+    prep = tune.prepare("my-cabs.yml", ["math-ft=math.jsonl", "code-ft=code.txt"])
+    report = tune.run_tune(prep, budget=60)
+    tune.write_outputs(report, "cabs-tune")
+"""
+
+from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
+from mergekit_cabs.tune.data import (
+    SPLITS,
+    TaskData,
+    held_out,
+    load_task_data,
+    load_tasks,
+    match_data,
+    means,
+    model_names,
+    read_texts,
+    task_losses,
+    window_losses,
+)
+from mergekit_cabs.tune.options import (
+    DEFAULTS,
+    GENERAL,
+    OBJECTIVES,
+    OUT_FILES,
+    TuneError,
+    check_data_settings,
+    parse_bounds,
+    search_settings,
+)
+from mergekit_cabs.tune.report import format_summary, make_plot, render_markdown, write_outputs
+from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, timed
+from mergekit_cabs.tune.search import Objective, SearchResult, coordinate_search, split_objectives
+from mergekit_cabs.tune.store import Slot, WeightStore, build_store, same_bits
+
+__all__ = [
+    "DEFAULTS",
+    "GENERAL",
+    "OBJECTIVES",
+    "OUT_FILES",
+    "SPLITS",
+    "Objective",
+    "Prepared",
+    "SearchResult",
+    "Slot",
+    "TaskData",
+    "TuneError",
+    "WeightStore",
+    "build_store",
+    "check_data_settings",
+    "check_round_trip",
+    "configured_numbers",
+    "coordinate_search",
+    "format_summary",
+    "held_out",
+    "load_model",
+    "load_task_data",
+    "load_tasks",
+    "make_plot",
+    "match_data",
+    "means",
+    "model_names",
+    "parse_bounds",
+    "prepare",
+    "read_texts",
+    "render_markdown",
+    "run_tune",
+    "same_bits",
+    "search_settings",
+    "split_objectives",
+    "timed",
+    "task_losses",
+    "tuned_config",
+    "window_losses",
+    "write_outputs",
+]

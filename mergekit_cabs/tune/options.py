@@ -1,0 +1,63 @@
+"""The settings of `tune`: their defaults, their checks, and its error type."""
+
+from __future__ import annotations
+
+import math
+
+from mergekit_cabs.params import CabsError
+
+OBJECTIVES = ("gain", "loss")
+OUT_FILES = ("tuned.yml", "tune.md", "tune.png", "tune.json")
+GENERAL = "general"  # the name of the --general data set
+DEFAULTS = {
+    "budget": 60,
+    "weight_bounds": (0.0, 2.0),
+    "lambda_bounds": (0.25, 2.0),
+    "tolerance": 0.05,
+    "window": 256,
+    "max_windows": 64,
+    "fit_fraction": 0.5,
+    "batch_size": 8,
+    "general_weight": 1.0,
+}
+
+
+class TuneError(CabsError):
+    """Bad input to `tune`; the message names the thing at fault."""
+
+
+def parse_bounds(text: str, what: str) -> tuple[float, float]:
+    """LOW,HIGH as two finite numbers, LOW below HIGH; `what` names the option."""
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise TuneError(f"{what} is {text!r}; give two numbers LOW,HIGH such as 0,2") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise TuneError(f"{what} is {text!r}; LOW must be below HIGH, both finite")
+    return lo, hi
+
+
+def search_settings(*, weight_bounds: str, lambda_bounds: str, general_weight: float, tolerance: float,
+                    batch_size: int, cuda: bool) -> tuple[tuple[float, float], tuple[float, float], str]:
+    """The command's search options, checked: (weight bounds, lambda bounds, device)."""
+    bounds = parse_bounds(weight_bounds, "--weight-bounds"), parse_bounds(lambda_bounds, "--lambda-bounds")
+    if not (math.isfinite(general_weight) and tolerance > 0 and batch_size >= 1):
+        raise TuneError("--general-weight must be finite, --tolerance > 0 and --batch-size >= 1")
+    device = "cpu"
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TuneError("--cuda: torch sees no CUDA device here")
+        device = "cuda"
+    return bounds[0], bounds[1], device
+
+
+def check_data_settings(*, budget: int, fit_fraction: float, max_windows: int) -> None:
+    """The options `prepare` takes, checked before anything is read."""
+    if budget < 1:
+        raise TuneError(f"--budget is {budget}; it must be >= 1 (evaluations of the merged model)")
+    if not 0 < fit_fraction < 1:
+        raise TuneError(f"--fit-fraction is {fit_fraction}; it must be between 0 and 1 (the rest is held out)")
+    if max_windows < 1:
+        raise TuneError(f"--max-windows is {max_windows}; it must be >= 1")

@@ -1,0 +1,297 @@
+"""The `tune` run, phase by phase: check and tokenize (`prepare`), then
+(`run_tune`) score the references, build the weight store, search, score the
+start and the chosen point, and assemble the report.  The arithmetic lives
+elsewhere: the merge in `store` (through the kernel), the search and the
+objective in `search`, the data and the losses in `data`."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
+from mergekit_cabs.tune.data import SPLITS, TaskData, load_tasks, match_data, means, task_losses, window_losses
+from mergekit_cabs.tune.options import DEFAULTS, GENERAL, TuneError, check_data_settings
+from mergekit_cabs.tune.search import Objective, SearchResult, coordinate_search, split_objectives
+from mergekit_cabs.tune.store import WeightStore, build_store
+
+
+@contextlib.contextmanager
+def timed(clock: dict[str, float], key: str):
+    """Within the block, time it: `clock[key]` = its wall seconds."""
+    started = time.perf_counter()
+    yield
+    clock[key] = time.perf_counter() - started
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --- before any model is loaded ------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything checked before a model is loaded."""
+
+    config_path: Path
+    config: Any
+    raw: dict
+    planned: list
+    finetunes: list
+    labels: list[str]
+    start_weights: list[float]
+    start_lambda: float
+    tasks: list[TaskData]  # one per fine-tune, then the general set if given
+
+
+def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = None, window: int | None = None,
+            fit_fraction: float = DEFAULTS["fit_fraction"], max_windows: int = DEFAULTS["max_windows"],
+            budget: int = DEFAULTS["budget"]) -> Prepared:
+    """Check the configuration and the data, tokenize the data; loads no model weights."""
+    from mergekit_cabs import planning
+    from mergekit_cabs._output import short_names
+
+    check_data_settings(budget=budget, fit_fraction=fit_fraction, max_windows=max_windows)
+    config, planned, finetunes = plan_config(config_path)
+    files = match_data(finetunes, data)
+    start_weights, start_lambda = configured_numbers(planned, finetunes)
+    labels = short_names([str(m.model.path) for m in finetunes])
+    tokenizer, window = base_tokenizer(config, window)
+    tasks = load_tasks(labels, files, general, tokenizer, window=window, fit_fraction=fit_fraction,
+                       max_windows=max_windows)
+    raw = planning.read_yaml(config_path)
+    return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks)
+
+
+def plan_config(config_path: Path) -> tuple[Any, list, list]:
+    """The configuration, mergekit's plan of it and its fine-tunes, checked for what tune needs."""
+    from mergekit_cabs import planning
+
+    config = planning.load_config(config_path, "tune")
+    if config.tokenizer_source is not None or config.tokenizer is not None:
+        raise TuneError(
+            f"{config_path} sets tokenizer_source/tokenizer, which builds a new vocabulary; "
+            "tune scores with the base model's tokenizer and needs the base's vocabulary"
+        )
+    planning.check_models(config)
+    planned = planning.plan(config)
+    finetunes = planning.fine_tunes(planned)
+    if not finetunes:
+        raise TuneError(f"{config_path} merges no fine-tuned model; there is nothing to tune")
+    return config, planned, finetunes
+
+
+def base_tokenizer(config, window: int | None) -> tuple[Any, int]:
+    """The base model's tokenizer, and the window checked against its context length
+    (None: the default, or the context length if smaller)."""
+    from transformers import AutoTokenizer
+
+    base_path = str(config.base_model.model.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError) as error:
+        raise TuneError(f"cannot load the base model's tokenizer from {base_path}: {error}") from None
+    limit = getattr(config.base_model.config(), "max_position_embeddings", None)
+    if window is None:
+        window = min(DEFAULTS["window"], limit or DEFAULTS["window"])
+    if window < 2 or (limit and window > limit):
+        raise TuneError(f"--window is {window}; it must be in [2, {limit}] (the base's max_position_embeddings)")
+    return tokenizer, window
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """The search's settings, as `run_tune` takes them."""
+
+    device: str
+    objective: str
+    general_weight: float
+    budget: int
+    weight_bounds: tuple[float, float]
+    lambda_bounds: tuple[float, float]
+    tolerance: float
+    batch_size: int
+    quiet: bool
+
+
+@dataclass
+class Live:
+    """The model being scored and the store that sets its weights."""
+
+    model: Any
+    store: WeightStore
+    tasks: list[TaskData]
+    batch_size: int
+
+    def set(self, x: Sequence[float]) -> None:
+        """Set the model to the merge at point x = (lambda, weight_1, ...)."""
+        self.store.apply(x[1:], x[0])
+
+    def losses(self, split: str) -> dict[str, torch.Tensor]:
+        return task_losses(self.model, self.tasks, split, self.batch_size)
+
+
+def run_tune(prep: Prepared, *, device: str = "cpu", objective: str = "gain",
+             general_weight: float = DEFAULTS["general_weight"], budget: int = DEFAULTS["budget"],
+             weight_bounds=DEFAULTS["weight_bounds"], lambda_bounds=DEFAULTS["lambda_bounds"],
+             tolerance: float = DEFAULTS["tolerance"], batch_size: int = DEFAULTS["batch_size"],
+             quiet: bool = False) -> dict:
+    """Load the models, build the store, search, and return the report (a dict)."""
+    s = Settings(device, objective, general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance,
+                 batch_size, quiet)
+    clock: dict[str, float] = {}
+    with timed(clock, "total_s"):
+        with timed(clock, "reference_s"):
+            model, reference = score_references(prep, s)
+        objectives = split_objectives(objective, prep.labels, reference, general_weight)
+        with timed(clock, "masks_s"):
+            live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size)
+        with timed(clock, "search_s"):
+            result, points = search(live, objectives["fit"], prep, s)
+        _say(f"Scoring the start and the chosen point on fit and held-out windows ({result.stopped} after "
+             f"{len(points)} evaluations)", quiet)
+        with timed(clock, "final_s"):
+            scores = {"start": score_point(live, objectives, result.history[0][0]),  # the start, clipped
+                      "best": score_point(live, objectives, result.best)}  # the model is left at the chosen point
+    clock["set_weights_mean_s"] = sum(p["set_s"] for p in points) / len(points)
+    clock["evaluate_mean_s"] = sum(p["eval_s"] for p in points) / len(points)
+    tuned = tuned_config(prep.raw, prep.finetunes, result.best[1:], result.best[0])
+    check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0])
+    return assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
+
+
+def load_model(path: str, device: str):
+    """A causal LM in float32, on `device`, in eval mode (without transformers' progress bars)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # ours say what is going on
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
+    """Phase 1: the base on every data set, each fine-tune on its own task.
+    Returns the base model (to become the merged one) and the losses."""
+    import tqdm
+
+    _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
+    model = load_model(str(prep.config.base_model.model.path), s.device)
+    reference = {"base": {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS},
+                 "models": {}}
+    for label, ref, task in tqdm.tqdm(list(zip(prep.labels, prep.finetunes, prep.tasks)),
+                                      desc="Scoring the fine-tunes", unit="model", disable=s.quiet):
+        tuned = load_model(str(ref.model.path), s.device)
+        reference["models"][label] = {split: float(window_losses(tuned, getattr(task, split), s.batch_size).mean())
+                                      for split in SPLITS}
+        del tuned
+    return model, reference
+
+
+def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
+    """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`."""
+    store = build_store(prep.planned, prep.finetunes, model, device=s.device, progress=not s.quiet)
+    if not store.disjoint:
+        _say(
+            f"tune: the models' kept places overlap ({store.shared_places():,} of {store.places():,} places are "
+            "changed by two or more models: overlap: fill with K*n > m, or conflict_aware: false); the weights are "
+            "no longer independent, and every model's pruned tensor is kept in memory",
+            False,
+        )
+    return store
+
+
+def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
+    """The searched numbers (lambda, then each model's weight): names, bounds, start."""
+    names = ["lambda"] + list(prep.labels)
+    bounds = [s.lambda_bounds] + [s.weight_bounds] * len(prep.labels)
+    return names, bounds, (prep.start_lambda, *prep.start_weights)
+
+
+def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tuple[SearchResult, list[dict]]:
+    """Phase 3: the coordinate search on the fit windows; every point evaluated, timed."""
+    import tqdm
+
+    _, bounds, start = search_space(prep, s)
+    points: list[dict] = []
+    bar = tqdm.tqdm(total=s.budget, desc="Tuning", unit="eval", disable=s.quiet)
+
+    def evaluate(x: tuple[float, ...]) -> float:
+        took: dict[str, float] = {}
+        with timed(took, "set_s"):
+            live.set(x)
+            if s.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        with timed(took, "eval_s"):
+            fit = means(live.losses("fit"))
+        score = objective.score(fit)
+        points.append({"lambda": x[0], "weights": dict(zip(prep.labels, x[1:])), "fit_loss": fit, "score": score,
+                       **took})
+        bar.update(1)
+        bar.set_postfix(best=f"{max(p['score'] for p in points):.4f}")
+        return score
+
+    with bar:
+        result = coordinate_search(evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance)
+    return result, points
+
+
+def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> dict:
+    """Phase 4: losses, gains and objective of point x on both splits (the model is left at x)."""
+    live.set(x)
+    out = {}
+    for split in SPLITS:
+        per_window = live.losses(split)
+        losses = means(per_window)
+        out[split] = {"loss": losses, "gain": objectives[split].gains(losses), "score": objectives[split].score(losses),
+                      "window_losses": {k: v.tolist() for k, v in per_window.items()}}
+    return out
+
+
+def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, result: SearchResult,
+                    points: list[dict], scores: dict, clock: dict, tuned: dict) -> dict:
+    """Phase 5: the report (what tune.json holds)."""
+    names, bounds, start = search_space(prep, s)
+    store, labels = live.store, prep.labels
+    model_bytes = sum(t.numel() * t.element_size() for t in live.model.state_dict().values())
+    begin = result.history[0][0]
+    return {
+        "config": str(prep.config_path),
+        "base_model": str(prep.config.base_model),
+        "models": {label: str(ref) for label, ref in zip(labels, prep.finetunes)},
+        "objective": s.objective,
+        "general_weight": s.general_weight if any(t.name == GENERAL for t in prep.tasks) else None,
+        "device": s.device,
+        "data": {t.name: {"file": t.path, "tokens": t.tokens, "window": int(t.fit.shape[1]),
+                          "fit_windows": len(t.fit), "heldout_windows": len(t.heldout)} for t in prep.tasks},
+        "search": {"names": names, "bounds": [list(b) for b in bounds], "start": list(start),
+                   "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped},
+        "supports": {"disjoint": store.disjoint, "shared_places": store.shared_places(), "places": store.places(),
+                     "merged_tensors": len(store.slots), "fixed_tensors": store.fixed},
+        "memory": {"store_bytes": store.nbytes(), "model_bytes": model_bytes,
+                   "store_bytes_per_place": store.nbytes() / max(1, store.places())},
+        "reference": reference,
+        "start": {"lambda": begin[0], "weights": dict(zip(labels, begin[1:])), **scores["start"]},
+        "best": {"lambda": result.best[0], "weights": dict(zip(labels, result.best[1:])), **scores["best"]},
+        "points": points,
+        "time": clock,
+        "tuned_config": tuned,
+    }

@@ -1,0 +1,139 @@
+"""What `tune` maximises and how: the objective over the data sets' losses,
+and a coordinate-wise search with halving steps over a box."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mergekit_cabs.tune.data import SPLITS
+from mergekit_cabs.tune.options import GENERAL, TuneError
+
+# --- the objective -------------------------------------------------------------------
+
+
+@dataclass
+class Objective:
+    kind: str  # "gain" or "loss"
+    tasks: list[str]
+    base: dict[str, float]  # L_base per data set (the split being scored)
+    own: dict[str, float]  # L of model i on task i
+    general_weight: float = 0.0
+
+    def gains(self, losses: dict[str, float]) -> dict[str, float]:
+        """Normalized gain per task, (L_base - L) / (L_base - L_own); for the
+        general set, the relative loss change (L_base - L) / L_base."""
+        out = {t: (self.base[t] - losses[t]) / (self.base[t] - self.own[t]) for t in self.tasks}
+        if GENERAL in losses:
+            out[GENERAL] = (self.base[GENERAL] - losses[GENERAL]) / self.base[GENERAL]
+        return out
+
+    def score(self, losses: dict[str, float]) -> float:
+        """Mean gain over tasks (or minus the mean loss), plus the weighted general term."""
+        general = GENERAL in losses
+        if self.kind == "loss":
+            value = -sum(losses[t] for t in self.tasks) / len(self.tasks)
+            return value - (self.general_weight * losses[GENERAL] if general else 0.0)
+        gains = self.gains(losses)
+        value = sum(gains[t] for t in self.tasks) / len(self.tasks)
+        return value + (self.general_weight * gains[GENERAL] if general else 0.0)
+
+
+def split_objectives(kind: str, tasks: Sequence[str], reference: dict, general_weight: float) -> dict[str, Objective]:
+    """The objective on each split, from the reference losses (`reference["base"][split][task]`,
+    `reference["models"][task][split]`); for "gain", each model must beat the base on its own data."""
+    objectives = {
+        s: Objective(kind, list(tasks), reference["base"][s], {k: v[s] for k, v in reference["models"].items()},
+                     general_weight)
+        for s in SPLITS
+    }
+    if kind == "gain":
+        for label in tasks:
+            for s in SPLITS:
+                base, own = reference["base"][s][label], reference["models"][label][s]
+                gap = base - own
+                if not gap > 0:
+                    raise TuneError(
+                        f"model '{label}' is no better than the base on its own {s} data (loss "
+                        f"{own:.4f} vs base {base:.4f}), so its "
+                        "normalized gain is undefined; check its --data file, or use --objective loss"
+                    )
+    return objectives
+
+
+# --- the search ----------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    best: tuple[float, ...]
+    score: float
+    history: list[tuple[tuple[float, ...], float]]  # every point evaluated, in order
+    stopped: str  # "converged" or "budget"
+
+
+class _Spent(Exception):
+    """The budget is spent."""
+
+
+def coordinate_search(
+    objective: Callable[[tuple[float, ...]], float],
+    start: Sequence[float],
+    bounds: Sequence[tuple[float, float]],
+    *,
+    budget: int,
+    tolerance: float,
+) -> SearchResult:
+    """Maximise `objective` over a box, one coordinate at a time.
+
+    Each coordinate starts with a step of a quarter of its range.  A sweep
+    tries +step and -step on every coordinate in turn and keeps going in a
+    direction while that improves; a sweep that improves nothing halves every
+    step.  Stops when every step is below `tolerance` or after `budget`
+    distinct points (the start included).  Deterministic; a point is never
+    evaluated twice.
+    """
+    if budget < 1:
+        raise ValueError("budget must be >= 1")
+    lows = [float(lo) for lo, _ in bounds]
+    highs = [float(hi) for _, hi in bounds]
+    history: list[tuple[tuple[float, ...], float]] = []
+    seen: dict[tuple[float, ...], float] = {}
+
+    def clip(values) -> tuple[float, ...]:
+        return tuple(round(min(hi, max(lo, v)), 10) for v, lo, hi in zip(values, lows, highs))
+
+    def score(point: tuple[float, ...]) -> float:
+        if point not in seen:
+            if len(seen) >= budget:
+                raise _Spent
+            seen[point] = float(objective(point))
+            history.append((point, seen[point]))
+        return seen[point]
+
+    def moved(point, j, delta):
+        return clip(point[:j] + (point[j] + delta,) + point[j + 1:])
+
+    x = clip(start)
+    fx = score(x)
+    steps = [(hi - lo) / 4 for lo, hi in zip(lows, highs)]
+    stopped = "converged"
+    try:
+        while any(step >= tolerance for step in steps):
+            improved = False
+            for j, step in enumerate(steps):
+                if step < tolerance:
+                    continue
+                for direction in (1, -1):
+                    y = moved(x, j, direction * step)
+                    if y == x or score(y) <= fx:
+                        continue
+                    x, fx, improved = y, seen[y], True
+                    while (z := moved(x, j, direction * step)) != x and score(z) > fx:
+                        x, fx = z, seen[z]
+                    break
+            if not improved:
+                steps = [step / 2 for step in steps]
+    except _Spent:
+        stopped = "budget"
+    return SearchResult(best=x, score=fx, history=history, stopped=stopped)

@@ -1,0 +1,220 @@
+"""The weight store: what rebuilds every merged tensor for any weights and
+lambda, bound to the live model that is scored.
+
+The masks do not depend on the weights, so they are computed once, through
+mergekit's own plan and execution graph.  Per merged tensor a `Slot` keeps:
+
+* where the kept places of the models are disjoint (K * n <= m with
+  ``conflict_aware: true``), one tensor holding, at every kept place, the
+  owning model's weight (``tau = kept - base`` there) and a one-byte owner
+  index: each weight moves its own places only;
+* elsewhere (``overlap: fill`` with K * n > m, or ``conflict_aware: false``)
+  every model's tensor and keep-mask, and the weights interact.
+
+The sum itself is the kernel's (`kernel.disjoint_sum` / `kernel.add_kept`,
+then `kernel.finish`), so a rebuilt tensor has the merge's bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mergekit_cabs.kernel import add_kept, cabs_masks, compute_dtype, disjoint_sum, finish
+from mergekit_cabs.tune.options import TuneError
+
+APPLY_CHUNK = 1 << 22  # elements per step when a weight vector is written
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bit pattern (so -0 differs from +0, and NaN equals itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+@dataclass
+class Slot:
+    """What is needed to rebuild one merged tensor for any weights."""
+
+    name: str
+    models: tuple[int, ...]  # index of each input into the tuner's model list
+    base: torch.Tensor  # flat, in the merge dtype
+    owner: torch.Tensor | None = None  # uint8: 0 = no model, j + 1 = input j
+    kept: torch.Tensor | None = None  # the owner's weight where it keeps, the base elsewhere
+    inputs: list[torch.Tensor] = field(default_factory=list)  # overlapping: every model's tensor
+    masks: list[torch.Tensor] = field(default_factory=list)  # ... and its keep-mask
+    shared: int = 0  # places with a non-zero kept delta from two or more models
+    target: torch.Tensor | None = None  # the live model's tensor
+    save_dtype: torch.dtype | None = None
+
+    @classmethod
+    def make(cls, name, models, base, inputs, masks) -> Slot:
+        """The owner-index form when no place holds a kept change of two models
+        (and there are at most 255 inputs), else every input and mask."""
+        dtype = compute_dtype(base, *inputs)
+        base, inputs = base.reshape(-1), [t.reshape(-1) for t in inputs]
+        masks = [m.reshape(-1) for m in masks]
+        delta = [mask & (t.to(dtype) != base.to(dtype)) for t, mask in zip(inputs, masks)]
+        count = torch.stack(delta).sum(0, dtype=torch.int16) if delta else None
+        shared = int((count > 1).sum()) if count is not None else 0
+        if shared or len(inputs) > 255:
+            return cls(name, models, base, inputs=inputs, masks=masks, shared=shared)
+        owner = torch.zeros(base.numel(), dtype=torch.uint8, device=base.device)
+        kept = base.clone()
+        for j, (t, d) in enumerate(zip(inputs, delta)):
+            owner[d] = j + 1
+            kept[d] = t[d]
+        return cls(name, models, base, owner=owner, kept=kept)
+
+    def nbytes(self) -> int:
+        parts = [self.base, self.owner, self.kept, *self.inputs, *self.masks]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def merged(self, weights: Sequence[float], lam: float, where: slice = slice(None)) -> torch.Tensor:
+        """The merged tensor's elements `where`, for `weights` (indexed like the
+        tuner's model list) and `lam`, in the merge dtype: the kernel's sum."""
+        dtype = compute_dtype(self.base)
+        base = self.base[where]
+        if self.owner is not None:
+            table = torch.tensor([0.0] + [weights[i] for i in self.models], dtype=dtype, device=base.device)
+            tau = self.kept[where].to(dtype) - base.to(dtype)  # 0 where no model keeps a change
+            acc = disjoint_sum(tau, self.owner[where], table)
+        else:
+            base_c = base.to(dtype)
+            acc = torch.zeros_like(base_c)
+            for j, (t, mask) in enumerate(zip(self.inputs, self.masks)):
+                add_kept(acc, mask[where], t[where].to(dtype) - base_c, weights[self.models[j]])
+        return finish(acc, base, lam, self.base.dtype)
+
+    def write(self, weights: Sequence[float], lam: float) -> None:
+        """Write the merged tensor into the live model, a chunk at a time."""
+        flat = self.target.view(-1)
+        for start in range(0, flat.numel(), APPLY_CHUNK):
+            where = slice(start, start + APPLY_CHUNK)
+            value = self.merged(weights, lam, where)
+            flat[where].copy_(value if self.save_dtype is None else value.to(self.save_dtype))
+
+
+class WeightStore:
+    """Pruned task vectors of every merged tensor, bound to a live model."""
+
+    def __init__(self, slots: list[Slot], fixed: int):
+        self.slots = slots
+        self.fixed = fixed  # tensors the weights do not change (written once)
+
+    @property
+    def disjoint(self) -> bool:
+        return all(s.owner is not None for s in self.slots)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.slots)
+
+    def shared_places(self) -> int:
+        return sum(s.shared for s in self.slots)
+
+    def places(self) -> int:
+        return sum(s.base.numel() for s in self.slots)
+
+    def apply(self, weights: Sequence[float], lam: float) -> None:
+        """Set the live model to the merge at `weights` and `lam`."""
+        with torch.no_grad():
+            for slot in self.slots:
+                slot.write(weights, lam)
+
+
+# --- building the store from mergekit's merge ---------------------------------------
+
+
+class SlotCollector:
+    """Handed every cabs merge mergekit runs (`method.capture_merges`): makes
+    the tensor's slot and checks it rebuilds the merge's result bit for bit."""
+
+    def __init__(self, finetunes):
+        self.size = len(finetunes)
+        self.index = {ref: i for i, ref in enumerate(finetunes)}
+        self.pending: dict[str, Slot] = {}
+
+    def __call__(self, group, parameters, result) -> None:
+        from mergekit_cabs.method import resolve_group
+
+        base, entries = group.base.tensor, group.non_base
+        if not entries or base.numel() == 0:
+            return
+        r = resolve_group(group, parameters)
+        quotas, m = r.kernel_quotas(base.numel())
+        masks = cabs_masks(base, [e.tensor for e in entries], quotas, m,
+                           overlap=r.overlap, conflict_aware=r.conflict_aware)
+        slot = Slot.make(group.metadata.name, tuple(self.index[e.id] for e in entries), base,
+                         [e.tensor for e in entries], masks)
+        weights = [0.0] * self.size
+        for i, w in zip(slot.models, r.weights):
+            weights[i] = w
+        if not same_bits(slot.merged(weights, r.lam).view(result.shape), result):
+            raise RuntimeError(f"tune: rebuilding tensor '{slot.name}' did not give the merge's bits (a bug)")
+        self.pending[slot.name] = slot
+
+
+def build_store(planned, finetunes, model, *, device: str, progress: bool = True) -> WeightStore:
+    """Run mergekit's merge tasks for every planned tensor (at the configured
+    weights), keep what rebuilds each cabs result for other weights, and write
+    every result into `model`.  Each slot is checked to rebuild the configured
+    merge bit for bit."""
+    import tqdm
+
+    from mergekit_cabs import _mergekit
+    from mergekit_cabs.method import capture_merges
+
+    state = model.state_dict()
+    collect = SlotCollector(finetunes)
+    by_task = {p.task: p for p in planned}
+    slots, fixed = [], 0
+    with capture_merges(collect), tqdm.tqdm(total=len(by_task), desc="Masks", unit="tensor",
+                                            disable=not progress) as bar:
+        for task, result in _mergekit.execute(list(by_task), device):
+            p = by_task[task]
+            target, save = write_result(p, result, state)
+            slot = collect.pending.pop(p.name, None)
+            if slot is None:
+                fixed += 1
+            else:
+                slot.target, slot.save_dtype = target, save
+                slots.append(slot)
+            bar.update(1)
+    check_covered(planned, state)
+    return WeightStore(slots, fixed)
+
+
+def write_result(p, result: torch.Tensor | None, state: dict) -> tuple[torch.Tensor, torch.dtype | None]:
+    """Copy mergekit's result for planned tensor `p` into the model's tensor
+    (cast as mergekit-yaml saves it); that tensor and the save dtype."""
+    from mergekit_cabs import _mergekit
+
+    if result is None:
+        raise TuneError(f"mergekit writes no tensor '{p.name}' for this configuration; tune cannot score it")
+    target = state.get(p.name)
+    if target is None or target.shape != result.shape:
+        shape = None if target is None else tuple(target.shape)
+        raise TuneError(
+            f"the merged tensor '{p.name}' {tuple(result.shape)} does not fit the base model's "
+            f"{'(missing)' if shape is None else shape}; tune needs the merge to keep the base's architecture"
+        )
+    save = _mergekit.dtype_from_name(p.save_dtype) if p.save_dtype else None
+    with torch.no_grad():
+        target.copy_(result if save is None else result.to(save))
+    return target, save
+
+
+def check_covered(planned, state: dict) -> None:
+    """Every tensor of the model (tied ones count once) is one the plan merges."""
+    covered = {p.name for p in planned}
+    covered_ptrs = {state[n].data_ptr() for n in covered if n in state}
+    missing = [n for n, t in state.items() if n not in covered and t.data_ptr() not in covered_ptrs]
+    if missing:
+        raise TuneError(
+            f"mergekit's plan writes no tensor for {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; tune needs every weight of the base model merged"
+        )
