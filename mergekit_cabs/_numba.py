@@ -138,6 +138,27 @@ def _load(src, start, stop, bf16, out, out_bits):
             out[j] = block[j]
 
 
+def _select(keys, length, q, takes, hist, pool):
+    """takes[:length] = the q top-ranked keys of keys[:length] (1 <= q),
+    ties at the threshold going to the lowest indices."""
+    if q >= length:
+        for j in range(length):
+            takes[j] = True
+        return
+    threshold, at_least = _threshold(keys, length, q, hist, pool)
+    for j in range(length):
+        takes[j] = keys[j] >= threshold
+    # Not every key equal to the threshold may fit: the lowest indices
+    # go in, so the last (at_least - q) of them stay out.
+    drop = at_least - q
+    j = length - 1
+    while drop > 0:
+        if keys[j] == threshold:
+            takes[j] = False
+            drop -= 1
+        j -= 1
+
+
 def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, bv, bv_bits,
                 tau, tau_bits, keys, takes, hist, pool, mask,
                 block_size, quota, tail_quota, weight, free_bit, infinity, strict, aware, want_mask):
@@ -175,22 +196,7 @@ def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, b
         if q <= 0:
             start = stop
             continue
-        if q >= length:
-            for j in range(length):
-                takes[j] = True
-        else:
-            threshold, at_least = _threshold(keys, length, q, hist, pool)
-            for j in range(length):
-                takes[j] = keys[j] >= threshold
-            # Not every key equal to the threshold may fit: the lowest indices
-            # go in, so the last (at_least - q) of them stay out.
-            drop = at_least - q
-            j = length - 1
-            while drop > 0:
-                if keys[j] == threshold:
-                    takes[j] = False
-                    drop -= 1
-                j -= 1
+        _select(keys, length, q, takes, hist, pool)
         if strict:
             for j in range(length):
                 takes[j] = takes[j] and not c_block[j]
@@ -229,6 +235,7 @@ def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16)
 
 
 _cache_said = False  # the no-cache line is said once per process
+_repair_said = False  # and so is the damaged-cache line
 
 
 def _no_cache(reason: BaseException) -> None:
@@ -263,8 +270,24 @@ class _GuardedCache:
         try:
             return self._cache.load_overload(sig, target_context)
         except Exception as err:  # unreadable or damaged: compile instead
-            self._off(err)
+            self._repair(err)
             return None
+
+    def _repair(self, reason: BaseException) -> None:
+        """Empty a damaged cache index, so that what is compiled now replaces
+        it; where even that fails, go on without the cache."""
+        global _repair_said
+        try:
+            self._cache.flush()
+        except Exception:  # noqa: BLE001 (not writable either)
+            self._off(reason)
+            return
+        if not _repair_said:
+            _repair_said = True
+            sys.stderr.write(
+                f"mergekit-cabs: numba's cache of compiled code in {self._cache.cache_path} could not be read "
+                f"({reason}); compiling again and replacing it\n"
+            )
 
     def save_overload(self, sig, data):
         try:
@@ -298,6 +321,7 @@ def _jit(func):
 if numba is not None:
     _threshold = _jit(_threshold)
     _load = _jit(_load)
+    _select = _jit(_select)
     _model_pass = _jit(_model_pass)
     _finish = _jit(_finish)
 

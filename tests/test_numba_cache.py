@@ -116,17 +116,24 @@ def test_with_a_cache_nothing_is_said(tmp_path):
     assert (second.stdout.strip(), second.stderr) == ("same", "")
 
 
-def test_damaged_cache_index_is_not_fatal(tmp_path):
-    """A cache index cut short: compile again, say so once."""
+def test_damaged_cache_is_rebuilt_and_said_once(tmp_path):
+    """Cache indexes cut short or overwritten with junk: compile again, say so
+    once naming where the cache is, and replace it, so the next process is
+    silent again."""
     optional("numba", "numba")
     cache_dir = tmp_path / "cache"
     assert _run("", cache_dir).returncode == 0
-    indexes = list(cache_dir.rglob("*.nbi"))
-    assert indexes
-    for index in indexes:
-        index.write_bytes(b"")
+    indexes = sorted(cache_dir.rglob("*.nbi"))
+    assert len(indexes) >= 2
+    for i, index in enumerate(indexes):
+        index.write_bytes(b"" if i % 2 else b"\xeb" * 64)
     proc = _run("", cache_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip() == "same"
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergekit-cabs: numba cannot cache"), proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"mergekit-cabs: numba's cache of compiled code in {cache_dir}"), lines
+    assert lines[0].endswith("compiling again and replacing it"), lines
+    again = _run("", cache_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert (again.stdout.strip(), again.stderr) == ("same", "")
