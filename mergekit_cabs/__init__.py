@@ -10,9 +10,10 @@ from mergekit_cabs import _autoload
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "cabs_merge", "cabs_masks", "cabs_method", "install"]
+__all__ = ["__version__", "CabsError", "cabs_merge", "cabs_masks", "cabs_method", "install"]
 
 _LAZY = {
+    "CabsError": "mergekit_cabs.params",
     "cabs_merge": "mergekit_cabs.kernel",
     "cabs_masks": "mergekit_cabs.kernel",
     "cabs_method": "mergekit_cabs.method",

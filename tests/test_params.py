@@ -274,6 +274,16 @@ def test_config_errors_are_value_errors_of_the_package():
     assert issubclass(CabsConfigError, CabsError) and issubclass(CabsError, ValueError)
 
 
+def test_every_error_a_command_reports_is_the_one_public_error_type():
+    import mergekit_cabs
+    from mergekit_cabs.analyze import AnalyzeError
+    from mergekit_cabs.planning import PlanError
+    from mergekit_cabs.tune import TuneError
+
+    assert mergekit_cabs.CabsError is CabsError
+    assert all(issubclass(e, CabsError) for e in (AnalyzeError, PlanError, TuneError))
+
+
 def test_the_suggested_minimum_density_is_accepted():
     with pytest.raises(CabsConfigError) as info:
         resolve(S(), [("a", {"density": 0.001})], None)
