@@ -600,3 +600,35 @@ def test_a_tool_name_does_not_hide_an_unknown_one_after_it():
     body = dict(parameters={"normalize": True, "densty": 0.5}, models=models(("org/a", None)))
     with pytest.raises(CabsConfigError, match=r"unknown parameter 'densty'"):
         check_parameter_names(config(**body))
+
+
+# --- found by these tables, fixed in params.py ----------------------------------
+
+@pytest.mark.parametrize("name", ["weight", "lambda"])
+def test_an_integer_too_large_for_a_float_is_refused_by_name(name):
+    from pydantic import TypeAdapter
+
+    spec = next(p for p in params.PARAMETERS if p.name == name)
+    huge = TypeAdapter(spec.type).validate_python(10**400)  # coercion leaves it as it is
+    assert huge == 10**400
+    shared, model = (S(lam=huge), {}) if name == "lambda" else (S(), {"weight": huge})
+    with pytest.raises(CabsConfigError, match=rf"'{name}' .*finite number"):
+        resolve(shared, [("a", model)], None)
+
+
+def test_balanced_false_quotas_that_round_past_a_small_tensor_are_said():
+    """Densities 0.5 + 0.5 fit, but on 3 elements each rounds to 2 places: 4 > 3."""
+    r = resolve(S(balanced=False), [("a", {"density": 0.5}), ("b", {"density": 0.5})], "tiny")
+    assert r.kernel_quotas(3) == ([2, 2], 3)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger(LOGGER).addHandler(handler)
+    try:
+        params.warn_short_block_overlap(r, 3, "tiny")
+        params.warn_short_block_overlap(r, 4, "even")  # 2 + 2 = 4: fits, nothing said
+    finally:
+        logging.getLogger(LOGGER).removeHandler(handler)
+    said = [rec.getMessage() for rec in records]
+    assert len(said) == 1
+    assert said[0].startswith("cabs: in tensor 'tiny' of 3 elements the rounded quotas [2, 2] add up to more than 3")
