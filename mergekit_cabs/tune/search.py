@@ -3,6 +3,7 @@ and a coordinate-wise search with halving steps over a box."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +77,48 @@ class _Spent(Exception):
     """The budget is spent."""
 
 
+class _Box:
+    """The objective over a box: points clipped into it, each scored once,
+    at most `budget` of them."""
+
+    def __init__(self, objective, bounds, budget: int):
+        self.objective, self.budget = objective, budget
+        self.lows = [float(lo) for lo, _ in bounds]
+        self.highs = [float(hi) for _, hi in bounds]
+        self.seen: dict[tuple[float, ...], float] = {}
+        self.history: list[tuple[tuple[float, ...], float]] = []
+        self.x: tuple[float, ...] = ()  # the current (best) point and its score
+        self.fx = -math.inf
+
+    def clip(self, values) -> tuple[float, ...]:
+        return tuple(round(min(hi, max(lo, v)), 10) for v, lo, hi in zip(values, self.lows, self.highs))
+
+    def score(self, point: tuple[float, ...]) -> float:
+        if point not in self.seen:
+            if len(self.seen) >= self.budget:
+                raise _Spent
+            self.seen[point] = float(self.objective(point))
+            self.history.append((point, self.seen[point]))
+        return self.seen[point]
+
+    def moved(self, point: tuple[float, ...], j: int, delta: float) -> tuple[float, ...]:
+        return self.clip(point[:j] + (point[j] + delta,) + point[j + 1:])
+
+    def improve_along(self, j: int, step: float) -> bool:
+        """From the current point, try +step then -step on coordinate j and keep
+        going while that improves; whether it moved.  The current point is
+        always the best so far, also when the budget runs out mid-way."""
+        for direction in (1, -1):
+            y = self.moved(self.x, j, direction * step)
+            if y == self.x or self.score(y) <= self.fx:
+                continue
+            self.x, self.fx = y, self.seen[y]
+            while (z := self.moved(self.x, j, direction * step)) != self.x and self.score(z) > self.fx:
+                self.x, self.fx = z, self.seen[z]
+            return True
+        return False
+
+
 def coordinate_search(
     objective: Callable[[tuple[float, ...]], float],
     start: Sequence[float],
@@ -95,45 +138,19 @@ def coordinate_search(
     """
     if budget < 1:
         raise ValueError("budget must be >= 1")
-    lows = [float(lo) for lo, _ in bounds]
-    highs = [float(hi) for _, hi in bounds]
-    history: list[tuple[tuple[float, ...], float]] = []
-    seen: dict[tuple[float, ...], float] = {}
-
-    def clip(values) -> tuple[float, ...]:
-        return tuple(round(min(hi, max(lo, v)), 10) for v, lo, hi in zip(values, lows, highs))
-
-    def score(point: tuple[float, ...]) -> float:
-        if point not in seen:
-            if len(seen) >= budget:
-                raise _Spent
-            seen[point] = float(objective(point))
-            history.append((point, seen[point]))
-        return seen[point]
-
-    def moved(point, j, delta):
-        return clip(point[:j] + (point[j] + delta,) + point[j + 1:])
-
-    x = clip(start)
-    fx = score(x)
-    steps = [(hi - lo) / 4 for lo, hi in zip(lows, highs)]
+    box = _Box(objective, bounds, budget)
+    box.x = box.clip(start)
+    box.fx = box.score(box.x)
+    steps = [(hi - lo) / 4 for lo, hi in zip(box.lows, box.highs)]
     stopped = "converged"
     try:
         while any(step >= tolerance for step in steps):
             improved = False
             for j, step in enumerate(steps):
-                if step < tolerance:
-                    continue
-                for direction in (1, -1):
-                    y = moved(x, j, direction * step)
-                    if y == x or score(y) <= fx:
-                        continue
-                    x, fx, improved = y, seen[y], True
-                    while (z := moved(x, j, direction * step)) != x and score(z) > fx:
-                        x, fx = z, seen[z]
-                    break
+                if step >= tolerance and box.improve_along(j, step):
+                    improved = True
             if not improved:
                 steps = [step / 2 for step in steps]
     except _Spent:
         stopped = "budget"
-    return SearchResult(best=x, score=fx, history=history, stopped=stopped)
+    return SearchResult(best=box.x, score=box.fx, history=box.history, stopped=stopped)
