@@ -77,11 +77,10 @@ def write_config(directory: Path, paths: dict[str, Path]) -> Path:
 
 def _settings(config_path: Path):
     """(resolved cabs parameters, fine-tune paths, base path) as the YAML gives them."""
-    import yaml
-
     from mergekit_cabs.params import PARAMETERS, resolve
+    from mergekit_cabs.planning import read_yaml
 
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    raw = read_yaml(config_path)
     shared = {p.name: p.default for p in PARAMETERS if p.shared}
     shared.update(raw.get("parameters") or {})
     per_model = [(str(m["model"]), m.get("parameters") or {}) for m in raw["models"]]
@@ -141,12 +140,12 @@ def check_loads(out: Path, echo: Callable[[str], None]) -> None:
 
 def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> Path:
     """Build, write the YAML, merge with mergekit, check; returns the config's path."""
-    import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     import mergekit_cabs  # noqa: F401  (registers cabs)
+    from mergekit_cabs.planning import read_yaml
 
     out = directory / "merged"
     directory.mkdir(parents=True, exist_ok=True)
@@ -154,7 +153,7 @@ def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> Path:
     config_path = write_config(directory, build_models(directory, seed))
     echo(f"Wrote {config_path}")
     echo("Merging with mergekit (merge_method: cabs)")
-    config = MergeConfiguration.model_validate(yaml.safe_load(config_path.read_text(encoding="utf-8")))
+    config = MergeConfiguration.model_validate(read_yaml(config_path))
     run_merge(config, str(out), MergeOptions(copy_tokenizer=True, quiet=False))
     check_merge(config_path, out, echo)
     check_loads(out, echo)

@@ -145,11 +145,16 @@ def is_ours(method_name: str) -> bool:
     return method_name in names
 
 
-def check_planned(task: _mergekit.PlannedTask) -> None:
-    """Check the parameters mergekit resolved for one planned tensor."""
-    once.planning(task.name)
+def resolve_planned(task: _mergekit.PlannedTask) -> Resolved:
+    """The checked parameters of one tensor, as mergekit planned them."""
     per_model = [(_label(m), task.per_model[m]) for m in task.models]
-    resolve(task.shared, per_model, task.name)
+    return resolve(task.shared, per_model, task.name)
+
+
+def check_planned(task: _mergekit.PlannedTask) -> None:
+    """Check one planned tensor while mergekit plans (said-once warnings per merge)."""
+    once.planning(task.name)
+    resolve_planned(task)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_cabs import _mergekit
-from mergekit_cabs.params import ALT_NAME, NAME, CabsError, Resolved, check_parameter_names, resolve
+from mergekit_cabs.params import ALT_NAME, NAME, CabsError, Resolved, check_parameter_names
 
 
 class PlanError(CabsError):
@@ -134,11 +134,12 @@ def plan(config, options=None) -> list[PlannedTensor]:
     except AttributeError as error:  # a mergekit release that changed an internal
         raise PlanError(f"this mergekit is not one mergekit-cabs can plan with ({error}); "
                         "mergekit-cabs works with mergekit 0.1.x") from None
+    from mergekit_cabs.method import resolve_planned
+
     planned = []
     for order, (task, save_dtype) in enumerate(tasks):
-        per_model = [(str(m), task.per_model[m]) for m in task.models]
         with quiet_cabs_log():
-            resolved = resolve(task.shared, per_model, task.name)
+            resolved = resolve_planned(task)
         planned.append(PlannedTensor(order, task.name, task.task, task.inputs, task.base, list(task.models),
                                      resolved, save_dtype))
     return planned

@@ -78,16 +78,15 @@ class Slot:
         """The merged tensor's elements `where`, for `weights` (indexed like the
         tuner's model list) and `lam`, in the merge dtype: the kernel's sum."""
         dtype = compute_dtype(self.base)
-        base = self.base[where]
+        base = self.base[where].to(dtype)  # converted once, for tau and for the final add
         if self.owner is not None:
             table = torch.tensor([0.0] + [weights[i] for i in self.models], dtype=dtype, device=base.device)
-            tau = self.kept[where].to(dtype) - base.to(dtype)  # 0 where no model keeps a change
+            tau = self.kept[where].to(dtype) - base  # 0 where no model keeps a change
             acc = disjoint_sum(tau, self.owner[where], table)
         else:
-            base_c = base.to(dtype)
-            acc = torch.zeros_like(base_c)
+            acc = torch.zeros_like(base)
             for j, (t, mask) in enumerate(zip(self.inputs, self.masks)):
-                add_kept(acc, mask[where], t[where].to(dtype) - base_c, weights[self.models[j]])
+                add_kept(acc, mask[where], t[where].to(dtype) - base, weights[self.models[j]])
         return finish(acc, base, lam, self.base.dtype)
 
     def write(self, weights: Sequence[float], lam: float) -> None:
