@@ -8,7 +8,12 @@ cabs on the same Llama-shaped models, in one run.
 
 Each merge runs as its own `mergekit-yaml CONFIG OUT --no-copy-tokenizer`
 process (plus any `--mergekit-arg`), measured by a small wrapper process: wall
-time and the peak resident memory (RSS) of the merge process.  Runs are
+time, the peak resident memory (RSS) of the merge process, and the peak of
+its anonymous memory (Linux's RssAnon, sampled every 20 ms).  RSS counts the
+pages of the memory-mapped model files a merge has read, which the page cache
+can give back under pressure; anonymous memory cannot be given back.  The
+cost per billion parameters of one model (wall seconds, RSS bytes per
+parameter) is printed too.  Runs are
 interleaved (every method once, then again), the model files are read once
 before the first run so every method finds them in the page cache, and each
 figure is the median over the repeats.  Results go to the terminal as a table
@@ -125,6 +130,22 @@ def config_for(method: str, base: Path, fine_tunes: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parameter_count(model: Path) -> int:
+    """Parameters of one model, from its safetensors headers (no tensor read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in Path(model).glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count
+    return total
+
+
 def measure(command: list) -> dict:
     """Run `command` in a wrapper process that reports its wall time and peak RSS."""
     wrapper = [sys.executable, __file__, "--measure-child", "--", *command]
@@ -134,15 +155,62 @@ def measure(command: list) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def anonymous_kib(pid: int) -> int:
+    """The process's resident memory that is not file-backed (Linux: RssAnon), in KiB; 0 elsewhere."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def measure_child(command: list) -> None:
+    """Run `command`; print its wall time, its peak RSS, and the peak of its
+    anonymous memory (sampled every 20 ms): the part of RSS that the page
+    cache cannot give back, unlike the pages of memory-mapped model files."""
     start = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        sys.stderr.write(done.stderr)
-        sys.exit(done.returncode)
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        peak_anon = 0
+        while child.poll() is None:
+            peak_anon = max(peak_anon, anonymous_kib(child.pid))
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        if child.returncode:
+            errors.seek(0)
+            sys.stderr.write(errors.read())
+            sys.exit(child.returncode)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"wall_s": wall, "peak_rss_gb": peak_kib * 1024 / 1e9}))
+    print(json.dumps({"wall_s": wall, "peak_rss_gb": peak_kib * 1024 / 1e9, "peak_anon_gb": peak_anon * 1024 / 1e9}))
+
+
+def report(results: dict, params: int) -> dict:
+    """Print the medians, the ratios to task_arithmetic, and the cost per
+    billion parameters of one model (wall s, and peak RSS in bytes per
+    parameter); return the medians."""
+    ref = "task_arithmetic" if "task_arithmetic" in results else None
+    summary = {}
+    for method, runs in results.items():
+        wall = statistics.median(r["wall_s"] for r in runs)
+        rss = statistics.median(r["peak_rss_gb"] for r in runs)
+        anon = statistics.median(r.get("peak_anon_gb", 0.0) for r in runs)
+        summary[method] = {"wall_s": wall, "peak_rss_gb": rss, "peak_anon_gb": anon, "runs": runs,
+                           "wall_s_per_b": wall / (params / 1e9), "rss_bytes_per_param": rss * 1e9 / params}
+    print(f"{'method':16s} {'wall s':>8s} {'peak RSS GB':>12s} {'anon GB':>8s} {'s / B':>7s} {'RSS B/param':>12s}"
+          f" {'wall / TA':>10s} {'RSS / TA':>9s}")
+    for method, row in summary.items():
+        ratio = ""
+        if ref:
+            wall_ratio = row["wall_s"] / summary[ref]["wall_s"]
+            rss_ratio = row["peak_rss_gb"] / summary[ref]["peak_rss_gb"]
+            ratio = f"{wall_ratio:10.2f} {rss_ratio:9.2f}"
+        print(f"{method:16s} {row['wall_s']:8.1f} {row['peak_rss_gb']:12.2f} {row['peak_anon_gb']:8.2f}"
+              f" {row['wall_s_per_b']:7.1f}"
+              f" {row['rss_bytes_per_param']:12.2f} {ratio}")
+    return summary
 
 
 def main() -> None:
@@ -184,30 +252,21 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(out)], check=True)
             r = measure([mergekit_yaml, str(cfg), str(out), "--no-copy-tokenizer", *args.mergekit_arg])
             results[method].append(r)
-            print(f"  run {rep + 1}: {method:16s} {r['wall_s']:7.1f} s  {r['peak_rss_gb']:5.2f} GB",
+            print(f"  run {rep + 1}: {method:16s} {r['wall_s']:7.1f} s  {r['peak_rss_gb']:5.2f} GB"
+                  f" (anonymous {r['peak_anon_gb']:5.2f} GB)",
                   file=sys.stderr, flush=True)
             subprocess.run(["rm", "-rf", str(out)], check=True)
 
     import torch  # only for the report
 
-    print(f"\n{len(fine_tunes)} fine-tunes, bf16, density 0.25, cabs block 256; "
+    params = parameter_count(base)
+    print(f"\n{len(fine_tunes)} fine-tunes of {params / 1e9:.3f}B parameters, bf16, density 0.25, "
+          f"cabs block 256; mergekit-yaml {' '.join(args.mergekit_arg) or '(no options)'}; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; median of {args.repeats}")
-    ref = "task_arithmetic" if "task_arithmetic" in results else None
-    summary = {}
-    print(f"{'method':16s} {'wall s':>8s} {'peak RSS GB':>12s} {'wall / TA':>10s} {'RSS / TA':>9s}")
-    for method, runs in results.items():
-        wall = statistics.median(r["wall_s"] for r in runs)
-        rss = statistics.median(r["peak_rss_gb"] for r in runs)
-        summary[method] = {"wall_s": wall, "peak_rss_gb": rss, "runs": runs}
-    for method, row in summary.items():
-        ratio = ""
-        if ref:
-            wall_ratio = row["wall_s"] / summary[ref]["wall_s"]
-            rss_ratio = row["peak_rss_gb"] / summary[ref]["peak_rss_gb"]
-            ratio = f"{wall_ratio:10.2f} {rss_ratio:9.2f}"
-        print(f"{method:16s} {row['wall_s']:8.1f} {row['peak_rss_gb']:12.2f} {ratio}")
+    summary = report(results, params)
     if args.json:
-        args.json.write_text(json.dumps({"fine_tunes": len(fine_tunes), "results": summary}, indent=1))
+        args.json.write_text(json.dumps({"fine_tunes": len(fine_tunes), "parameters": params,
+                                         "mergekit_args": args.mergekit_arg, "results": summary}, indent=1))
     shutil.rmtree(work)  # configs, and the models unless --models-dir kept them elsewhere
 
 

@@ -130,6 +130,70 @@ def test_cli_is_the_plain_console_script(cli_two):
     assert len(command) == 3
 
 
+# ---------------------------------------------------------------------------
+# mergekit's device and memory options (those that run without a GPU)
+# ---------------------------------------------------------------------------
+
+CPU_OPTIONS = {
+    "device-cpu": ["--device", "cpu"],
+    "low-cpu-memory": ["--low-cpu-memory"],
+    "one-thread": ["-j", "1"],
+    "async-write": ["--async-write"],
+    "clone-tensors": ["--clone-tensors"],
+}
+
+
+def assert_same_bits(got: dict, want: dict) -> None:
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name].view(torch.int16), tensor.view(torch.int16)), name
+
+
+@pytest.mark.parametrize("option", sorted(CPU_OPTIONS))
+def test_mergekit_cpu_options_give_the_same_bits(cli_two, option, tmp_path):
+    config, out, _ = cli_two
+    proc = run_cli(config, tmp_path / "c.yml", tmp_path / "out", CPU_OPTIONS[option])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_bits(load_output(tmp_path / "out"), load_output(out))
+
+
+def test_out_shard_size_splits_the_output_and_keeps_the_bits(cli_two, tmp_path):
+    config, out, _ = cli_two
+    want = load_output(out)
+    third = sum(t.numel() for t in want.values()) // 3
+    proc = run_cli(config, tmp_path / "c.yml", tmp_path / "out", ["--out-shard-size", str(third)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 3
+    assert_same_bits(load_output(tmp_path / "out"), want)
+
+
+def test_lazy_unpickle_of_pickled_checkpoints_gives_the_same_bits(bf16_family, cli_two, tmp_path):
+    """`--lazy-unpickle` matters for `pytorch_model.bin` checkpoints: the same
+    models saved that way merge to the same bits as their safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base, tunes = bf16_family
+    config, out, _ = cli_two
+    moved = {}
+    for model in [base, *tunes[:2]]:
+        target = tmp_path / Path(model.path).name
+        target.mkdir()
+        shutil.copy(Path(model.path) / "config.json", target / "config.json")
+        state = load_file(str(Path(model.path) / "model.safetensors"))
+        torch.save(state, target / "pytorch_model.bin")
+        moved[str(model.path)] = str(target)
+    pickled = json.loads(json.dumps(config))
+    pickled["base_model"] = moved[pickled["base_model"]]
+    for entry in pickled["models"]:
+        entry["model"] = moved[entry["model"]]
+    proc = run_cli(pickled, tmp_path / "c.yml", tmp_path / "out", ["--lazy-unpickle"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_bits(load_output(tmp_path / "out"), load_output(out))
+
+
 def test_cli_model_card_names_cabs(cli_two):
     _, out, _ = cli_two
     card = (out / "README.md").read_text()
