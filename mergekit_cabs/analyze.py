@@ -31,7 +31,10 @@ Definitions (per tensor; "overall" sums the counts over tensors first):
   coefficient of variation (population std / mean), min and max;
 * layer balance: kept / numel per layer (layer index from ``.layers.<i>.`` in
   the output tensor name; other tensors form the group ``other``, which is
-  reported but left out of the spread across layers).
+  reported but left out of the spread across layers);
+* order: each model's cabs norm ratio if it chose first (its own top-n per
+  block among all places) and if it chose last (after the other models in
+  their planned order); see `suggest_order` for the rule built on them.
 
 Precision: task vectors are taken in float32 (float64 when an input is
 float64) from the tensors as mergekit loads them for the merge (after its
@@ -136,6 +139,29 @@ def rule_masks(
     return {"cabs": cabs, "ties": ties, "dare": dare}
 
 
+def position_masks(
+    base: torch.Tensor, models: Sequence[torch.Tensor], resolved, planned: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Flat cabs keep-masks of every model if it chose first and if it chose
+    last (the others before it in their planned order); `planned` are the
+    configured order's flat masks (reused for the model planned last).
+
+    Choosing first means choosing among all places, which is what
+    conflict_aware: false gives every model; with conflict_aware: false the
+    order changes nothing, so first = last = planned."""
+    if not resolved.conflict_aware or len(models) < 2:
+        return list(planned), list(planned)
+    quotas, length = resolved.kernel_quotas(base.numel())
+    first = cabs_masks(base, models, quotas, length, overlap=resolved.overlap, conflict_aware=False)
+    last = []
+    for i in range(len(models) - 1):
+        order = [j for j in range(len(models)) if j != i] + [i]
+        masks = cabs_masks(base, [models[j] for j in order], [quotas[j] for j in order], length,
+                           overlap=resolved.overlap, conflict_aware=True)
+        last.append(masks[-1].reshape(-1))
+    return [m.reshape(-1) for m in first], last + [planned[-1]]
+
+
 def unavoidable_overlap(resolved, numel: int) -> dict | None:
     """Where the quotas of a tensor add up to more than its room (conflict-aware only).
 
@@ -191,6 +217,7 @@ class TensorRecord:
     row_length: int | None = None
     pairs: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)  # (i, j, inter, union)
     shared: dict[str, int] = field(default_factory=dict)
+    position_sq: dict[str, list[float]] = field(default_factory=dict)  # "first"/"last": kept squares (cabs)
 
     @property
     def numel(self) -> int:
@@ -226,7 +253,13 @@ class TensorRecord:
             "row_length": self.row_length,
             "tau_sq_sum": dict(zip(self.models, self.tau_sq)),
             "unavoidable_overlap": self.unavoidable, "rules": rules,
+            "order": {label: self._order_json(i) for i, label in enumerate(self.models)},
         }
+
+    def _order_json(self, i: int) -> dict:
+        first, last = self.position_sq["first"][i], self.position_sq["last"][i]
+        return {"first_kept_sq_sum": first, "first_norm_ratio": _sqrt_ratio(first, self.tau_sq[i]),
+                "last_kept_sq_sum": last, "last_norm_ratio": _sqrt_ratio(last, self.tau_sq[i])}
 
 
 def measure_tensor(
@@ -268,14 +301,20 @@ def measure_tensor(
         ]
         holders = torch.stack(kept_places).sum(0, dtype=torch.int32)
         record.shared[rule] = int((holders >= 2).sum())
+    first, last = position_masks(base, models, resolved, masks["cabs"])
+    for where, where_masks in (("first", first), ("last", last)):
+        record.position_sq[where] = [
+            float(torch.where(m, tau, 0).to(torch.float64).square().sum()) for m, tau in zip(where_masks, taus)
+        ]
     return record
 
 
 # --- the whole model ------------------------------------------------------------
 
 
-def analyze(config, *, seed: int = 0, options=None, progress: bool = True) -> dict:
-    """Plan `config` with mergekit, measure every cabs tensor, return the report dict."""
+def analyze(config, *, seed: int = 0, options=None, progress: bool = True, source: str | None = None) -> dict:
+    """Plan `config` with mergekit, measure every cabs tensor, return the report dict
+    (`source`: the configuration file's path, named in the report and the plots)."""
     planned = plan(config, options)
     records: dict[int, TensorRecord] = {}
     skipped = []
@@ -289,7 +328,7 @@ def analyze(config, *, seed: int = 0, options=None, progress: bool = True) -> di
             p.name, base, [tensors[m] for m in p.models], [str(m) for m in p.models], p.resolved, seed
         )
     ordered = [records[k] for k in sorted(records)]
-    return build_report(ordered, skipped, base_model=str(config.base_model), seed=seed)
+    return build_report(ordered, skipped, base_model=str(config.base_model), seed=seed, config=source)
 
 
 def _skip_reason(p: PlannedTensor, tensors: dict) -> str | None:
@@ -318,9 +357,11 @@ class _Totals:
     pairs: dict = field(default_factory=dict)  # (model, model) -> rule -> [inter, union]
     shared: dict = field(default_factory=lambda: {rule: 0 for rule in RULES})
     by_layer: dict = field(default_factory=dict)
+    position_sq: dict = field(default_factory=dict)  # model -> "first"/"last" -> kept squares (cabs)
 
     def __post_init__(self):
         self.per_model = {m: {rule: _ModelTotals() for rule in RULES} for m in self.models}
+        self.position_sq = {m: {"first": 0.0, "last": 0.0} for m in self.models}
         self.by_layer = {
             layer: {"numel": 0, "shared": {rule: 0 for rule in RULES},
                     "pairs": {rule: [0, 0] for rule in RULES},
@@ -332,6 +373,9 @@ class _Totals:
     def add(self, r: TensorRecord) -> None:
         lt = self.by_layer[r.layer]
         lt["numel"] += r.numel
+        for i, m in enumerate(r.models):
+            for where in ("first", "last"):
+                self.position_sq[m][where] += r.position_sq[where][i]
         for rule in RULES:
             self.shared[rule] += r.shared[rule]
             lt["shared"][rule] += r.shared[rule]
@@ -374,6 +418,20 @@ class _Totals:
             "layer_cv": spread.cv, "layer_density_min": _finite(spread.lo), "layer_density_max": _finite(spread.hi),
         }
 
+    def order_summary(self) -> dict:
+        """Kept-norm ratios (cabs) first, as planned and last per model, and the suggested order."""
+        per_model = {}
+        for m in self.models:
+            t = self.per_model[m]["cabs"]
+            first = _sqrt_ratio(self.position_sq[m]["first"], t.tau_sq)
+            last = _sqrt_ratio(self.position_sq[m]["last"], t.tau_sq)
+            per_model[m] = {
+                "density": _ratio(t.kept, t.numel), "first": first,
+                "planned": _sqrt_ratio(t.kept_sq, t.tau_sq), "last": last,
+                "loss": None if first is None or last is None else first - last,
+            }
+        return {"planned": list(self.models), **suggest_order(self.models, per_model), "models": per_model}
+
     def layer_summary(self, layer: str) -> dict:
         lt = self.by_layer[layer]
         return {
@@ -385,7 +443,9 @@ class _Totals:
         }
 
 
-def build_report(records: Sequence[TensorRecord], skipped: Sequence[dict], *, base_model: str, seed: int) -> dict:
+def build_report(
+    records: Sequence[TensorRecord], skipped: Sequence[dict], *, base_model: str, seed: int, config: str | None = None
+) -> dict:
     """Aggregate tensor records (in plan order) into the report dict written as JSON."""
     models: list[str] = []
     for r in records:
@@ -397,6 +457,7 @@ def build_report(records: Sequence[TensorRecord], skipped: Sequence[dict], *, ba
     unavoidable = [dict(tensor=r.name, **r.unavoidable) for r in records if r.unavoidable]
     return {
         "format": "mergekit-cabs analyze report, version 1",
+        "config": config,
         "base_model": base_model,
         "models": models,
         "short_names": dict(zip(models, short_names(models))),
@@ -413,12 +474,38 @@ def build_report(records: Sequence[TensorRecord], skipped: Sequence[dict], *, ba
             "shared": {rule: {"places": totals.shared[rule], "share": _ratio(totals.shared[rule], total)}
                        for rule in RULES},
             "unavoidable_overlap_tensors": len(unavoidable),
+            "order": totals.order_summary(),
         },
         "layers": {layer: totals.layer_summary(layer) for layer in totals.layers},
         "unavoidable_overlap": unavoidable,
         "skipped": list(skipped),
         "tensors": [r.to_json() for r in records],
     }
+
+
+ORDER_TOLERANCE = 0.01
+
+
+def suggest_order(models: Sequence[str], per_model: dict) -> dict:
+    """The suggested priority order from each model's kept-norm ratio first and last.
+
+    A model's loss is what it keeps going first minus what it keeps going last
+    (shares of its task vector's norm). The suggestion puts the models in
+    descending loss, ties in the planned order: who loses most by choosing
+    later chooses first. With two models this is the order with the larger
+    sum of kept-norm ratios (first_A + last_B against first_B + last_A). When
+    the losses all lie within ORDER_TOLERANCE (1 point) of each other, or a
+    model has no changed weight, the order makes little difference and the
+    planned one is kept. Returns {"suggested", "reason"}: reason is "single"
+    (one model), "flat" (little difference), "planned" (already in that
+    order) or "reorder"."""
+    if len(models) < 2:
+        return {"suggested": list(models), "reason": "single"}
+    losses = [per_model[m]["loss"] for m in models]
+    if None in losses or max(losses) - min(losses) < ORDER_TOLERANCE:
+        return {"suggested": list(models), "reason": "flat"}
+    suggested = [m for _, _, m in sorted((-loss, i, m) for i, (m, loss) in enumerate(zip(models, losses)))]
+    return {"suggested": suggested, "reason": "planned" if suggested == list(models) else "reorder"}
 
 
 @dataclass
@@ -454,6 +541,34 @@ def _layer_sort_key(layer: str):
 # --- output -----------------------------------------------------------------------
 
 
+def order_advice(report: dict) -> list[str]:
+    """The order suggestion: a headline and the numbers behind it (none for one model)."""
+    order, names = report["summary"]["order"], report["short_names"]
+    if order["reason"] == "single":
+        return []
+    per = order["models"]
+    planned = ", ".join(names[m] for m in order["planned"])
+    if order["reason"] == "reorder":
+        head = (f"suggested order: {', '.join(names[m] for m in order['suggested'])} (planned: {planned}): "
+                f"put {names[order['suggested'][0]]} first, it loses most by choosing later")
+    elif order["reason"] == "planned":
+        head = f"order: keep {planned}; it already puts first the model that loses most by choosing later"
+    else:
+        head = f"order: makes little difference here (the models lose about as much by choosing later); keep {planned}"
+    densities = {fmt(per[m]["density"], ".4g") for m in order["planned"]}
+    at = f" at density {next(iter(densities))}" if len(densities) == 1 else ""
+    numbers = ", ".join(
+        names[m] + ("" if at else f" (density {fmt(per[m]['density'], '.4g')})")
+        + f" {_pct1(per[m]['first'])} / {_pct1(per[m]['last'])}"
+        for m in order["suggested"]
+    )
+    return [head, f"  share of its task vector's norm each model keeps choosing first / last{at}: {numbers}"]
+
+
+def _pct1(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def format_table(report: dict) -> str:
     """The short terminal summary."""
     s = report["summary"]
@@ -481,6 +596,9 @@ def format_table(report: dict) -> str:
         "kept by 2+ models: " + "  ".join(f"{rule} {pct(s['shared'][rule]['share'])}" for rule in RULES),
         f"tensors where overlap is unavoidable (quotas > block): {s['unavoidable_overlap_tensors']}",
     ]
+    advice = order_advice(report)
+    if advice:
+        lines += [""] + advice
     if report["skipped"]:
         lines.append(f"tensors not analysed: {len(report['skipped'])} (see report.md)")
     return "\n".join(lines)
@@ -508,6 +626,29 @@ def _md_models(report: dict) -> list[str]:
         out.append(f"| {names[a]} & {names[b]} | " + " | ".join(fmt(p[rule]["overlap"]) for rule in RULES) + " |")
     shares = " | ".join(pct(s["shared"][rule]["share"]) for rule in RULES)
     return out + [f"| kept by 2+ models (share of weights) | {shares} |"]
+
+
+def _md_order(report: dict) -> list[str]:
+    order, names = report["summary"]["order"], report["short_names"]
+    if order["reason"] == "single":
+        return []
+    out = [
+        "## Order of `models:`", "",
+        ("In cabs the first model picks its places in every block first; later ones pick among what is left. "
+         "Share of each task vector's norm that cabs keeps (||kept tau|| / ||tau||) if the model chose first, "
+         "in the planned order, and if it chose last (after the others in their planned order). "
+         "The suggestion puts first the model that loses most by choosing later "
+         "(with two models: the order with the larger sum of kept shares); "
+         f"losses within {ORDER_TOLERANCE * 100:.0f} point of each other make no suggestion."),
+        "",
+        "| model | density | kept norm first | as planned | last | lost by choosing last |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in order["planned"]:
+        r = order["models"][m]
+        out.append(f"| {names[m]} | {fmt(r['density'])} | {fmt(r['first'])} | {fmt(r['planned'])} | "
+                   f"{fmt(r['last'])} | {fmt(r['loss'])} |")
+    return out + [""] + [line.strip() + "  " for line in order_advice(report)] + [""]
 
 
 def _md_layers(report: dict) -> list[str]:
@@ -561,7 +702,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     """report.md: the summary, per layer, unavoidable overlap and per tensor."""
     s = report["summary"]
     head = [
-        "# CABS analysis",
+        "# CABS analysis" + (f" of `{report['config']}`" if report.get("config") else ""),
         "",
         f"Base model: `{report['base_model']}`; fine-tunes in priority order: "
         + ", ".join(f"`{m}`" for m in report["models"])
@@ -573,54 +714,121 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
          "|A and B| / |A or B|, overall = sum of intersections / sum of unions."),
         "",
     ]
-    parts = [_md_models(report), _md_layers(report), _md_tensors(report, plots)]
-    return "\n".join(head + parts[0] + [""] + parts[1] + [""] + parts[2]) + "\n"
+    parts = [_md_models(report), _md_order(report), _md_layers(report), _md_tensors(report, plots)]
+    return "\n".join(head + parts[0] + [""] + parts[1] + parts[2] + [""] + parts[3]) + "\n"
+
+
+RULE_LABELS = {
+    "cabs": "cabs (the masks the merge will use)",
+    "ties": "ties-style keep (magnitude top-k, not a merge)",
+    "dare": "dare-style keep at the same budget (not a merge)",
+}
+OTHER_TICK = "other:\nembeddings,\nnorms, head"
+OVERLAP_NOTE = ("Lines may lie on each other: each has its own marker and is shifted a little sideways. 'other' = "
+                "tensors outside .layers.N. (embeddings, final norm, output head), shown apart, not joined to a line.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", ":", "-.")
+_SHIFT = 0.07  # sideways offset between series, in layers
+
+
+def layer_figures(report: dict) -> dict:
+    """{file name: matplotlib Figure} for overlap-by-layer.png and kept-by-layer.png (not saved;
+    ImportError without matplotlib)."""
+    plt = pyplot()
+    layers, config = report["layers"], _config_name(report)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    fig.suptitle(f"{config}: do the fine-tunes keep the same weights? (by layer)", fontsize=11)
+    _plot_layers(left, list(layers), _rule_series(layers, "shared", scale=100))
+    _plot_layers(right, list(layers), _rule_series(layers, "pair_overlap"))
+    left.set_title("weights kept by two or more models", fontsize=10)
+    left.set_ylabel("share of the layer's weights (%)")
+    right.set_title("overlap of each pair of models", fontsize=10)
+    right.set_ylabel("kept by both / kept by either\n(pairs pooled)")
+    _finish_figure(fig, [(None, left, "keep rule (both panels)", 3)])
+    overlap = fig
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    fig.suptitle(f"{config}: how evenly the kept weights spread (by layer)", fontsize=11)
+    names = report["short_names"]
+    _plot_layers(left, list(layers), {names[m]: [layers[k]["density"][m]["cabs"] for k in layers]
+                                      for m in report["models"]})
+    _plot_layers(right, list(layers), _rule_series(layers, "row_cv"))
+    left.set_title("share of each layer's weights cabs keeps", fontsize=10)
+    left.set_ylabel("kept share of the layer's weights")
+    right.set_title("how evenly the rows keep weights (0 = all alike)", fontsize=10)
+    right.set_ylabel("share of each row kept:\nspread across rows (std / mean)")
+    _finish_figure(fig, [(left, left, "model (cabs keep)", 4), (right, right, "keep rule", 1)])
+    return {"overlap-by-layer.png": overlap, "kept-by-layer.png": fig}
+
+
+def _rule_series(layers: dict, key: str, scale: float = 1.0) -> dict:
+    """{legend label: per-layer values of layers[*][key][rule] times `scale` (None kept)}."""
+    return {RULE_LABELS[rule]: [None if layers[k][key][rule] is None else scale * layers[k][key][rule] for k in layers]
+            for rule in RULES}
+
+
+def _config_name(report: dict) -> str:
+    config = report.get("config")
+    return Path(config).name if config else "cabs analyze"
+
+
+def _plot_layers(ax, layers: Sequence[str], series: dict) -> None:
+    """One line per series over the numbered layers, and its 'other' value as a lone
+    marker to the right, past a gap and a dotted rule (no line to it); series shifted
+    sideways, each with its own marker (filled for the first, open for the rest)."""
+    numbered = [i for i, k in enumerate(layers) if k != OTHER]
+    other = layers.index(OTHER) if OTHER in layers else None
+    gap = max(1.5, 0.1 * len(numbered))
+    x_other = len(numbered) - 1 + gap
+    for s, (label, values) in enumerate(series.items()):
+        shift = (s - (len(series) - 1) / 2) * _SHIFT
+        style = {"marker": _MARKERS[s % len(_MARKERS)], "markersize": 6 if len(numbered) <= 12 else 4,
+                 "clip_on": False, "fillstyle": "full" if s == 0 else "none", "markeredgewidth": 1.3}
+        (line,) = ax.plot([j + shift for j in range(len(numbered))], [_nan(values[i]) for i in numbered],
+                          linestyle=_LINESTYLES[s % len(_LINESTYLES)], label=label, **style)
+        if other is not None:
+            ax.plot([x_other + shift], [_nan(values[other])], linestyle="none", color=line.get_color(), **style)
+    step = max(1, math.ceil(len(numbered) / 16))
+    ticks = list(range(0, len(numbered), step))
+    labels = [layers[numbered[j]] for j in ticks]
+    if other is not None:
+        ax.axvline(x_other - gap / 2, color="grey", linewidth=0.8, linestyle=(0, (1, 3)))
+        ticks, labels = ticks + [x_other], labels + [OTHER_TICK]
+    ax.set_xticks(ticks, labels)
+    ax.set_xlim(-0.5, (x_other if other is not None else len(numbered) - 1) + 0.5)
+    ax.set_xlabel("layer")
+    top = max((v for values in series.values() for v in values if v is not None and math.isfinite(v)), default=0)
+    ax.set_ylim(0, 1.12 * top if top > 0 else 1)
+    ax.grid(alpha=0.3)
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def _finish_figure(fig, legends, bottom: float = 0.22) -> None:
+    """Panels above `bottom` (a share of the height); below them the legends, each
+    (under this axes or None: centred, of the series of this axes, title, columns);
+    the note at the foot."""
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    for under, source, title, ncol in legends:
+        box = under.get_position() if under is not None else None
+        x = 0.5 if box is None else box.x0 + box.width / 2
+        fig.legend(*source.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(x, bottom),
+                   ncol=ncol, fontsize=8, frameon=False, title=title, title_fontsize=8)
+    fig.text(0.5, 0.012, OVERLAP_NOTE, ha="center", fontsize=7.5)
 
 
 def make_plots(report: dict, directory: Path) -> list[str]:
-    """overlap-by-layer.png and kept-by-layer.png; ImportError without matplotlib."""
+    """overlap-by-layer.png and kept-by-layer.png into `directory`; ImportError without matplotlib."""
     plt = pyplot()
-    layers = list(report["layers"])
-    x = list(range(len(layers)))
-    names = report["short_names"]
-    styles = {"cabs": "-", "ties": "--", "dare": ":"}
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for rule in RULES:
-        shared = [100 * (report["layers"][k]["shared"][rule] or 0) for k in layers]
-        left.plot(x, shared, styles[rule], marker="o", label=rule)
-        right.plot(x, [report["layers"][k]["pair_overlap"][rule] or 0 for k in layers], styles[rule], marker="o",
-                   label=rule)
-    left.set_title("weights kept by 2+ models (%)", fontsize=10)
-    right.set_title("pair overlap |A and B| / |A or B|", fontsize=10)
-    left.set_ylim(bottom=0)
-    right.set_ylim(bottom=0)
-    left.legend(fontsize=8)
-    _save_layer_figure(plt, fig, x, layers, directory / "overlap-by-layer.png")
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for m in report["models"]:
-        left.plot(x, [report["layers"][k]["density"][m]["cabs"] or 0 for k in layers], marker="o", label=names[m])
-    for rule in RULES:
-        right.plot(x, [report["layers"][k]["row_cv"][rule] or 0 for k in layers], styles[rule], marker="o", label=rule)
-    left.set_title("kept share of each layer's weights (cabs)", fontsize=10)
-    right.set_title("spread across rows: CV of kept share per row", fontsize=10)
-    right.set_ylim(bottom=0)
-    left.legend(fontsize=8)
-    right.legend(fontsize=8)
-    _save_layer_figure(plt, fig, x, layers, directory / "kept-by-layer.png")
-    return ["overlap-by-layer.png", "kept-by-layer.png"]
-
-
-def _save_layer_figure(plt, fig, x, layers, path: Path) -> None:
-    """Layer ticks, labels and grid on every panel; write the PNG."""
-    for ax in fig.axes:
-        ax.set_xticks(x, layers)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    written = []
+    for name, fig in layer_figures(report).items():
+        fig.savefig(directory / name)
+        plt.close(fig)
+        written.append(name)
+    return written
 
 
 def write_report(report: dict, out: Path) -> tuple[list[str], bool]:

@@ -60,7 +60,7 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
         merge_config = planning.load_config(config, "analyze")
         check_out_dir(out_dir, force, an.REPORT_FILES)
         planning.check_models(merge_config)
-        report = an.analyze(merge_config, seed=seed, progress=not quiet)
+        report = an.analyze(merge_config, seed=seed, progress=not quiet, source=str(config))
         written, plotted = an.write_report(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None

@@ -204,6 +204,7 @@ def expected_tensor(name, base_t, model_ts, p, seed):
                                   "places": sum(p["quotas"]) - numel}
     else:
         out["unavoidable"] = _unavoidable(p["quotas"], p["length"], numel)
+    out["position_sq"] = _expected_positions(base_t, model_ts, p, taus)
     for rule, masks in (("cabs", cabs), ("ties", ties), ("dare", dare)):
         kept = [{q for q in range(numel) if m[q]} for m in masks]
         changed = [{q for q in s if tau[q] != 0} for s, tau in zip(kept, taus)]
@@ -223,6 +224,22 @@ def expected_tensor(name, base_t, model_ts, p, seed):
             "shared": sum(1 for c in holders.values() if c >= 2),
         }
     return out
+
+
+def _expected_positions(base_t, model_ts, p, taus):
+    """Kept squares of each model choosing first (alone among all places) and last
+    (the others before it in their planned order), from the SPEC reference."""
+    def kept_sq(mask, tau):
+        return math.fsum(t * t for t, k in zip(tau, mask.reshape(-1).tolist()) if k)
+
+    alone = ref_masks(base_t, model_ts, p["quotas"], p["length"], overlap=p["overlap"], conflict_aware=False)
+    last = []
+    for i in range(len(model_ts)):
+        order = [j for j in range(len(model_ts)) if j != i] + [i]
+        masks = ref_masks(base_t, [model_ts[j] for j in order], [p["quotas"][j] for j in order], p["length"],
+                          overlap=p["overlap"], conflict_aware=p["conflict_aware"])
+        last.append(kept_sq(masks[-1], taus[i]))
+    return {"first": [kept_sq(m, tau) for m, tau in zip(alone, taus)], "last": last}
 
 
 def expected_report(base, tunes, params, seed):
@@ -402,13 +419,19 @@ def test_terminal_table_and_markdown(scenario):
 
 def test_report_json_schema(scenario):
     report = scenario["report"]
-    assert set(report) == {"format", "base_model", "models", "short_names", "rules", "seed",
+    assert set(report) == {"format", "config", "base_model", "models", "short_names", "rules", "seed",
                            "summary", "layers", "unavoidable_overlap", "skipped", "tensors"}
+    assert report["config"] == str(scenario["config_path"])
     assert report["rules"] == list(RULES) and report["seed"] == 7
     assert report["base_model"] == str(scenario["base"].path)
     tensor = report["tensors"][0]
     assert set(tensor) == {"name", "shape", "numel", "layer", "models", "quotas", "block_length",
-                           "row_length", "tau_sq_sum", "unavoidable_overlap", "rules"}
+                           "row_length", "tau_sq_sum", "unavoidable_overlap", "rules", "order"}
+    assert set(tensor["order"][report["models"][0]]) == {"first_kept_sq_sum", "first_norm_ratio",
+                                                         "last_kept_sq_sum", "last_norm_ratio"}
+    order = report["summary"]["order"]
+    assert set(order) == {"planned", "suggested", "reason", "models"}
+    assert set(order["models"][report["models"][0]]) == {"density", "first", "planned", "last", "loss"}
     assert set(tensor["rules"]) == set(RULES)
     assert set(tensor["rules"]["cabs"]) == {"models", "pairs", "shared"}
     model = next(iter(report["summary"]["models"].values()))
@@ -416,6 +439,127 @@ def test_report_json_schema(scenario):
     assert set(model["cabs"]) == {"numel", "kept", "kept_changed", "density", "norm_ratio", "row_cv",
                                   "row_density_min", "row_density_max", "rows", "layer_cv",
                                   "layer_density_min", "layer_density_max"}
+
+
+# --- order of models: what each keeps choosing first and last, and the suggestion ---
+
+
+def test_order_numbers_per_tensor_and_overall(scenario):
+    """First = the model alone among all places; last = after the others in their
+    planned order (SPEC reference); overall from summed squares; the suggestion by
+    the documented rule, recomputed here."""
+    report, expected = scenario["report"], scenario["expected"]
+    labels, order = report["models"], report["summary"]["order"]
+    for t in report["tensors"]:
+        want = expected[t["name"]]
+        for i, m in enumerate(labels):
+            for where in ("first", "last"):
+                assert t["order"][m][f"{where}_kept_sq_sum"] == approx(want["position_sq"][where][i]), (t["name"], m)
+    first_name, last_name = labels[0], labels[-1]
+    for i, m in enumerate(labels):
+        tau = math.fsum(w["tau_sq"][i] for w in expected.values())
+        got = order["models"][m]
+        first = math.sqrt(math.fsum(w["position_sq"]["first"][i] for w in expected.values()) / tau)
+        last = math.sqrt(math.fsum(w["position_sq"]["last"][i] for w in expected.values()) / tau)
+        assert got["first"] == approx(first) and got["last"] == approx(last)
+        assert got["loss"] == approx(first - last)
+        assert got["planned"] == report["summary"]["models"][m]["cabs"]["norm_ratio"]
+        assert got["density"] == report["summary"]["models"][m]["cabs"]["density"]
+    # the model planned first chose first; the one planned last chose last
+    assert order["models"][first_name]["planned"] == approx(order["models"][first_name]["first"])
+    assert order["models"][last_name]["planned"] == approx(order["models"][last_name]["last"])
+    losses = [order["models"][m]["loss"] for m in labels]
+    if max(losses) - min(losses) < 0.01:
+        assert (order["suggested"], order["reason"]) == (labels, "flat")
+    else:
+        want = [labels[i] for i in sorted(range(len(labels)), key=lambda i: (-losses[i], i))]
+        assert order["suggested"] == want
+        assert order["reason"] == ("planned" if want == labels else "reorder")
+
+
+def test_order_advice_in_terminal_and_markdown(scenario):
+    from mergekit_cabs.analyze import order_advice
+
+    report, output = scenario["report"], scenario["result"].output
+    md = (scenario["out"] / "report.md").read_text()
+    advice = order_advice(report)
+    assert len(advice) == 2
+    assert "\n".join(advice) in output
+    assert "## Order of `models:`" in md and advice[0] in md
+    names = report["short_names"]
+    for m in report["models"]:
+        r = report["summary"]["order"]["models"][m]
+        assert f"| {names[m]} | {r['density']:.4f} | {r['first']:.4f} | {r['planned']:.4f} | {r['last']:.4f} |" in md
+        density = "" if "at density" in advice[1] else rf" \(density {r['density']:.4g}\)"
+        assert re.search(rf"{re.escape(names[m])}{density} {100 * r['first']:.1f}% / {100 * r['last']:.1f}%",
+                         advice[1]), advice[1]
+
+
+def _one_tensor_report(models, labels, conflict_aware=True):
+    """build_report on one 8 x 32 tensor (base 0), 4 of every 16 kept per model."""
+    from mergekit_cabs.analyze import build_report, measure_tensor
+    from mergekit_cabs.params import Resolved
+
+    resolved = Resolved(weights=(1.0,) * len(models), n=(4,) * len(models), density=(None,) * len(models),
+                        block_size=16, overlap="fill", conflict_aware=conflict_aware, balanced=True, lam=1.0)
+    record = measure_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 32), models, labels, resolved)
+    return build_report([record], [], base_model="base", seed=0, config="merge.yml")
+
+
+def _spread_and_concentrated():
+    """spread: |tau| = 0.5 everywhere, so (ties to the lower index) it keeps places 0-3
+    of every block of 16; concentrated: 2.0 on exactly those places, 0.125 elsewhere
+    (all exact in float32)."""
+    spread = torch.full((8, 32), 0.5)
+    concentrated = torch.full((8, 32), 0.125)
+    concentrated.view(-1, 16)[:, :4] = 2.0
+    return spread, concentrated
+
+
+def test_order_suggests_the_concentrated_model_first():
+    """Going last, the concentrated model finds its four big places taken and keeps
+    four small ones; the spread one keeps half its norm (sqrt(4/16)) wherever it goes."""
+    from mergekit_cabs.analyze import format_table, order_advice
+
+    spread, concentrated = _spread_and_concentrated()
+    total = 4 * 2.0**2 + 12 * 0.125**2
+    first, last = math.sqrt(4 * 2.0**2 / total), math.sqrt(4 * 0.125**2 / total)  # 0.9942, 0.0621
+    report = _one_tensor_report([spread, concentrated], ["org/spread", "org/concentrated"])
+    order = report["summary"]["order"]
+    assert order["models"]["org/concentrated"] == {"density": 0.25, "first": approx(first), "planned": approx(last),
+                                                   "last": approx(last), "loss": approx(first - last)}
+    assert order["models"]["org/spread"] == {"density": 0.25, "first": approx(0.5), "planned": approx(0.5),
+                                             "last": approx(0.5), "loss": approx(0.0)}
+    assert (order["suggested"], order["reason"]) == (["org/concentrated", "org/spread"], "reorder")
+    assert order_advice(report) == [
+        "suggested order: concentrated, spread (planned: spread, concentrated): "
+        "put concentrated first, it loses most by choosing later",
+        "  share of its task vector's norm each model keeps choosing first / last at density 0.25: "
+        "concentrated 99.4% / 6.2%, spread 50.0% / 50.0%",
+    ]
+    assert "\n".join(order_advice(report)) in format_table(report)
+    # planned that way already: said so, same numbers
+    report = _one_tensor_report([concentrated, spread], ["org/concentrated", "org/spread"])
+    order = report["summary"]["order"]
+    assert (order["suggested"], order["reason"]) == (["org/concentrated", "org/spread"], "planned")
+    assert order["models"]["org/concentrated"]["planned"] == approx(first)
+    assert order_advice(report)[0] == ("order: keep concentrated, spread; it already puts first the model "
+                                       "that loses most by choosing later")
+
+
+def test_order_makes_no_suggestion_when_it_changes_nothing():
+    from mergekit_cabs.analyze import order_advice
+
+    spread, concentrated = _spread_and_concentrated()
+    for report in (
+        _one_tensor_report([spread, -spread], ["a", "b"]),  # alike: both lose nothing
+        _one_tensor_report([spread, concentrated], ["a", "b"], conflict_aware=False),  # nobody claims places
+    ):
+        order = report["summary"]["order"]
+        assert (order["suggested"], order["reason"]) == (["a", "b"], "flat")
+        assert order_advice(report)[0].startswith("order: makes little difference here")
+    single = _one_tensor_report([concentrated], ["a"])
+    assert single["summary"]["order"]["reason"] == "single" and order_advice(single) == []
 
 
 # --- plots ----------------------------------------------------------------------
@@ -444,6 +588,66 @@ def test_plots_are_valid_png(scenario):
         with Image.open(scenario["out"] / name) as image:
             image.verify()
     assert "![overlap-by-layer.png](overlap-by-layer.png)" in (scenario["out"] / "report.md").read_text()
+
+
+def _suptitle(fig) -> str:
+    return fig.get_suptitle() if hasattr(fig, "get_suptitle") else fig._suptitle.get_text()  # matplotlib < 3.8
+
+
+@pytest.fixture
+def figures(scenario):
+    optional("matplotlib", '"mergekit-cabs[plot]"')
+    import matplotlib.pyplot as plt
+
+    from mergekit_cabs.analyze import layer_figures
+
+    made = layer_figures(scenario["report"])
+    yield made
+    for fig in made.values():
+        plt.close(fig)
+
+
+def test_plots_name_the_config_and_say_what_the_rules_are(scenario, figures):
+    """Title names the YAML; the legend says ties/dare are keeps at the same budget,
+    not merges; axis labels are plain words (no bare 'CV')."""
+    assert set(figures) == {"overlap-by-layer.png", "kept-by-layer.png"}
+    for fig in figures.values():
+        assert _suptitle(fig).startswith(f"{scenario['config_path'].name}: ")
+        legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        assert "ties-style keep (magnitude top-k, not a merge)" in legend
+        assert "dare-style keep at the same budget (not a merge)" in legend
+        assert "cabs (the masks the merge will use)" in legend
+        note = " ".join(t.get_text() for t in fig.texts)
+        assert "Lines may lie on each other" in note and "(embeddings, final norm, output head)" in note
+        for ax in fig.axes:
+            assert ax.get_xlabel() == "layer" and ax.get_ylabel() and "CV" not in ax.get_ylabel()
+    kept = figures["kept-by-layer.png"]
+    assert kept.axes[1].get_ylabel() == "share of each row kept:\nspread across rows (std / mean)"
+    names = scenario["report"]["short_names"]
+    assert [t.get_text() for t in kept.legends[0].get_texts()] == [names[m] for m in scenario["report"]["models"]]
+
+
+def test_plots_keep_other_apart_and_lines_distinguishable(scenario, figures):
+    """'other' (embeddings, norms, head) is a lone marker right of a gap, not on the
+    line; each series has its own marker and sideways shift."""
+    layers = list(scenario["report"]["layers"])
+    numbered = len(layers) - 1
+    assert layers[-1] == "other"
+    for fig in figures.values():
+        for ax in fig.axes:
+            ticks = [t.get_text() for t in ax.get_xticklabels()]
+            assert ticks[-1] == "other:\nembeddings,\nnorms, head" and ticks[:-1] == layers[:-1]
+            x_other = ax.get_xticks()[-1]
+            assert x_other >= numbered + 0.5
+            series = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            lone = [line for line in ax.get_lines() if line.get_linestyle() == "None"]
+            assert len(series) == len(lone) >= 2
+            for line, point in zip(series, lone):
+                assert len(line.get_xdata()) == numbered and max(line.get_xdata()) < numbered
+                assert point.get_xdata()[0] == pytest.approx(x_other, abs=0.5)
+                assert point.get_marker() == line.get_marker() and point.get_color() == line.get_color()
+            assert len({line.get_marker() for line in series}) == len(series)
+            assert len({round(float(line.get_xdata()[0]), 6) for line in series}) == len(series)
 
 
 def test_without_matplotlib_says_how_to_get_plots(fp32_family, tmp_path, monkeypatch):
