@@ -104,7 +104,8 @@ REQUIREMENTS = (
     Requirement("mergekit.graph", "Executor.run", params=("self", "quiet")),
     Requirement("mergekit.common", "dtype_from_name", params=("name",)),
     Requirement("mergekit.io.tasks", "GatherTensors", fields=("weight_info",)),
-    Requirement("mergekit.architecture", "WeightInfo", fields=("name", "optional", "aliases", "tied_names")),
+    Requirement("mergekit.architecture", "WeightInfo", fields=("name", "optional", "aliases", "tied_names",
+                                                                       "vocabulary_axis")),
 )
 
 
@@ -330,6 +331,7 @@ class InputTensor:
 
     names: tuple[str, ...]
     optional: bool
+    vocabulary: bool  # indexed by token ids (embeddings, output head)
 
 
 def input_tensors(task: PlannedTask) -> dict | None:
@@ -339,7 +341,8 @@ def input_tensors(task: PlannedTask) -> dict | None:
     if info is None:
         return None
     return {
-        model: InputTensor((wi.name, *(wi.aliases or ()), *(wi.tied_names or ())), bool(wi.optional))
+        model: InputTensor((wi.name, *(wi.aliases or ()), *(wi.tied_names or ())), bool(wi.optional),
+                           getattr(wi, "vocabulary_axis", None) is not None)
         for model, wi in info.items()
     }
 

@@ -256,7 +256,7 @@ def check_plan(config, out: Out, stand_ins: dict[str, str | None]) -> None:
             failed.setdefault(problem.replace(f" on tensor '{task.name}'", ""), []).append((problem, task.name))
     for key, found in failed.items():
         first_message, first_tensor = found[0]
-        out.problem(first_message if len(found) == 1 else f"{key} (on {len(found)} tensors, the first "
+        out.problem(first_message if len(found) == 1 else f"{key} (on {_tensors(len(found))}, the first "
                     f"'{first_tensor}')")
     check_shapes(tasks, out, skip=standing_in)
 
@@ -300,28 +300,37 @@ def check_shapes(tasks, out: Out, skip: set[str]) -> None:
                 found[model] = (name, known[name])
             elif known is not None and not wanted.optional:
                 missing.setdefault(str(model), []).append(wanted.names[0])
-        _compare(found, task.base, differ)
+        _compare(found, task.base, differ, any(i.vocabulary for i in inputs.values()))
     for model, names in missing.items():
-        more = f" (nor {len(names) - 1} more tensors the merge reads)" if len(names) > 1 else ""
+        more = f" (nor {_more(len(names) - 1)} the merge reads)" if len(names) > 1 else ""
         out.problem(f"model '{model}' has no tensor '{names[0]}'{more}")
     for model, lines in differ.items():
-        more = f"; {len(lines) - 1} more tensors differ" if len(lines) > 1 else ""
+        more = f"; {_more(len(lines) - 1)} differ{'s' if len(lines) == 2 else ''}" if len(lines) > 1 else ""
         out.problem(f"model '{model}': {lines[0]}{more}")
     if aligned:
         out.note(f"{aligned} tensors are read through mergekit's vocabulary alignment (tokenizer_source), "
                  "so their shapes are not compared")
 
 
-def _compare(found: dict, base, differ: dict[str, list[str]]) -> None:
+def _tensors(count: int) -> str:
+    return f"{count} tensor{'s' if count != 1 else ''}"
+
+
+def _more(count: int) -> str:
+    return f"{count} more tensor{'s' if count != 1 else ''}"
+
+
+def _compare(found: dict, base, differ: dict[str, list[str]], vocabulary: bool) -> None:
     if not found:
         return
     first = next(iter(found))
     _, want = found[first]
     who = f"the base '{first}'" if first == base else f"model '{first}'"
+    hint = " (another vocabulary: mergekit aligns them with tokenizer_source: union or base)" if vocabulary else ""
     for model, (name, shape) in found.items():
         if shape != want:
             differ.setdefault(str(model), []).append(
-                f"tensor '{name}' has shape {list(shape)}, but {who} has {list(want)}")
+                f"tensor '{name}' has shape {list(shape)}, but {who} has {list(want)}{hint}")
 
 
 def model_shapes(model, cache: dict[str, dict | None], out: Out) -> dict | None:

@@ -208,6 +208,18 @@ def test_shape_mismatch_names_the_model_the_tensor_and_both_shapes(fp32_family, 
                     f"{list(base.state[first].shape)}; {len(differing) - 1} more tensors differ")
 
 
+def test_another_vocabulary_without_tokenizer_source_is_reported_with_the_remedy(vocab_family, tmp_path):
+    base, tunes = vocab_family
+    config = _config(base, tunes)
+    code, lines = _check(_write(config, tmp_path / "cabs.yml"))
+    assert code == 1
+    assert [line for line in lines if "has shape [79, 40], but the base" in line
+            and "tokenizer_source: union or base" in line and "1 more tensor differs" in line] != [], lines
+    code, lines = _check(_write(dict(config, tokenizer_source="union"), tmp_path / "union.yml"))
+    assert code == 0, lines
+    assert "are read through mergekit's vocabulary alignment (tokenizer_source)" in lines[0]
+
+
 def test_a_missing_tensor_names_the_model_and_the_tensor(fp32_family, tmp_path):
     from safetensors.torch import save_file
 
@@ -260,6 +272,20 @@ def test_a_merge_with_a_list_for_a_one_value_setting_warns_once_and_merges(fp32_
         "one value; mergekit reads a list as a gradient and picks one entry per layer (the first entry for the "
         "first layers, the last for the last); merging that way. Give one value (or `filter:` entries) instead."]
     assert len(load_output(tmp_path / "out")) == len(base.state)
+
+
+def test_every_problem_of_a_tensor_is_found_and_resolve_raises_the_first():
+    from mergekit_cabs.params import CabsConfigError, resolve, resolve_problems
+
+    shared = {"block_size": 16, "overlap": "greedy", "conflict_aware": True, "balanced": "no", "lambda": 1.0}
+    per_model = [("a", {"n": 20}), ("b", {"density": 0.5}), ("c", {"density": 2.0})]
+    problems = resolve_problems(shared, per_model, "t")
+    assert [p.split(";")[0] for p in problems] == [
+        "cabs: 'overlap' on tensor 't' is 'greedy'", "cabs: 'balanced' on tensor 't' is 'no'",
+        "cabs: 'n' for model 'a' on tensor 't' is 20", "cabs: 'density' for model 'c' on tensor 't' is 2.0"]
+    with pytest.raises(CabsConfigError) as info:
+        resolve(shared, per_model, "t")
+    assert str(info.value) == problems[0]
 
 
 # --- mergekit-multi files ---------------------------------------------------------------------------
