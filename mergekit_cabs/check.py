@@ -43,6 +43,14 @@ class Findings:
     def problems(self) -> list[str]:
         return [line for is_problem, line in self.lines if is_problem]
 
+    def summary(self, source) -> str:
+        """The closing line: how many problems, or OK."""
+        count = len(self.problems)
+        if count:
+            return f"{source}: {count} problem{'s' if count > 1 else ''}"
+        return f"{source}: OK" + (f"; {self.tensors} tensors planned" if self.tensors else
+                                  " as far as checked (see the notes)")
+
 
 @dataclass
 class Out:

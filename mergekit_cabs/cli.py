@@ -50,12 +50,9 @@ def check(config: Path) -> None:
     findings = check_file(config)
     for _, line in findings.lines:
         click.echo(line)
+    click.echo(findings.summary(config))
     if findings.problems:
-        count = len(findings.problems)
-        click.echo(f"{config}: {count} problem{'s' if count > 1 else ''}")
         sys.exit(1)
-    planned = f"; {findings.tensors} tensors planned" if findings.tensors else " as far as checked (see the notes)"
-    click.echo(f"{config}: OK{planned}")
 
 
 @main.command()
