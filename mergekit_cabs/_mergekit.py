@@ -22,7 +22,9 @@ What this module does with them:
 * `CheckedGroupMethod`: ``_bind_parameters`` runs a check on every group of a
   ``merge_tensors`` call before the first is merged.
 * planning and executing a configuration the way ``mergekit-yaml`` does
-  (`plan_config`, `execute`), for analyze, tune and check.
+  (`plan_config`, `execute`), for analyze, tune and check; the tensors a
+  planned task reads (`input_tensors`), and mergekit-multi's references to
+  other stages (`replace_models`), for check.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ REQUIREMENTS = (
     Requirement("mergekit.graph", "Executor.__init__", params=("self", "targets", "math_device", "storage_device")),
     Requirement("mergekit.graph", "Executor.run", params=("self", "quiet")),
     Requirement("mergekit.common", "dtype_from_name", params=("name",)),
+    Requirement("mergekit.io.tasks", "GatherTensors", fields=("weight_info",)),
+    Requirement("mergekit.architecture", "WeightInfo", fields=("name", "optional", "aliases", "tied_names",
+                                                                       "vocabulary_axis")),
 )
 
 
@@ -315,3 +320,60 @@ def dtype_from_name(name: str | None):
     from mergekit.common import dtype_from_name as convert
 
     return convert(name)
+
+
+# --- for `mergekit-cabs check` ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """A tensor a planned task reads from one model: the names mergekit tries, in order."""
+
+    names: tuple[str, ...]
+    optional: bool
+    vocabulary: bool  # indexed by token ids (embeddings, output head)
+
+
+def input_tensors(task: PlannedTask) -> dict | None:
+    """{ModelReference: InputTensor} a planned task reads; None when its inputs
+    are not plain loads (mergekit aligning vocabularies, say)."""
+    info = getattr(task.inputs, "weight_info", None)
+    if info is None:
+        return None
+    return {
+        model: InputTensor((wi.name, *(wi.aliases or ()), *(wi.tied_names or ())), bool(wi.optional),
+                           getattr(wi, "vocabulary_axis", None) is not None)
+        for model, wi in info.items()
+    }
+
+
+def replace_models(config, paths: dict[str, str]):
+    """(`config` with every model whose path is a key of `paths` at the path
+    it maps to, the keys used): how mergekit-multi points a stage at the
+    output of another (`mergekit.scripts.multimerge.patched_config`)."""
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
+
+    used: set[str] = set()
+
+    def moved(ref):
+        if ref.model.path not in paths:
+            return None
+        used.add(ref.model.path)
+        return ref.model_copy(update={"model": ref.model.model_copy(update={"path": paths[ref.model.path],
+                                                                             "revision": None})})
+
+    def patch(value):
+        if isinstance(value, list):
+            return [patch(v) for v in value]
+        if isinstance(value, dict):
+            return {k: patch(v) for k, v in value.items()}
+        if isinstance(value, str):  # a ModelReference dumps as its string
+            try:
+                ref = moved(ModelReference.model_validate(value))
+            except ValueError:
+                ref = None
+            return value if ref is None else ref.model_dump()
+        return value
+
+    return MergeConfiguration.model_validate(patch(config.model_dump())), used

@@ -2,16 +2,57 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import click
 
+# transformers warns about this whenever mergekit sets a model config's
+# `torch_dtype`; harmless, and nothing a user of our commands can change.
+TORCH_DTYPE_LINE = "`torch_dtype` is deprecated"
+TRANSFORMERS_CONFIG_LOGGER = "transformers.configuration_utils"
+
+
+class _HideTorchDtype(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCH_DTYPE_LINE not in str(record.msg)
+
 
 @click.group()
 @click.version_option(package_name="mergekit-cabs")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """CABS (Conflict-Aware and Balanced Sparsification) for mergekit."""
+    # Only while one of our commands runs: mergekit-yaml keeps the line.
+    hide = _HideTorchDtype()
+    logger = logging.getLogger(TRANSFORMERS_CONFIG_LOGGER)
+    logger.addFilter(hide)
+    ctx.call_on_close(lambda: logger.removeFilter(hide))
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def check(config: Path) -> None:
+    """Check a merge configuration without merging.
+
+    Runs every check a merge of CONFIG (a mergekit YAML, or a mergekit-multi
+    file: every stage) would run, without reading a tensor: the merge method's
+    name, the YAML's form, the cabs parameter names and values on every
+    planned tensor, the models (local directories), and that every model has
+    each tensor the merge reads, in the base's shape (from the safetensors
+    headers). Prints one line per problem and exits 1 if there is any."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # check reads local files only, never the hub
+    from mergekit_cabs.check import check_file
+
+    findings = check_file(config)
+    for _, line in findings.lines:
+        click.echo(line)
+    click.echo(findings.summary(config))
+    if findings.problems:
+        sys.exit(1)
 
 
 @main.command()

@@ -40,6 +40,7 @@ from mergekit_cabs.params import (
     check_parameter_names,
     once,
     resolve,
+    resolve_problems,
     warn_short_block_overlap,
 )
 
@@ -151,10 +152,41 @@ def resolve_planned(task: _mergekit.PlannedTask) -> Resolved:
     return resolve(task.shared, per_model, task.name)
 
 
+def planned_problems(task: _mergekit.PlannedTask) -> list[str]:
+    """Every problem with one planned tensor's parameters (`resolve_planned` raises the first)."""
+    per_model = [(_label(m), task.per_model[m]) for m in task.models]
+    return resolve_problems(task.shared, per_model, task.name)
+
+
+# While `deferred_checks` is active, planning goes on past bad parameters:
+# the caller (`mergekit-cabs check`) collects every problem itself.
+_deferred: list = []
+
+
+@contextlib.contextmanager
+def deferred_checks():
+    """Within the block, mergekit's planning does not stop at a bad parameter
+    name or value; the caller checks what was planned."""
+    _deferred.append(True)
+    try:
+        yield
+    finally:
+        _deferred.pop()
+
+
+def check_config(config) -> None:
+    """Check a configuration the first time mergekit reads it: a new merge
+    (warnings are said once per merge from here on)."""
+    once.new_merge()
+    if not _deferred:
+        check_parameter_names(config)
+
+
 def check_planned(task: _mergekit.PlannedTask) -> None:
     """Check one planned tensor while mergekit plans (said-once warnings per merge)."""
     once.planning(task.name)
-    resolve_planned(task)
+    if not _deferred:
+        resolve_planned(task)
 
 
 @contextlib.contextmanager
@@ -199,7 +231,7 @@ def install() -> None:
     _register(NAME, cabs_method)
     _register(ALT_NAME, alt_method)
     _mergekit.wrap_task_init(is_ours, check_planned)
-    _mergekit.wrap_config_reader(is_ours, check_parameter_names)
+    _mergekit.wrap_config_reader(is_ours, check_config)
 
 
 __all__ = ["CabsConfigError", "CabsMerge", "SPEC", "cabs_method", "install", "is_ours"]

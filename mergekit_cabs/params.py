@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -173,23 +173,25 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_shared(shared: Mapping[str, Any], where: str) -> None:
+def _shared_problems(shared: Mapping[str, Any], where: str) -> list[str]:
     from mergekit_cabs.kernel import backend_setting
 
+    problems = []
     try:
         backend_setting()  # a bad environment setting stops the plan, not the merge
     except ValueError as error:
-        raise CabsConfigError(f"cabs: {error}") from None
+        problems.append(f"cabs: {error}")
     m, overlap, lam = shared["block_size"], shared["overlap"], shared["lambda"]
     if not _is_whole(m) or m < 1:
-        raise CabsConfigError(f"cabs: 'block_size'{where} is {m!r}; it must be a whole number >= 1")
+        problems.append(f"cabs: 'block_size'{where} is {m!r}; it must be a whole number >= 1")
     if overlap not in OVERLAP_RULES:
-        raise CabsConfigError(f"cabs: 'overlap'{where} is {overlap!r}; it must be 'fill' or 'strict'")
+        problems.append(f"cabs: 'overlap'{where} is {overlap!r}; it must be 'fill' or 'strict'")
     for flag in ("conflict_aware", "balanced"):
         if not isinstance(shared[flag], bool):
-            raise CabsConfigError(f"cabs: '{flag}'{where} is {shared[flag]!r}; it must be true or false")
+            problems.append(f"cabs: '{flag}'{where} is {shared[flag]!r}; it must be true or false")
     if not _is_finite(lam):
-        raise CabsConfigError(f"cabs: 'lambda'{where} is {lam!r}; it must be a finite number")
+        problems.append(f"cabs: 'lambda'{where} is {lam!r}; it must be a finite number")
+    return problems
 
 
 def _model_quota(params: Mapping[str, Any], m: int, who: str) -> tuple[float, int, float | None]:
@@ -236,7 +238,8 @@ def resolve(
     Raises CabsConfigError naming the parameter, model, tensor and allowed values.
     """
     where = f" on tensor '{tensor}'" if tensor else ""
-    _check_shared(shared, where)
+    for problem in _shared_problems(shared, where):
+        raise CabsConfigError(problem)
     m = shared["block_size"]
     quotas = [_model_quota(params, m, f"for model '{label}'{where}") for label, params in per_model]
     resolved = Resolved(
@@ -251,6 +254,25 @@ def resolve(
     )
     _warn_unavoidable_overlap(resolved, tensor)
     return resolved
+
+
+def resolve_problems(
+    shared: Mapping[str, Any],
+    per_model: Sequence[tuple[str, Mapping[str, Any]]],
+    tensor: str | None,
+) -> list[str]:
+    """Every message `resolve` could raise for one tensor, not only the first
+    (the models' quotas are checked against the default block_size when
+    block_size itself is bad)."""
+    where = f" on tensor '{tensor}'" if tensor else ""
+    problems = _shared_problems(shared, where)
+    m = shared["block_size"] if _is_whole(shared["block_size"]) and shared["block_size"] >= 1 else DEFAULT_BLOCK_SIZE
+    for label, params in per_model:
+        try:
+            _model_quota(params, m, f"for model '{label}'{where}")
+        except CabsConfigError as error:
+            problems.append(str(error))
+    return problems
 
 
 # --- warnings said once per merge ----------------------------------------------
@@ -341,10 +363,35 @@ def _warn_whole_tensor_overlap(r: Resolved, numel: int, tensor: str | None) -> N
         )
 
 
-# --- parameter names in a configuration ----------------------------------------
+# --- parameter names and settings in a configuration ------------------------------
+
+# Shared parameters that take one of a few values: a list there is a mergekit
+# gradient, which picks one entry per layer (a step, not an interpolation).
+ONE_VALUE_NAMES = ("overlap", "conflict_aware", "balanced")
 
 
-def _check_names(parameters, model=None) -> None:
+def _places(config) -> Iterator[tuple[Any, Any, str]]:
+    """(parameters, model or None, where) for every `parameters:` of a
+    mergekit `MergeConfiguration`: top level, models, slices, modules."""
+    yield config.parameters, None, "the top-level parameters"
+    for entry in config.models or ():
+        yield entry.parameters, entry.model, f"the parameters of model '{entry.model}'"
+    yield from _slice_places(config.slices, "")
+    for key, module in (config.modules or {}).items():
+        yield module.parameters, None, f"the parameters of module '{key}'"
+        for entry in module.models or ():
+            yield entry.parameters, entry.model, f"the parameters of model '{entry.model}' in module '{key}'"
+        yield from _slice_places(module.slices, f" of module '{key}'")
+
+
+def _slice_places(slices, module: str) -> Iterator[tuple[Any, Any, str]]:
+    for i, output_slice in enumerate(slices or ()):
+        yield output_slice.parameters, None, f"the parameters of slice {i}{module}"
+        for source in output_slice.sources:
+            yield source.parameters, source.model, f"the parameters of model '{source.model}' in slice {i}{module}"
+
+
+def _name_problems(parameters, model) -> Iterator[str]:
     for name in parameters or {}:
         where = f" for model '{model}'" if model is not None else ""
         if name in TOOL_NAMES:
@@ -354,39 +401,58 @@ def _check_names(parameters, model=None) -> None:
                 "configuration, and cabs has no such setting",
                 name, where,
             )
-            continue
-        if name not in ALL_NAMES:
-            raise CabsConfigError(
-                f"cabs: unknown parameter '{name}'{where}; cabs takes {', '.join(ALL_NAMES)}"
-            )
-        if model is not None and name in SHARED_NAMES:
-            raise CabsConfigError(
-                f"cabs: '{name}' is shared by all models, so it cannot be set{where}; "
-                "put it under the top-level (or a slice's) `parameters:`"
-            )
+        elif name not in ALL_NAMES:
+            yield f"cabs: unknown parameter '{name}'{where}; cabs takes {', '.join(ALL_NAMES)}"
+        elif model is not None and name in SHARED_NAMES:
+            yield (f"cabs: '{name}' is shared by all models, so it cannot be set{where}; "
+                   "put it under the top-level (or a slice's) `parameters:`")
 
 
-def _check_slices(slices) -> None:
-    for output_slice in slices or ():
-        _check_names(output_slice.parameters)
-        for source in output_slice.sources:
-            _check_names(source.parameters, source.model)
+def name_problems(config) -> Iterator[str]:
+    """One message per parameter name cabs does not know, or shared one set
+    per model, in a mergekit `MergeConfiguration`, in YAML order; names
+    mergekit's tools inject (`TOOL_NAMES`) are ignored with a note."""
+    for parameters, model, _ in _places(config):
+        yield from _name_problems(parameters, model)
+
+
+def _is_list(setting: Any) -> bool:
+    """A gradient: a list of plain values, bare or as a filter's value."""
+    if isinstance(setting, (list, tuple)):
+        return any(_is_list(s) for s in setting) if any(hasattr(s, "value") for s in setting) else True
+    return hasattr(setting, "value") and _is_list(setting.value)
+
+
+def list_settings(config) -> list[str]:
+    """'name' in where, for every `ONE_VALUE_NAMES` setting given as a list."""
+    return [
+        f"'{name}' in {where}"
+        for parameters, model, where in _places(config) if model is None
+        for name, setting in (parameters or {}).items()
+        if name in ONE_VALUE_NAMES and _is_list(setting)
+    ]
+
+
+LIST_ADVICE = ("one value; mergekit reads a list as a gradient and picks one entry per layer "
+               "(the first entry for the first layers, the last for the last)")
 
 
 def check_parameter_names(config) -> None:
     """Refuse parameter names cabs does not know, and shared ones set per model,
     in a mergekit `MergeConfiguration`; names mergekit's tools inject
-    (`TOOL_NAMES`) are ignored with a note.
+    (`TOOL_NAMES`) are ignored with a note.  A one-value setting
+    (`ONE_VALUE_NAMES`) given as a list is merged as mergekit resolves it, with
+    one warning per merge.
 
     mergekit looks up only the names a method declares, so `densty: 0.5` or a
     `block_size` under one model would otherwise be ignored without a word.
     """
-    _check_names(config.parameters)
-    for entry in config.models or ():
-        _check_names(entry.parameters, entry.model)
-    _check_slices(config.slices)
-    for module in (config.modules or {}).values():
-        _check_names(module.parameters)
-        for entry in module.models or ():
-            _check_names(entry.parameters, entry.model)
-        _check_slices(module.slices)
+    for problem in name_problems(config):
+        raise CabsConfigError(problem)
+    found = list_settings(config)
+    if found:
+        once.warn(
+            ("list settings", tuple(found)),
+            "cabs: %s %s %s; merging that way. Give one value (or `filter:` entries) instead.",
+            " and ".join(found), "takes" if len(found) == 1 else "each take", LIST_ADVICE,
+        )

@@ -34,15 +34,25 @@ def _method_names() -> tuple[str, ...]:
     return tuple(sorted(method.names, key=lambda n: n != NAME)) or (ALT_NAME,)
 
 
-def read_yaml(path: Path) -> dict:
-    """The YAML mapping in `path` (PlanError naming the file otherwise)."""
+def read_documents(path: Path) -> list:
+    """Every YAML document in `path` (a mergekit-multi file holds several;
+    PlanError naming the file when it cannot be read)."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as stream:  # a stream: YAML errors name the file
-            data = yaml.safe_load(stream)
+            return list(yaml.safe_load_all(stream))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise PlanError(f"cannot read {path} as YAML: {error}") from None
+
+
+def read_yaml(path: Path) -> dict:
+    """The YAML mapping in `path` (PlanError naming the file otherwise)."""
+    documents = read_documents(path)
+    if len(documents) > 1:
+        raise PlanError(f"{path} holds {len(documents)} YAML documents (a mergekit-multi file?); give one "
+                        "configuration (`mergekit-cabs check` checks a whole mergekit-multi file)")
+    data = documents[0] if documents else None
     if not isinstance(data, dict):
         raise PlanError(f"{path} is not a mergekit configuration (a YAML mapping with merge_method:, models: ...)")
     return data
@@ -74,16 +84,29 @@ def load_config(path: Path, command: str = "analyze"):
     return config
 
 
+def looks_local(path: str) -> bool:
+    """Whether a model path can only mean a directory here (not a hub id)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def model_problem(model, trust_remote_code: bool = False) -> str | None:
+    """Why a model cannot be read (its config.json), or None."""
+    path = model.model.path
+    if not os.path.exists(path) and looks_local(path):
+        return f"model '{model}' not found: there is no directory {path}"
+    try:
+        model.config(trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:  # what transformers/hub raise
+        return f"cannot read model '{model}': {' '.join(str(error).split())}"
+    return None
+
+
 def check_models(config, trust_remote_code: bool = False) -> None:
     """Every model the configuration names must be readable (its config.json)."""
     for model in sorted(config.referenced_models(), key=str):
-        path = model.model.path
-        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
-            raise PlanError(f"model '{model}' not found: there is no directory {path}")
-        try:
-            model.config(trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as error:  # what transformers/hub raise
-            raise PlanError(f"cannot read model '{model}': {error}") from None
+        problem = model_problem(model, trust_remote_code)
+        if problem:
+            raise PlanError(problem)
 
 
 @dataclass
@@ -112,13 +135,10 @@ def quiet_cabs_log():
         log.setLevel(level)
 
 
-def plan(config, options=None) -> list[PlannedTensor]:
-    """The tensors `mergekit-yaml` would merge, with their parameters.
-
-    Runs mergekit's own planner on a copy of `config`, so filters, gradients
-    and slices resolve exactly as in a merge; reads only the models' configs
-    and tensor indexes.
-    """
+def plan_tasks(config, options=None) -> list[tuple[_mergekit.PlannedTask, str | None]]:
+    """(task, dtype mergekit-yaml writes it in) for every tensor a merge of
+    `config` would write, from mergekit's own planner (on a copy of `config`);
+    PlanError when mergekit cannot plan it."""
     from mergekit.options import MergeOptions
 
     _method_names()  # cabs registered, wrappers in place
@@ -126,7 +146,7 @@ def plan(config, options=None) -> list[PlannedTensor]:
     config = config.model_copy(deep=True)  # the planner normalises it in place
     try:
         with quiet_cabs_log():
-            tasks = _mergekit.plan_config(config, options)
+            return _mergekit.plan_config(config, options)
     except CabsError:
         raise
     except (ValueError, RuntimeError, OSError, KeyError) as error:
@@ -134,10 +154,19 @@ def plan(config, options=None) -> list[PlannedTensor]:
     except AttributeError as error:  # a mergekit release that changed an internal
         raise PlanError(f"this mergekit is not one mergekit-cabs can plan with ({error}); "
                         "mergekit-cabs works with mergekit 0.1.x") from None
+
+
+def plan(config, options=None) -> list[PlannedTensor]:
+    """The tensors `mergekit-yaml` would merge, with their parameters.
+
+    Runs mergekit's own planner on a copy of `config`, so filters, gradients
+    and slices resolve exactly as in a merge; reads only the models' configs
+    and tensor indexes.
+    """
     from mergekit_cabs.method import resolve_planned
 
     planned = []
-    for order, (task, save_dtype) in enumerate(tasks):
+    for order, (task, save_dtype) in enumerate(plan_tasks(config, options)):
         with quiet_cabs_log():
             resolved = resolve_planned(task)
         planned.append(PlannedTensor(order, task.name, task.task, task.inputs, task.base, list(task.models),

@@ -68,6 +68,8 @@ def test_every_mergekit_internal_we_rely_on_is_there():
         ("mergekit.graph", "Executor.__init__"): (("self", "targets", "math_device", "storage_device"), ()),
         ("mergekit.graph", "Executor.run"): (("self", "quiet"), ()),
         ("mergekit.common", "dtype_from_name"): (("name",), ()),
+        ("mergekit.io.tasks", "GatherTensors"): ((), ("weight_info",)),
+        ("mergekit.architecture", "WeightInfo"): ((), ("name", "optional", "aliases", "tied_names", "vocabulary_axis")),
     }
     assert _mergekit.problems() == []
 
