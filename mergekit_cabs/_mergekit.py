@@ -22,9 +22,11 @@ What this module does with them:
 * `CheckedGroupMethod`: ``_bind_parameters`` runs a check on every group of a
   ``merge_tensors`` call before the first is merged.
 * planning and executing a configuration the way ``mergekit-yaml`` does
-  (`plan_config`, `execute`), for analyze, tune and check; the tensors a
-  planned task reads (`input_tensors`), and mergekit-multi's references to
-  other stages (`replace_models`), for check.
+  (`plan_config`, `execute`), for analyze, tune and check; where each
+  planned input tensor is stored (`input_tensors`, from the models' tensor
+  indexes), so shapes can be checked from file headers before anything is
+  read; and mergekit-multi's references to other stages (`replace_models`),
+  for check.
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ REQUIREMENTS = (
     Requirement("mergekit.io.tasks", "GatherTensors", fields=("weight_info",)),
     Requirement("mergekit.architecture", "WeightInfo", fields=("name", "optional", "aliases", "tied_names",
                                                                        "vocabulary_axis")),
+    Requirement("mergekit.io.lazy_tensor_loader", "LazyTensorLoader.__init__", params=("self", "index")),
+    Requirement("mergekit.io.lazy_tensor_loader", "ShardedTensorIndex", fields=("base_path", "tensor_paths")),
+    Requirement("mergekit.architecture.conversion", "can_convert_checkpoint_keys",
+                params=("model_type", "source_keys", "target_key")),
 )
 
 
@@ -306,6 +312,43 @@ def plan_config(config, options) -> list[tuple[PlannedTask, str | None]]:
     return [(planned_task(t.tensor_task), t.dtype) for t in tasks if isinstance(t, SaveTensor)]
 
 
+@dataclass(frozen=True)
+class InputTensor:
+    """Where one model's input to a planned tensor is stored."""
+
+    model: Any  # ModelReference
+    name: str  # the tensor's name in that model's checkpoint (mergekit's name when it has none)
+    file: str | None  # the checkpoint file that holds it; None when missing or converted
+    missing: bool  # the model has no such tensor (nor an alias, tied name or conversion of it)
+    optional: bool  # mergekit passes the base through when a fine-tune lacks it
+    vocabulary: bool = False  # indexed by token ids (embeddings, output head)
+
+
+def input_tensors(inputs) -> list[InputTensor] | None:
+    """Where each model's tensor for a planned merge task's `inputs` lies,
+    from the models' tensor indexes (no tensor is read).  None when the
+    inputs are not plain loads (embeddings permuted for tokenizer_source)."""
+    from mergekit.architecture.conversion import can_convert_checkpoint_keys
+    from mergekit.io.tasks import GatherTensors, LoaderCache
+
+    if not isinstance(inputs, GatherTensors):
+        return None
+    found = []
+    for model, info in inputs.weight_info.items():
+        index = LoaderCache().get(model).index
+        names = [info.name, *(info.aliases or ()), *(info.tied_names or ())]
+        vocabulary = getattr(info, "vocabulary_axis", None) is not None
+        name = next((n for n in names if n in index.tensor_paths), None)
+        if name is not None:
+            file = os.path.join(index.base_path, index.tensor_paths[name])
+            found.append(InputTensor(model, name, file, False, bool(info.optional), vocabulary))
+            continue
+        model_type = getattr(model.config(trust_remote_code=LoaderCache().trust_remote_code), "model_type", None)
+        converted = can_convert_checkpoint_keys(model_type, set(index.tensor_paths), info.name)
+        found.append(InputTensor(model, info.name, None, not converted, bool(info.optional), vocabulary))
+    return found
+
+
 def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
     """(target, value) for mergekit tasks, run by mergekit's executor, which
     drops each input as soon as nothing needs it."""
@@ -323,28 +366,6 @@ def dtype_from_name(name: str | None):
 
 
 # --- for `mergekit-cabs check` ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputTensor:
-    """A tensor a planned task reads from one model: the names mergekit tries, in order."""
-
-    names: tuple[str, ...]
-    optional: bool
-    vocabulary: bool  # indexed by token ids (embeddings, output head)
-
-
-def input_tensors(task: PlannedTask) -> dict | None:
-    """{ModelReference: InputTensor} a planned task reads; None when its inputs
-    are not plain loads (mergekit aligning vocabularies, say)."""
-    info = getattr(task.inputs, "weight_info", None)
-    if info is None:
-        return None
-    return {
-        model: InputTensor((wi.name, *(wi.aliases or ()), *(wi.tied_names or ())), bool(wi.optional),
-                           getattr(wi, "vocabulary_axis", None) is not None)
-        for model, wi in info.items()
-    }
 
 
 def replace_models(config, paths: dict[str, str]):

@@ -1,51 +1,146 @@
 """Writing results: the output directory, number formatting, plot set-up.
 
-Shared by analyze and tune.  Files are written into a staging directory next
-to the output and moved in at the end (`publish`), so a failure never leaves a
-file that looks complete.
+Shared by analyze and tune.  Files are written into a staging directory inside
+the output directory (so moving them in is a rename on one file system, also
+when --out is a mount point or its parent is read-only) and moved in at the
+end (`publish`), the result file last, so a failure never leaves a file that
+looks complete.  A staging directory is removed on any failure, on Ctrl-C and
+on SIGTERM; one a killed run left (SIGKILL, power loss) is removed by the next
+run into that directory (`clean_stale`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mergekit_cabs.params import CabsError
 
 PLOTS_HINT = 'pip install "mergekit-cabs[plot]" gets the plots (matplotlib)'
+STAGING = ".mergekit-cabs-staging-"  # + "<pid>-<random>": a staging directory of ours
+STALE_AFTER_S = 3600  # a staging directory this old is a dead run's, whatever its pid
+
+
+class WriteError(CabsError):
+    """An output file could not be written (a full disk, no permission...)."""
 
 
 def check_out_dir(out: Path, force: bool, names: Sequence[str], error: type[CabsError] = CabsError) -> None:
-    """Refuse a file, or a directory that holds files unless `force`."""
+    """Refuse a file, or a directory that holds files unless `force`
+    (staging directories of ours do not count; dead runs' ones are removed)."""
     if out.exists() and not out.is_dir():
         raise error(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir():
+        return
+    try:
+        clean_stale(out, names)
+        used = any(not entry.name.startswith(STAGING) for entry in out.iterdir())
+    except OSError as problem:
+        raise error(f"--out {out} cannot be read: {problem.strerror or problem}") from None
+    if used and not force:
         raise error(
             f"--out {out} already holds files; pass --force to replace its "
             f"{', '.join(names)} (other files are left alone), or give another --out"
         )
 
 
-def publish(out: Path, names: Sequence[str], build: Callable[[Path], list[str]]) -> list[str]:
-    """Let `build` write files into a temporary directory next to `out`, then
-    move them in, in the order it returns them (so the last one, the JSON,
-    appears last).  Earlier files of `names` in `out` are replaced or removed;
-    a failure leaves no new file that looks complete.  Returns the names written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs here (True when it cannot be told)."""
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill would end the process; age decides
+        return True
     try:
-        written = build(staging)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            (out / name).unlink(missing_ok=True)
-        for name in written:
-            os.replace(staging / name, out / name)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, say
+        return True
+    return True
+
+
+def _dead_run(entry: Path, owned: re.Pattern, names: Sequence[str]) -> bool:
+    """Whether `entry` is a staging directory a run that is over left behind."""
+    match = owned.fullmatch(entry.name)
+    if not match or not entry.is_dir() or entry.is_symlink():
+        return False
+    if not match.groups():  # the earlier layout, next to --out: only if it holds nothing but our files
+        return all(f.name in names for f in entry.iterdir())
+    return not _running(int(match.group(1))) or time.time() - entry.stat().st_mtime > STALE_AFTER_S
+
+
+def clean_stale(out: Path, names: Sequence[str] = ()) -> list[Path]:
+    """Remove the staging directories killed runs left: ours in `out`
+    (``.mergekit-cabs-staging-<pid>-*`` whose process is gone or that are over
+    an hour old), and ``.<out name>-xxxxxxxx`` next to `out` (where earlier
+    releases staged) that hold only files of `names`.  Returns those removed."""
+    out = Path(out)
+    places = [(out, re.compile(re.escape(STAGING) + r"(\d+)-\w+")),
+              (out.parent, re.compile(re.escape(f".{out.name}-") + r"[a-z0-9_]{8}"))]
+    removed = []
+    for where, owned in places:
+        with contextlib.suppress(OSError):
+            for entry in list(where.iterdir()):
+                if _dead_run(entry, owned, names):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """Within the block, SIGTERM raises SystemExit (so `finally` clauses run)
+    when it would otherwise end the process at once."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def publish(out: Path, names: Sequence[str], build: Callable[[Path], list[str]]) -> list[str]:
+    """Let `build` write files into a staging directory inside `out`, then
+    move them in, in the order it returns them (put the result file last: its
+    presence means every file is there).  Earlier files of `names` in `out`
+    are replaced or removed; a failure leaves no new file that looks complete,
+    no staging directory, and no empty `out` that this call created.  Returns the
+    names written; WriteError (one line) when a file cannot be written."""
+    out = Path(out)
+    created, written = not out.exists(), None
+    try:
+        with _terminate_as_exit():
+            out.mkdir(parents=True, exist_ok=True)
+            clean_stale(out, names)
+            staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out))
+            try:
+                files = build(staging)
+                for name in names:
+                    (out / name).unlink(missing_ok=True)
+                for name in files:
+                    os.replace(staging / name, out / name)
+                written = files
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except OSError as problem:
+        raise WriteError(f"could not write {out}: {problem.strerror or problem}") from None
+    finally:
+        if created and written is None:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: nothing was moved in
     return written
 
 

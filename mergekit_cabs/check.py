@@ -17,7 +17,6 @@ the shapes of the stand-in are not compared.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -27,9 +26,6 @@ from typing import Any
 
 from mergekit_cabs import _mergekit, planning
 from mergekit_cabs.params import LIST_ADVICE, CabsError, list_settings, name_problems
-
-# A safetensors header larger than this is not a header (the format caps it at 100 MB).
-MAX_HEADER = 100_000_000
 
 
 @dataclass
@@ -289,32 +285,18 @@ def with_stand_ins(config, out: Out, stand_ins: dict[str, str | None]):
 
 
 def check_shapes(tasks, out: Out, skip: set[str]) -> None:
-    """Every model has every tensor the merge reads, shaped like the base's."""
-    shapes: dict[str, dict | None] = {}
-    missing: dict[str, list[str]] = {}
-    differ: dict[str, list[str]] = {}
-    aligned = 0
-    for task in tasks:
-        inputs = _mergekit.input_tensors(task)
-        if inputs is None:
-            aligned += 1
-            continue
-        found = {}
-        for model in sorted(inputs, key=lambda m: m != task.base):  # the base first
-            wanted = inputs[model]
-            known = None if model.model.path in skip else model_shapes(model, shapes, out)
-            name = next((n for n in wanted.names if n in known), None) if known is not None else None
-            if name is not None:
-                found[model] = (name, known[name])
-            elif known is not None and not wanted.optional:
-                missing.setdefault(str(model), []).append(wanted.names[0])
-        _compare(found, task.base, differ, any(i.vocabulary for i in inputs.values()))
-    for model, names in missing.items():
-        more = f" (nor {_more(len(names) - 1)} the merge reads)" if len(names) > 1 else ""
-        out.problem(f"model '{model}' has no tensor '{names[0]}'{more}")
-    for model, lines in differ.items():
-        more = f"; {_more(len(lines) - 1)} differ{'s' if len(lines) == 2 else ''}" if len(lines) > 1 else ""
-        out.problem(f"model '{model}': {lines[0]}{more}")
+    """Every model has every tensor the merge reads, shaped like the base's
+    (`planning.check_shapes`): one line per model, its first problem and how
+    many more it has."""
+    aligned = sum(1 for task in tasks if _mergekit.input_tensors(task.inputs) is None)
+    labels = {planning.model_label(m, m == t.base) + end: str(m)
+              for t in tasks for m in (t.base, *t.models) for end in (":", " ")}
+    per_model: dict[str, list[str]] = {}
+    for line in planning.check_shapes(tasks, skip):
+        model = next((name for label, name in labels.items() if line.startswith(label)), "")
+        per_model.setdefault(model, []).append(line)
+    for lines in per_model.values():
+        out.problem(lines[0] + (f"; and {_more(len(lines) - 1)} like it" if len(lines) > 1 else ""))
     if aligned:
         out.note(f"{aligned} tensors are read through mergekit's vocabulary alignment (tokenizer_source), "
                  "so their shapes are not compared")
@@ -326,66 +308,6 @@ def _tensors(count: int) -> str:
 
 def _more(count: int) -> str:
     return f"{count} more tensor{'s' if count != 1 else ''}"
-
-
-def _compare(found: dict, base, differ: dict[str, list[str]], vocabulary: bool) -> None:
-    if not found:
-        return
-    first = next(iter(found))
-    _, want = found[first]
-    who = f"the base '{first}'" if first == base else f"model '{first}'"
-    hint = " (another vocabulary: mergekit aligns them with tokenizer_source: union or base)" if vocabulary else ""
-    for model, (name, shape) in found.items():
-        if shape != want:
-            differ.setdefault(str(model), []).append(
-                f"tensor '{name}' has shape {list(shape)}, but {who} has {list(want)}{hint}")
-
-
-def model_shapes(model, cache: dict[str, dict | None], out: Out) -> dict | None:
-    """{tensor: shape} of a local model from its safetensors headers (or
-    index), once per directory; None after a line when they cannot be read."""
-    path = model.model.path
-    if path not in cache:
-        try:
-            cache[path] = read_shapes(Path(path))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            out.problem(f"cannot read the tensor shapes of model '{model}': {error}")
-            cache[path] = None
-        else:
-            if cache[path] is None:
-                out.note(f"the tensor shapes of model '{model}' are not compared: its weights are "
-                         "pytorch_model.bin, whose shapes cannot be read without loading it")
-    return cache[path]
-
-
-def read_shapes(directory: Path) -> dict[str, tuple[int, ...]] | None:
-    """{tensor: shape} from the safetensors headers of a model directory
-    (model.safetensors, or the shards its index names); reads no tensor.
-    None when the weights are pytorch_model.bin (ValueError with neither)."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    elif any((directory / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        return None
-    else:
-        raise ValueError(f"there is no model.safetensors or pytorch_model.bin in {directory}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
-        shapes.update(header_shapes(directory / name))
-    return shapes
-
-
-def header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor: shape} from one safetensors file's header (8 bytes of length, then JSON)."""
-    with open(file, "rb") as stream:
-        head = stream.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < size <= MAX_HEADER:
-            raise ValueError(f"{file} is not a safetensors file")
-        header = json.loads(stream.read(size))
-    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 # --- mergekit-multi files ----------------------------------------------------------------------

@@ -163,10 +163,10 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                              tolerance=tolerance, batch_size=batch_size, quiet=quiet)
+        click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
         written = tn.write_outputs(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(tn.format_summary(report))
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
     click.echo(f"Merge it:  mergekit-yaml {out_dir / 'tuned.yml'} OUTPUT_DIR")
 

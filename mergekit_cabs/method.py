@@ -36,6 +36,7 @@ from mergekit_cabs.params import (
     NAME,
     PARAMETERS,
     CabsConfigError,
+    CabsError,
     Resolved,
     check_parameter_names,
     once,
@@ -129,7 +130,7 @@ class CabsMerge(_mergekit.checked_group_method()):
         except NonFiniteInputError as error:
             who = "the base model" if error.model is None else f"model '{_label(entries[error.model].id)}'"
             tensor = f" in tensor '{group.metadata.name}'" if group.metadata.name else ""
-            raise ValueError(
+            raise CabsError(  # a ValueError, as mergekit expects; a one-line error in analyze and tune
                 f"cabs: {who} has NaN or infinite values{tensor}; fix or drop that model"
             ) from None
 

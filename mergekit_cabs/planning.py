@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,21 @@ def looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
 
 
+def model_label(model, base: bool = False) -> str:
+    """How errors name a model: "model 'ft2' (/models/ft2)", or "the base
+    model 'base' (...)" with `base`; the path alone when it is a bare name."""
+    text = str(model)
+    short = os.path.basename(text.rstrip("/\\")) or text
+    return f"{'the base model' if base else 'model'} '{short}'" + (f" ({text})" if short != text else "")
+
+
 def model_problem(model, trust_remote_code: bool = False) -> str | None:
-    """Why a model cannot be read (its config.json), or None."""
+    """Why a model cannot be read (a LoRA reference, no directory, no
+    readable config.json), or None."""
+    if model.lora is not None:
+        return (f"model '{model}' is {model.model} with the LoRA adapter {model.lora}; mergekit-cabs reads full "
+                "models only: merge the adapter first (peft: PeftModel.from_pretrained(model, adapter)"
+                ".merge_and_unload().save_pretrained(DIR)) and name DIR in the YAML instead")
     path = model.model.path
     if not os.path.exists(path) and looks_local(path):
         return f"model '{model}' not found: there is no directory {path}"
@@ -102,7 +115,9 @@ def model_problem(model, trust_remote_code: bool = False) -> str | None:
 
 
 def check_models(config, trust_remote_code: bool = False) -> None:
-    """Every model the configuration names must be readable (its config.json)."""
+    """Every model the configuration names must be readable (its config.json),
+    and a full model: a LoRA reference (``model+adapter``) is refused, saying
+    how to merge the adapter first."""
     for model in sorted(config.referenced_models(), key=str):
         problem = model_problem(model, trust_remote_code)
         if problem:
@@ -156,12 +171,14 @@ def plan_tasks(config, options=None) -> list[tuple[_mergekit.PlannedTask, str | 
                         "mergekit-cabs works with mergekit 0.1.x") from None
 
 
-def plan(config, options=None) -> list[PlannedTensor]:
+def plan(config, options=None, *, shapes: bool = True) -> list[PlannedTensor]:
     """The tensors `mergekit-yaml` would merge, with their parameters.
 
     Runs mergekit's own planner on a copy of `config`, so filters, gradients
-    and slices resolve exactly as in a merge; reads only the models' configs
-    and tensor indexes.
+    and slices resolve exactly as in a merge; reads only the models' configs,
+    tensor indexes and checkpoint headers.  With `shapes`, a tensor a model
+    lacks or has in another shape than the base is a PlanError
+    (`require_shapes`).
     """
     from mergekit_cabs.method import resolve_planned
 
@@ -171,7 +188,83 @@ def plan(config, options=None) -> list[PlannedTensor]:
             resolved = resolve_planned(task)
         planned.append(PlannedTensor(order, task.name, task.task, task.inputs, task.base, list(task.models),
                                      resolved, save_dtype))
+    if shapes:
+        require_shapes(planned)
     return planned
+
+
+# --- shapes, from the checkpoint headers ---------------------------------------------
+
+
+def file_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a checkpoint file without reading a tensor: the
+    safetensors header, or a memory map of a torch pickle; {} when the file
+    cannot be read that way (reading the tensors will say why)."""
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as handle:
+                return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+        import torch
+
+        state = torch.load(file, mmap=True, weights_only=True, map_location="cpu")
+        return {name: tuple(t.shape) for name, t in state.items() if hasattr(t, "shape")}
+    except Exception:  # noqa: BLE001 (unknown shapes: the read that follows names the problem)
+        return {}
+
+
+VOCABULARY_HINT = " (another vocabulary: mergekit aligns them with tokenizer_source: union or base)"
+
+
+def _input_problems(p: PlannedTensor, headers: dict[str, dict], skip: Collection[str]) -> list[str]:
+    """What is wrong with the inputs of one planned tensor (see `check_shapes`)."""
+    sources = {s.model: s for s in _mergekit.input_tensors(p.inputs) or () if s.model.model.path not in skip}
+    base = sources.get(p.base)
+    if base is None:
+        return []
+    if base.missing:
+        return [] if base.optional else [f"{model_label(p.base, base=True)} has no tensor {base.name}"]
+
+    def shape(source):
+        if source.file not in headers:
+            headers[source.file] = file_shapes(source.file)
+        return headers[source.file].get(source.name)
+
+    base_shape, out = shape(base) if base.file else None, []
+    for model in p.models:
+        s = sources.get(model)
+        if s is None or (s.missing and s.optional):
+            continue
+        if s.missing:
+            out.append(f"{model_label(model)} has no tensor {s.name} (the base has it)")
+        elif s.file and base_shape is not None and (found := shape(s)) is not None and found != base_shape:
+            hint = VOCABULARY_HINT if s.vocabulary else ""
+            out.append(f"{model_label(model)}: tensor {s.name} has shape {found}, the base has {base_shape}{hint}")
+    return out
+
+
+def check_shapes(planned: Sequence[PlannedTensor], skip: Collection[str] = ()) -> list[str]:
+    """One line per problem, in plan order: a tensor mergekit needs that a
+    model lacks, or a fine-tune's tensor shaped unlike the base's.  From the
+    models' tensor indexes and checkpoint headers: no tensor is read.  Inputs
+    mergekit builds otherwise (tokenizer_source embeddings, checkpoint
+    conversions), and models whose path is in `skip`, are not checked.  Empty
+    when every input fits."""
+    problems: list[str] = []
+    headers: dict[str, dict] = {}
+    for p in planned:
+        problems += [line for line in _input_problems(p, headers, skip) if line not in problems]
+    return problems
+
+
+def require_shapes(planned: Sequence[PlannedTensor]) -> None:
+    """`check_shapes` as a PlanError: its first line, and how many more."""
+    problems = check_shapes(planned)
+    if problems:
+        more = f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        raise PlanError(f"{problems[0]}{more}; cabs needs every fine-tune to have the base's tensors, "
+                        "in the base's shapes")
 
 
 def read_tensors(planned: Sequence[PlannedTensor], progress: bool = True) -> Iterator[tuple[PlannedTensor, dict]]:

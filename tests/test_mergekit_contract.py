@@ -70,6 +70,10 @@ def test_every_mergekit_internal_we_rely_on_is_there():
         ("mergekit.common", "dtype_from_name"): (("name",), ()),
         ("mergekit.io.tasks", "GatherTensors"): ((), ("weight_info",)),
         ("mergekit.architecture", "WeightInfo"): ((), ("name", "optional", "aliases", "tied_names", "vocabulary_axis")),
+        ("mergekit.io.lazy_tensor_loader", "LazyTensorLoader.__init__"): (("self", "index"), ()),
+        ("mergekit.io.lazy_tensor_loader", "ShardedTensorIndex"): ((), ("base_path", "tensor_paths")),
+        ("mergekit.architecture.conversion", "can_convert_checkpoint_keys"): (
+            ("model_type", "source_keys", "target_key"), ()),
     }
     assert _mergekit.problems() == []
 

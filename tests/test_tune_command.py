@@ -125,6 +125,7 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     md = (out / "tune.md").read_text()
     assert "held-out" in md and "disjoint" in md and "![objective along each weight](tune.png)" in md
     assert result.output.count("held-out") >= 1 and "mergekit-yaml" in result.output
+    assert f"Wrote tune.md, tune.png, tune.json, tuned.yml to {out}" in result.output  # tuned.yml last
 
 
 def test_tune_with_overlapping_supports_still_matches_mergekit(tune_family, tmp_path):
@@ -283,3 +284,131 @@ def _plan(raw: dict):
     from mergekit_cabs.planning import plan
 
     return plan(MergeConfiguration.model_validate(raw))
+
+
+# --- bad models, NaN, a full disk: one line naming what is at fault ---------------------------
+
+
+def _variant(base, path: Path, edit) -> Path:
+    """A bf16 fine-tune of `base` whose state dict `edit` changed."""
+    from safetensors.torch import save_file
+
+    model = make_tiny_llama(path, seed=41, base=base, scale=3, dtype=torch.bfloat16, tokenizer=False)
+    state = dict(model.state)
+    edit(state)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _with_model(tune_family, tmp_path, index: int, model: Path) -> Path:
+    raw = json.loads(json.dumps(tune_family["raw"]))
+    raw["models"][index]["model"] = str(model)
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def _tune_error(tune_family, tmp_path, config, names=("ft0", "ft1", "ft2"), extra=()) -> list[str]:
+    data = []
+    for name, text in zip(names, tune_family["data"].values()):
+        data += ["--data", f"{name}={text}"]
+    result = CliRunner().invoke(main, ["tune", str(config), *data, "--out", str(tmp_path / "out"), "--quiet",
+                                       "--budget", "3", "--max-windows", "4", *map(str, extra)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output and result.output.startswith("Error: "), result.output
+    return result.output.strip().splitlines()
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+def test_tune_names_model_and_tensor_of_a_shape_mismatch_before_loading_a_model(
+        tune_family, tmp_path, no_model_loading):
+    short = _variant(tune_family["base"], tmp_path / "short", lambda s: s.update({UP: s[UP][:-8].clone()}))
+    lines = _tune_error(tune_family, tmp_path, _with_model(tune_family, tmp_path, 1, short), ["ft0", "short", "ft2"])
+    assert len(lines) == 1 and f"model 'short' ({short}): tensor {UP} has shape (64, 40), the base has (72, 40)" \
+        in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_names_model_and_tensor_a_fine_tune_lacks_before_loading_a_model(
+        tune_family, tmp_path, no_model_loading):
+    gap = _variant(tune_family["base"], tmp_path / "gap", lambda s: s.pop(UP))
+    lines = _tune_error(tune_family, tmp_path, _with_model(tune_family, tmp_path, 2, gap), ["ft0", "ft1", "gap"])
+    assert len(lines) == 1 and f"model 'gap' ({gap}) has no tensor {UP} (the base has it)" in lines[0]
+
+
+def test_tune_names_model_and_tensor_of_a_nan_in_a_fine_tune_before_scoring_it(tune_family, tmp_path, monkeypatch):
+    down = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(state):
+        state[down] = state[down].clone()
+        state[down][2, 3] = float("nan")
+
+    sick = _variant(tune_family["base"], tmp_path / "sick", poison)
+    scored = []
+    real = tn.run.window_losses
+    monkeypatch.setattr(tn.run, "window_losses", lambda model, *a: scored.append(model.name_or_path) or real(model, *a))
+    lines = _tune_error(tune_family, tmp_path, _with_model(tune_family, tmp_path, 0, sick), ["sick", "ft1", "ft2"])
+    assert lines == [f"Error: model 'sick' ({sick}): tensor {down} holds NaN or infinite values; "
+                     "fix or drop that model"]
+    assert str(sick) not in scored and not (tmp_path / "out").exists()
+
+
+def test_tune_names_point_tensor_and_model_when_a_merged_weight_turns_nan(tune_family, tmp_path, monkeypatch):
+    real = tn.WeightStore.apply
+    hit = {}
+
+    def apply(self, weights, lam):
+        real(self, weights, lam)
+        slot = self.slots[3]
+        place = int(slot.owner.nonzero()[0])  # a place a model keeps
+        slot.target.view(-1)[place] = float("nan")
+        hit.update(tensor=slot.name, model=f"ft{slot.models[int(slot.owner[place]) - 1]}")
+
+    monkeypatch.setattr(tn.WeightStore, "apply", apply)
+    lines = _tune_error(tune_family, tmp_path, tune_family["config"])
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: tune: the merge at lambda 1, ft0 1, ft1 1, ft2 1 scores a non-finite loss")
+    assert f"its tensor {hit['tensor']} holds NaN or infinite values, at a place '{hit['model']}' keeps" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def _summary_then_error(result, out: Path, reason: str) -> None:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert lines[-1] == f"Error: tune: could not write {out}: {reason}; the result (weights, lambda, scores) is " \
+                        "printed above", result.output
+    assert lines[0].split() == ["start", "tuned"] and lines[1].startswith("lambda") and "Traceback" not in result.output
+    assert any(line.startswith("objective (gain)") for line in lines[:-1])
+
+
+def test_tune_prints_the_result_before_a_full_disk_and_fails_in_one_line(tune_family, tmp_path, monkeypatch):
+    import errno
+
+    from mergekit_cabs._output import STAGING
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.parent.name.startswith(STAGING) and self.name == "tune.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(out), "--budget", "3", "--max-windows", "4", "--quiet"])
+    _summary_then_error(result, out, "No space left on device")
+    assert not out.exists() and not [p for p in tmp_path.rglob(".*")]  # no staging folder anywhere
+
+
+def test_tune_on_a_real_full_tmpfs_keeps_the_result_and_leaves_no_staging(tune_family, tmp_path):
+    from test_publish import small_tmpfs
+
+    with small_tmpfs(tmp_path / "full", "8k") as out:
+        result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                           "--out", str(out), "--budget", "3", "--max-windows", "4", "--quiet"])
+        _summary_then_error(result, out, "No space left on device")
+        assert list(out.iterdir()) == []

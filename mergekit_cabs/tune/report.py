@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mergekit_cabs._output import fmt, publish, pyplot
+from mergekit_cabs._output import WriteError, fmt, publish, pyplot
 from mergekit_cabs.tune.data import SPLITS
-from mergekit_cabs.tune.options import OUT_FILES
+from mergekit_cabs.tune.options import OUT_FILES, TuneError
 
 
 def format_summary(report: dict) -> str:
@@ -154,7 +154,10 @@ def make_plot(report: dict, path: Path) -> None:
 
 
 def write_outputs(report: dict, out: Path) -> list[str]:
-    """tuned.yml, tune.md, tune.png (with matplotlib) and tune.json, into `out`."""
+    """tune.md, tune.png (with matplotlib), tune.json and tuned.yml, into
+    `out`, tuned.yml last (there, it means every file is).  A file that cannot
+    be written is a one-line TuneError that points to the summary, which the
+    command prints before writing (so a full disk loses no search)."""
     import yaml
 
     def build(staging: Path) -> list[str]:
@@ -168,6 +171,9 @@ def write_outputs(report: dict, out: Path) -> list[str]:
             + yaml.safe_dump(report["tuned_config"], sort_keys=False), encoding="utf-8")
         (staging / "tune.md").write_text(render_markdown(report, plotted), encoding="utf-8")
         (staging / "tune.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        return ["tuned.yml", "tune.md"] + (["tune.png"] if plotted else []) + ["tune.json"]
+        return ["tune.md"] + (["tune.png"] if plotted else []) + ["tune.json", "tuned.yml"]
 
-    return publish(out, OUT_FILES, build)
+    try:
+        return publish(out, OUT_FILES, build)
+    except WriteError as error:
+        raise TuneError(f"tune: {error}; the result (weights, lambda, scores) is printed above") from None

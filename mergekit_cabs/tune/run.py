@@ -7,6 +7,7 @@ objective in `search`, the data and the losses in `data`."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -195,15 +196,47 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
 
     _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
     model = load_model(str(prep.config.base_model.model.path), s.device)
+    check_finite(model, prep.config.base_model, base=True)
     reference = {"base": {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS},
                  "models": {}}
     for label, ref, task in tqdm.tqdm(list(zip(prep.labels, prep.finetunes, prep.tasks)),
                                       desc="Scoring the fine-tunes", unit="model", disable=s.quiet):
         tuned = load_model(str(ref.model.path), s.device)
+        check_finite(tuned, ref)
         reference["models"][label] = {split: float(window_losses(tuned, getattr(task, split), s.batch_size).mean())
                                       for split in SPLITS}
         del tuned
     return model, reference
+
+
+def check_finite(model, ref, base: bool = False) -> None:
+    """A loaded model's weights hold no NaN or infinity (checked as each is
+    loaded, before it is scored); TuneError naming the model and the tensor."""
+    from mergekit_cabs.planning import model_label
+
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise TuneError(f"{model_label(ref, base)}: tensor {name} holds NaN or infinite values; "
+                                "fix or drop that model")
+
+
+def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep: Prepared) -> None:
+    """A point's losses are finite; else a TuneError naming the point, the
+    merged tensor that holds NaN or infinity and the model keeping it there."""
+    bad = [task for task, loss in losses.items() if not math.isfinite(loss)]
+    if not bad:
+        return
+    point = ", ".join([f"lambda {x[0]:.4g}"] + [f"{k} {w:.4g}" for k, w in zip(prep.labels, x[1:])])
+    found = live.store.non_finite()
+    if found is None:
+        where = "its weights are finite, so the forward pass overflows"
+    else:
+        tensor, model = found
+        owner = "" if model is None else f", at a place {prep.labels[model]!r} keeps"
+        where = f"its tensor {tensor} holds NaN or infinite values{owner}"
+    raise TuneError(f"tune: the merge at {point} scores a non-finite loss on the data of {bad[0]!r}: {where}; "
+                    "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
 
 
 def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
@@ -242,6 +275,7 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
                 torch.cuda.synchronize()
         with timed(took, "eval_s"):
             fit = means(live.losses("fit"))
+        check_scored(live, x, fit, prep)
         score = objective.score(fit)
         points.append({"lambda": x[0], "weights": dict(zip(prep.labels, x[1:])), "fit_loss": fit, "score": score,
                        **took})

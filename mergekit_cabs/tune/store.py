@@ -118,6 +118,17 @@ class WeightStore:
     def places(self) -> int:
         return sum(s.base.numel() for s in self.slots)
 
+    def non_finite(self) -> tuple[str, int | None] | None:
+        """(tensor, index of the model that keeps its first bad place, when one
+        does) of the first live merged tensor holding NaN or infinity; None if none."""
+        for slot in self.slots:
+            bad = ~torch.isfinite(slot.target.view(-1))
+            if bool(bad.any()):
+                place = int(bad.nonzero()[0])
+                owner = int(slot.owner[place]) if slot.owner is not None else 0
+                return slot.name, (slot.models[owner - 1] if owner else None)
+        return None
+
     def apply(self, weights: Sequence[float], lam: float) -> None:
         """Set the live model to the merge at `weights` and `lam`."""
         with torch.no_grad():
