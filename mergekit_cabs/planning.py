@@ -98,12 +98,7 @@ def model_label(model, base: bool = False) -> str:
 
 
 def model_problem(model, trust_remote_code: bool = False) -> str | None:
-    """Why a model cannot be read (a LoRA reference, no directory, no
-    readable config.json), or None."""
-    if model.lora is not None:
-        return (f"model '{model}' is {model.model} with the LoRA adapter {model.lora}; mergekit-cabs reads full "
-                "models only: merge the adapter first (peft: PeftModel.from_pretrained(model, adapter)"
-                ".merge_and_unload().save_pretrained(DIR)) and name DIR in the YAML instead")
+    """Why a model cannot be read (no directory, no readable config.json), or None."""
     path = model.model.path
     if not os.path.exists(path) and looks_local(path):
         return f"model '{model}' not found: there is no directory {path}"
@@ -119,6 +114,12 @@ def check_models(config, trust_remote_code: bool = False) -> None:
     and a full model: a LoRA reference (``model+adapter``) is refused, saying
     how to merge the adapter first."""
     for model in sorted(config.referenced_models(), key=str):
+        if model.lora is not None:
+            raise PlanError(
+                f"model '{model}' is {model.model} with the LoRA adapter {model.lora}; analyze and tune read full "
+                "models only: merge the adapter first (peft: PeftModel.from_pretrained(model, adapter)"
+                ".merge_and_unload().save_pretrained(DIR)) and name DIR in the YAML instead"
+            )
         problem = model_problem(model, trust_remote_code)
         if problem:
             raise PlanError(problem)
