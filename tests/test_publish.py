@@ -88,6 +88,13 @@ def test_files_are_moved_in_in_the_order_given_so_the_result_comes_last(tmp_path
     assert moved == ["x.md", "result.yml"] and leftovers(tmp_path) == []
 
 
+def _config_file(base, tunes, path):
+    config = {"merge_method": "cabs", "base_model": str(base.path), "parameters": {"block_size": 16},
+              "models": [{"model": str(t.path), "parameters": {"weight": 1.0, "density": 0.25}} for t in tunes]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -96,10 +103,7 @@ def _dead_pid() -> int:
 
 def test_a_killed_runs_staging_directory_is_removed_by_the_next_run(fp32_family, tmp_path):
     base, tunes = fp32_family
-    config = {"merge_method": "cabs", "base_model": str(base.path), "parameters": {"block_size": 16},
-              "models": [{"model": str(t.path), "parameters": {"weight": 1.0, "density": 0.25}} for t in tunes]}
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump(config))
+    path = _config_file(base, tunes, tmp_path / "c.yml")
     out = tmp_path / "r"
     dead = out / f"{STAGING}{_dead_pid()}-k1ll3d"
     dead.mkdir(parents=True)
@@ -187,10 +191,7 @@ def test_out_on_a_mount_point_in_a_read_only_parent_is_written(tmp_path):
 
 def test_a_real_full_disk_in_analyze_is_one_line_and_leaves_no_staging(fp32_family, tmp_path):
     base, tunes = fp32_family
-    config = {"merge_method": "cabs", "base_model": str(base.path), "parameters": {"block_size": 16},
-              "models": [{"model": str(t.path), "parameters": {"weight": 1.0, "density": 0.25}} for t in tunes]}
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump(config))
+    path = _config_file(base, tunes, tmp_path / "c.yml")
     with small_tmpfs(tmp_path / "full", "8k") as out:
         result = CliRunner().invoke(main, ["analyze", str(path), "--out", str(out), "--quiet"])
         assert result.exit_code == 1, result.output
