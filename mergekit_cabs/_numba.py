@@ -28,6 +28,18 @@ the accumulator is never -0.0.  The kept set is defined by ranks, not by how
 it is found: free before claimed, larger |tau| before smaller, lower index
 first.
 
+How a block's kept set is found: its threshold T is the q-th largest key
+(`_model_pass` says what a key is).  Neighbouring blocks are much alike, so
+the previous block's T is a good guess: one vectorized pass counts the keys
+>= and > the guess (`_guess_counts`), and where T is not the guess itself, a
+pass per distinct key value walks down or up to it (`_walk_down`,
+`_walk_up`); a chunk's first block, and a block whose T is more than _WALK
+values away, take a radix select (`_threshold`).  Each way gives the same T
+and count of keys >= T; `_take` keeps the keys above T and the first of
+those equal to it.  Every loop over a block is branch-free and as wide as
+the keys, so it vectorizes for AVX2 as for AVX-512 (benchmarks/PROFILE.md
+has the instruction counts).
+
 Work is split into chunks of whole blocks (about 64K elements each) handed to
 threads (numba releases the GIL), as many as ``torch.get_num_threads()``;
 blocks are independent, so the result does not depend on the split.
@@ -64,7 +76,6 @@ def available() -> bool:
 
 _SMALL = 32  # sets this small are sorted outright
 _WALK = 16  # distinct key values looked through from a guess before the radix select
-_GROUP = 32  # keys counted at a time when ties at the threshold are dropped
 _MAX_GUESSED = 1 << 31  # longer blocks: no guess (its counts are 32 bits wide)
 
 
@@ -133,12 +144,13 @@ def _threshold(keys, length, q, hist, pool):
 def _load(src, start, stop, bf16, out, out_bits):
     """out[:stop - start] = src[start:stop] in the compute dtype; `bf16`: src
     holds bfloat16 bit patterns (int16), which are the top half of float32's."""
+    block = src[start:stop]  # a slice: indexing src[start + j] would check for a negative index every time
     if bf16:
         for j in range(stop - start):
-            out_bits[j] = np.uint32(np.uint16(src[start + j])) << np.uint32(16)
+            out_bits[j] = np.uint32(np.uint16(block[j])) << np.uint32(16)
     else:
         for j in range(stop - start):
-            out[j] = src[start + j]
+            out[j] = block[j]
 
 
 def _walk_down(keys, length, q, value, count, zero):
@@ -182,43 +194,22 @@ def _walk_up(keys, length, q, value, count, zero, ones):
 def _take(keys, length, q, threshold, at_least, takes):
     """takes[:length] = the q top-ranked keys of keys[:length], given the
     threshold T (the q-th largest key) and the number of keys >= T: ties at
-    the threshold go to the lowest indices, so the last (at_least - q) keys
-    equal to T stay out (`_drop_last`)."""
+    the threshold go to the lowest indices."""
     for j in range(length):
         takes[j] = keys[j] >= threshold
-    if at_least > q:
-        _drop_last(keys, length, threshold, at_least - q, takes)
-
-
-def _drop_last(keys, length, threshold, drop, takes):
-    """takes[j] = False for the last `drop` j with keys[j] == threshold:
-    groups of _GROUP keys, from the end, are counted (vectorized) and
-    cleared whole while they hold no more than are left to drop; the group
-    that holds more is walked one key at a time."""
-    stop = length
+    # Not every key equal to the threshold may fit: the lowest indices
+    # go in, so the last (at_least - q) of them stay out.
+    drop = at_least - q
+    j = length - 1
     while drop > 0:
-        start = max(stop - _GROUP, 0)
-        equal = 0
-        for j in range(start, stop):
-            equal += keys[j] == threshold
-        equal = np.int32(equal)  # counted 32 bits wide (see `_guess_counts`)
-        if equal <= drop:
-            for j in range(start, stop):
-                takes[j] = takes[j] & (keys[j] != threshold)
-            drop -= equal
-            stop = start
-            continue
-        j = stop - 1
-        while drop > 0:
-            if keys[j] == threshold:
-                takes[j] = False
-                drop -= 1
-            j -= 1
+        if keys[j] == threshold:
+            takes[j] = False
+            drop -= 1
+        j -= 1
 
 
-def _make_keys(tau_bits, claimed, start, length, keys, free_bit, zero):
-    """keys[:length] from tau's bits and claimed[start:start + length] (see
-    `_model_pass`);
+def _make_keys(tau_bits, claimed, length, keys, free_bit, zero):
+    """keys[:length] from tau's bits and `claimed` (see `_model_pass`);
     returns the largest |tau| (as bits).  `zero` is 0 in the keys' dtype:
     numba widens integer arithmetic to 64 bits, but a value stored to and
     read from `keys` is narrow again, so the loops stay as wide as the keys
@@ -230,7 +221,7 @@ def _make_keys(tau_bits, claimed, start, length, keys, free_bit, zero):
     for j in range(length):
         key = keys[j]
         largest = max(largest, key)
-        keys[j] = key if claimed[start + j] else key | free_bit
+        keys[j] = key if claimed[j] else key | free_bit
     return largest
 
 
@@ -296,9 +287,10 @@ def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, b
         q = quota if length == block_size else tail_quota
         _load(model, start, stop, model_bf16, mv, mv_bits)
         _load(base, start, stop, base_bf16, bv, bv_bits)
+        a_block, c_block = acc[start:stop], claimed[start:stop]
         for j in range(length):
             tau[j] = mv[j] - bv[j]
-        largest = _make_keys(tau_bits, claimed, start, length, keys, free_bit, limits[0])
+        largest = _make_keys(tau_bits, c_block, length, keys, free_bit, limits[0])
         if largest >= infinity:
             return False
         if q <= 0:
@@ -309,25 +301,24 @@ def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, b
             guess, at_least = _find(keys, length, q, guess if have_guess else None, hist, pool, limits)
             have_guess = True
             _take(keys, length, q, guess, at_least, takes)
-        _add_kept(acc, claimed, start, tau, takes, length, weight, no_weight, strict, aware)
+        _add_kept(a_block, c_block, tau, takes, length, weight, no_weight, strict, aware)
         if want_mask:
             mask[start:stop] = takes[:length]
     return True
 
 
-def _add_kept(acc, claimed, start, tau, takes, length, weight, no_weight, strict, aware):
-    """acc[start:start + length] += weight * (kept tau), and the claims there;
-    `takes` loses the claimed places first when `strict`.  Indexed, not
-    sliced (a slice costs a reference count per block), and with bitwise,
+def _add_kept(a_block, c_block, tau, takes, length, weight, no_weight, strict, aware):
+    """acc += weight * (kept tau) and the claims, on one block's slices of
+    them; `takes` loses the claimed places first when `strict`.  Bitwise,
     not short-circuit, operators: they vectorize."""
     if strict:
         for j in range(length):
-            takes[j] = takes[j] & (not claimed[start + j])
+            takes[j] = takes[j] & (not c_block[j])
     for j in range(length):
-        acc[start + j] = acc[start + j] + (tau[j] * weight if takes[j] else no_weight)
+        a_block[j] = a_block[j] + (tau[j] * weight if takes[j] else no_weight)
     if aware:
         for j in range(length):
-            claimed[start + j] = claimed[start + j] | (takes[j] & (tau[j] != 0))
+            c_block[j] = c_block[j] | (takes[j] & (tau[j] != 0))
 
 
 def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16):
@@ -339,16 +330,18 @@ def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16)
     for start in range(0, numel, step):
         stop = min(start + step, numel)
         _load(base, start, stop, base_bf16, bv, bv_bits)
+        block = acc[start:stop]
         for j in range(stop - start):
-            acc[start + j] = acc[start + j] * lam + bv[j]
+            block[j] = block[j] * lam + bv[j]
         if to_bf16:
+            bits, out = acc_bits[start:stop], out_bf16[start:stop]
             for j in range(stop - start):
-                u = np.uint32(acc_bits[start + j])
+                u = np.uint32(bits[j])
                 if u & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000):
-                    out_bf16[start + j] = np.int16(-1)  # 0xFFFF, torch's bfloat16 NaN on CPU
+                    out[j] = np.int16(-1)  # 0xFFFF, torch's bfloat16 NaN on CPU
                 else:
                     u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-                    out_bf16[start + j] = np.int16(np.uint16(u))
+                    out[j] = np.int16(np.uint16(u))
 
 
 _cache_said = False  # the no-cache line is said once per process
@@ -441,7 +434,6 @@ if numba is not None:
     _walk_down = _jit(_walk_down)
     _walk_up = _jit(_walk_up)
     _take = _jit(_take)
-    _drop_last = _jit(_drop_last)
     _make_keys = _jit(_make_keys)
     _guess_counts = _jit(_guess_counts)
     _find = _jit(_find)
