@@ -28,6 +28,18 @@ the accumulator is never -0.0.  The kept set is defined by ranks, not by how
 it is found: free before claimed, larger |tau| before smaller, lower index
 first.
 
+How a block's kept set is found: its threshold T is the q-th largest key
+(`_model_pass` says what a key is).  Neighbouring blocks are much alike, so
+the previous block's T is a good guess: one vectorized pass counts the keys
+>= and > the guess (`_guess_counts`), and where T is not the guess itself, a
+pass per distinct key value walks down or up to it (`_walk_down`,
+`_walk_up`); a chunk's first block, and a block whose T is more than _WALK
+values away, take a radix select (`_threshold`).  Each way gives the same T
+and count of keys >= T; `_take` keeps the keys above T and the first of
+those equal to it.  Every loop over a block is branch-free and as wide as
+the keys, so it vectorizes for AVX2 as for AVX-512 (benchmarks/PROFILE.md
+has the instruction counts).
+
 Work is split into chunks of whole blocks (about 64K elements each) handed to
 threads (numba releases the GIL), as many as ``torch.get_num_threads()``;
 blocks are independent, so the result does not depend on the split.
@@ -63,6 +75,8 @@ def available() -> bool:
 
 
 _SMALL = 32  # sets this small are sorted outright
+_WALK = 16  # distinct key values looked through from a guess before the radix select
+_MAX_GUESSED = 1 << 31  # longer blocks: no guess (its counts are 32 bits wide)
 
 
 def _threshold(keys, length, q, hist, pool):
@@ -93,7 +107,7 @@ def _threshold(keys, length, q, hist, pool):
             ge = q - above
             while ge < n and pool[ge] == threshold:
                 ge += 1
-            return threshold | np.uint64(0), above + ge
+            return threshold, above + ge
         all_and = src[0] | np.uint64(0)
         all_or = all_and
         largest = all_and
@@ -103,7 +117,8 @@ def _threshold(keys, length, q, hist, pool):
             largest = max(largest, src[j])
         differ = all_and ^ all_or
         if differ == 0:
-            return all_and, above + n
+            pool[0] = all_and  # in the keys' dtype, as the other return
+            return pool[0], above + n
         top = 0
         rest = differ >> 1
         while rest != 0:
@@ -129,7 +144,7 @@ def _threshold(keys, length, q, hist, pool):
 def _load(src, start, stop, bf16, out, out_bits):
     """out[:stop - start] = src[start:stop] in the compute dtype; `bf16`: src
     holds bfloat16 bit patterns (int16), which are the top half of float32's."""
-    block = src[start:stop]
+    block = src[start:stop]  # a slice: indexing src[start + j] would check for a negative index every time
     if bf16:
         for j in range(stop - start):
             out_bits[j] = np.uint32(np.uint16(block[j])) << np.uint32(16)
@@ -138,14 +153,48 @@ def _load(src, start, stop, bf16, out, out_bits):
             out[j] = block[j]
 
 
-def _select(keys, length, q, takes, hist, pool):
-    """takes[:length] = the q top-ranked keys of keys[:length] (1 <= q),
-    ties at the threshold going to the lowest indices."""
-    if q >= length:
+def _walk_down(keys, length, q, value, count, zero):
+    """(T, ge) as `_threshold` gives them, looking down from a guess: `count`
+    (< q) keys are above `value`, the largest key below the guess.  One pass
+    per distinct key value walked (it counts the keys equal to `value` and
+    finds the largest below it: both vectorize); (zero, -1) when the
+    threshold is more than _WALK values away.  `zero` is 0 in the keys'
+    dtype (numba widens arithmetic on it to 64 bits, and the loop with it)."""
+    for _ in range(_WALK):
+        below, equal = zero, 0
         for j in range(length):
-            takes[j] = True
-        return
-    threshold, at_least = _threshold(keys, length, q, hist, pool)
+            key = keys[j]
+            equal += key == value
+            below = max(below, key if key < value else zero)
+        count += np.int32(equal)  # counted 32 bits wide (see `_guess_counts`)
+        if count >= q:
+            return value, count
+        value = below
+    return zero, -1
+
+
+def _walk_up(keys, length, q, value, count, zero, ones):
+    """Like `_walk_down`, looking up: `count` (>= q) keys are >= `value`, the
+    smallest key above the guess; `ones` is the largest key value."""
+    for _ in range(_WALK):
+        above = ones
+        equal = 0
+        for j in range(length):
+            key = keys[j]
+            equal += key == value
+            above = min(above, key if key > value else ones)
+        equal = np.int32(equal)
+        if count - equal < q:
+            return value, count
+        count -= equal
+        value = above
+    return zero, -1
+
+
+def _take(keys, length, q, threshold, at_least, takes):
+    """takes[:length] = the q top-ranked keys of keys[:length], given the
+    threshold T (the q-th largest key) and the number of keys >= T: ties at
+    the threshold go to the lowest indices."""
     for j in range(length):
         takes[j] = keys[j] >= threshold
     # Not every key equal to the threshold may fit: the lowest indices
@@ -159,6 +208,57 @@ def _select(keys, length, q, takes, hist, pool):
         j -= 1
 
 
+def _make_keys(tau_bits, claimed, length, keys, free_bit, zero):
+    """keys[:length] from tau's bits and `claimed` (see `_model_pass`);
+    returns the largest |tau| (as bits).  `zero` is 0 in the keys' dtype:
+    numba widens integer arithmetic to 64 bits, but a value stored to and
+    read from `keys` is narrow again, so the loops stay as wide as the keys
+    (8 per AVX2 step for float32)."""
+    magnitude = free_bit - np.uint64(1)
+    for j in range(length):
+        keys[j] = tau_bits[j] & magnitude
+    largest = zero
+    for j in range(length):
+        key = keys[j]
+        largest = max(largest, key)
+        keys[j] = key if claimed[j] else key | free_bit
+    return largest
+
+
+def _guess_counts(keys, length, guess, zero, ones):
+    """How keys[:length] lie around a guess of the threshold: the numbers of
+    keys >= and > `guess`, the largest key below it and the smallest above it
+    (`zero` and `ones` where there is none).  The counts are cut to 32 bits
+    as they leave the loop, so the compiler counts 32 bits wide (8 keys per
+    AVX2 step); the caller guesses only for blocks shorter than 2**31."""
+    at_least, over, below, above = 0, 0, zero, ones
+    for j in range(length):
+        key = keys[j]
+        at_least += key >= guess
+        over += key > guess
+        below = max(below, key if key < guess else zero)
+        above = min(above, key if key > guess else ones)
+    return np.int32(at_least), np.int32(over), below, above
+
+
+def _find(keys, length, q, guess, hist, pool, limits):
+    """(T, ge) for 1 <= q < length, as `_threshold` gives them: near the
+    guess (the previous block's T) when there is one and the threshold is
+    near it, else by the radix select.  `guess` is None for a chunk's first
+    block; `limits` holds 0 and the largest key, in the keys' dtype."""
+    if guess is not None and length < _MAX_GUESSED:
+        at_least, over, below, above = _guess_counts(keys, length, guess, limits[0], limits[1])
+        if over < q <= at_least:
+            return guess, at_least
+        if at_least < q:
+            threshold, ge = _walk_down(keys, length, q, below, at_least, limits[0])
+        else:
+            threshold, ge = _walk_up(keys, length, q, above, over, limits[0], limits[1])
+        if ge >= 0:
+            return threshold, ge
+    return _threshold(keys, length, q, hist, pool)
+
+
 def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, bv, bv_bits,
                 tau, tau_bits, keys, takes, hist, pool, mask,
                 block_size, quota, tail_quota, weight, free_bit, infinity, strict, aware, want_mask):
@@ -169,15 +269,19 @@ def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, b
     weight * (kept tau) into `acc`, updates `claimed`, and writes the
     keep-mask into `mask` when `want_mask`.  A place's key is |tau|'s bit
     pattern (non-negative floats order like their bits) with the top bit set
-    when the place is free.  Returns False as soon as a block holds a tau that
-    is not finite (the caller finds out which input is at fault).  The loops
-    are simple on purpose, so that the compiler vectorizes them.
+    when the place is free.  Each block's threshold is looked for first near
+    the previous block's (`_find`).  Returns False as soon as a block holds a
+    tau that is not finite (the caller finds out which input is at fault).
+    The loops are simple and branch-free on purpose, so that the compiler
+    vectorizes them, with AVX2 as with AVX-512.
     """
-    magnitude = free_bit - np.uint64(1)  # clears the sign bit
     no_weight = weight - weight
+    limits = np.zeros(2, keys.dtype)  # 0 and the largest key, in the keys' dtype
+    limits[1] = free_bit | (free_bit - np.uint64(1))
+    guess = limits[0]
+    have_guess = False
     numel = model.size
-    start = 0
-    while start < numel:
+    for start in range(0, numel, block_size):
         length = min(block_size, numel - start)
         stop = start + length
         q = quota if length == block_size else tail_quota
@@ -186,29 +290,35 @@ def _model_pass(model, model_bf16, base, base_bf16, acc, claimed, mv, mv_bits, b
         a_block, c_block = acc[start:stop], claimed[start:stop]
         for j in range(length):
             tau[j] = mv[j] - bv[j]
-        largest = np.uint64(0)
-        for j in range(length):
-            key = tau_bits[j] & magnitude
-            largest = max(largest, key)
-            keys[j] = key if c_block[j] else key | free_bit
+        largest = _make_keys(tau_bits, c_block, length, keys, free_bit, limits[0])
         if largest >= infinity:
             return False
         if q <= 0:
-            start = stop
             continue
-        _select(keys, length, q, takes, hist, pool)
-        if strict:
-            for j in range(length):
-                takes[j] = takes[j] and not c_block[j]
-        for j in range(length):
-            a_block[j] = a_block[j] + (tau[j] * weight if takes[j] else no_weight)
-        if aware:
-            for j in range(length):
-                c_block[j] = c_block[j] or (takes[j] and tau[j] != 0)
+        if q >= length:
+            takes[:length] = True
+        else:
+            guess, at_least = _find(keys, length, q, guess if have_guess else None, hist, pool, limits)
+            have_guess = True
+            _take(keys, length, q, guess, at_least, takes)
+        _add_kept(a_block, c_block, tau, takes, length, weight, no_weight, strict, aware)
         if want_mask:
             mask[start:stop] = takes[:length]
-        start = stop
     return True
+
+
+def _add_kept(a_block, c_block, tau, takes, length, weight, no_weight, strict, aware):
+    """acc += weight * (kept tau) and the claims, on one block's slices of
+    them; `takes` loses the claimed places first when `strict`.  Bitwise,
+    not short-circuit, operators: they vectorize."""
+    if strict:
+        for j in range(length):
+            takes[j] = takes[j] & (not c_block[j])
+    for j in range(length):
+        a_block[j] = a_block[j] + (tau[j] * weight if takes[j] else no_weight)
+    if aware:
+        for j in range(length):
+            c_block[j] = c_block[j] | (takes[j] & (tau[j] != 0))
 
 
 def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16):
@@ -321,7 +431,13 @@ def _jit(func):
 if numba is not None:
     _threshold = _jit(_threshold)
     _load = _jit(_load)
-    _select = _jit(_select)
+    _walk_down = _jit(_walk_down)
+    _walk_up = _jit(_walk_up)
+    _take = _jit(_take)
+    _make_keys = _jit(_make_keys)
+    _guess_counts = _jit(_guess_counts)
+    _find = _jit(_find)
+    _add_kept = _jit(_add_kept)
     _model_pass = _jit(_model_pass)
     _finish = _jit(_finish)
 

@@ -106,6 +106,62 @@ def test_numba_result_does_not_depend_on_threads_or_task_size(monkeypatch, threa
     assert torch.equal(bits(got), bits(want))
 
 
+@needs_numba
+@pytest.mark.parametrize("scales", ["alternating", "ramp", "one odd block"])
+def test_blocks_unlike_their_neighbours_give_the_same_bits(scales):
+    """Each block's threshold is looked for near the previous block's; where
+    that guess is far off (the scale of tau jumps from block to block), the
+    compiled path walks or falls back, and the bits stay the torch path's."""
+    g = torch.Generator().manual_seed(11)
+    rows = 48
+    if scales == "alternating":
+        scale = torch.tensor([1e-4, 1e2] * (rows // 2))
+    elif scales == "ramp":
+        scale = torch.logspace(-6, 3, rows)
+    else:
+        scale = torch.ones(rows)
+        scale[rows // 2] = 1e6
+    base = torch.randn((rows, 256), generator=g) * 0.02
+    models = [base + torch.randn((rows, 256), generator=g) * scale[:, None] for _ in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        b, ms = base.to(dtype), [m.to(dtype) for m in models]
+        torch_out, numba_out = both_paths(cabs_merge, b, ms, [1.0, 0.5, 2.0], [64, 50, 100], 256)
+        assert torch.equal(bits(torch_out), bits(numba_out))
+
+
+@needs_numba
+@pytest.mark.parametrize("key_dtype", ["uint32", "uint64"])
+def test_threshold_from_any_guess_is_the_radix_selects(key_dtype):
+    """`_find` counts around a guess and walks the distinct keys from it;
+    whatever the guess (in the keys or not, near or far, 0 or the largest
+    key), its (threshold, count) is the radix select's, and `_take` keeps the
+    q top-ranked keys, ties to the lowest indices."""
+    import numpy as np
+
+    dtype = np.dtype(key_dtype).type
+    ones = dtype(np.iinfo(key_dtype).max)
+    limits = np.array([0, ones], key_dtype)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        length = int(rng.integers(2, 700))
+        distinct = int(rng.choice([2, 3, 7, 40, 1 << 20]))
+        keys = (rng.integers(0, distinct, length) * int(rng.integers(1, 1 << 10))).astype(key_dtype)
+        keys[rng.random(length) < 0.5] |= dtype(1 << (8 * keys.itemsize - 1))  # free places
+        q = int(rng.integers(1, length))
+        hist, pool = np.empty(256, np.int32), np.empty(length, key_dtype)
+        want = _numba._threshold(keys, length, q, hist, pool)
+        picked = keys[int(rng.integers(length))]
+        for guess in (picked, want[0], int(want[0]) | 1, 0, ones, int(want[0]) >> 1):
+            got = _numba._find(keys, length, q, dtype(guess), hist, pool, limits)
+            assert (int(got[0]), int(got[1])) == (int(want[0]), int(want[1]))
+        takes = np.empty(length, np.bool_)
+        _numba._take(keys, length, q, dtype(want[0]), want[1], takes)
+        ranked = np.argsort(ones - keys, kind="stable")  # larger keys first, then lower indices
+        expected = np.zeros(length, np.bool_)
+        expected[ranked[:q]] = True
+        assert np.array_equal(takes, expected)
+
+
 @pytest.mark.parametrize(
     "where,want",
     [("base", None), ("model 1", 1), ("model 2", 2), ("both models", 1), ("overflow", 0)],
