@@ -471,3 +471,15 @@ def test_a_model_whose_weight_ends_at_zero_is_named_dropped(tune_family, tmp_pat
     assert result.exit_code == 0, result.output
     assert "dropped: ft1 (weight 0: the merge leaves its task vector out)" in result.output
     assert "| weight `ft1` | 0 | 0 (dropped) |" in (out / "tune.md").read_text()
+
+
+def test_tune_with_cmaes_is_deterministic_per_seed_and_says_which_search_ran(tune_family):
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    runs = [tn.run_tune(prep, budget=6, objective="loss", optimizer="cmaes", seed=s, quiet=True) for s in (5, 5, 6)]
+    points = [[(p["lambda"], *p["weights"].values()) for p in r["points"]] for r in runs]
+    assert len(points[0]) == 6 and points[0] == points[1] != points[2]
+    assert points[0][0] == (1.0, 1.0, 1.0, 1.0)  # the configured start is scored first
+    search = runs[0]["search"]
+    assert (search["optimizer"], search["optimizer_option"], search["seed"]) == ("cmaes", "cmaes", 5)
+    assert "CMA-ES (the cma package), seed 5 over lambda, ft0, ft1, ft2" in tn.render_markdown(runs[0], plot=False)
+    assert tn.run_tune(prep, budget=3, objective="loss", quiet=True)["search"]["optimizer"] == "coordinate"  # auto
