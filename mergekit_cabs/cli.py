@@ -57,23 +57,31 @@ def check(config: Path) -> None:
 
 @main.command()
 @click.argument("directory", default="cabs-demo", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Seed for the made-up weights.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed for the models' weights, their training and the texts.")
 def demo(directory: Path, seed: int) -> None:
-    """Merge a tiny made-up model family with cabs, end to end.
+    """Merge a tiny model family with cabs, end to end, and get data to tune it.
 
-    Builds a tiny Llama base and three fine-tunes in DIRECTORY (default:
-    ./cabs-demo; no network), writes a cabs YAML there, merges it with
-    mergekit into DIRECTORY/merged, checks every merged tensor and loads the
-    result with transformers."""
-    from mergekit_cabs.demo import run_demo
+    Trains a tiny Llama base and three fine-tunes (math, code, chat), each on
+    its own synthetic text, in DIRECTORY (default: ./cabs-demo; no network,
+    well under a minute on a CPU), writes a cabs YAML and one text file per
+    fine-tune there, merges the YAML with mergekit into DIRECTORY/merged,
+    checks every merged tensor and loads the result with transformers. Then
+    prints the analyze, tune and mergekit-yaml commands that go on from it."""
+    from mergekit_cabs.demo import next_steps, run_demo, shown
 
     directory = directory.resolve()
     out = directory / "merged"
     if out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty; give another DIRECTORY or remove it")
-    config_path = run_demo(directory, seed, click.echo)
+    config_path, data = run_demo(directory, seed, click.echo)
     click.echo(f"\nThe merged model is in {out}")
-    click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {config_path} {directory / 'merged-again'}")
+    click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {shown(config_path)} "
+               f"{shown(directory / 'merged-again')}")
+    analyze, tune, merge = next_steps(directory, config_path, data)
+    click.echo("\nNext: see how the kept weights overlap, pick the weights from the data, merge with them:")
+    for line in (analyze, tune, merge):
+        click.echo(f"  {line}")
 
 
 @main.command()
