@@ -46,7 +46,7 @@ from mergekit_cabs.tune.options import (
     parse_bounds,
     search_settings,
 )
-from mergekit_cabs.tune.report import format_summary, make_plot, render_markdown, write_outputs
+from mergekit_cabs.tune.report import format_summary, make_plot, plot_figure, render_markdown, write_outputs
 from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, timed
 from mergekit_cabs.tune.search import (
     SEARCHES,
@@ -95,6 +95,7 @@ __all__ = [
     "model_names",
     "optimise",
     "parse_bounds",
+    "plot_figure",
     "prepare",
     "read_texts",
     "render_markdown",

@@ -186,10 +186,18 @@ def _point_lines(report: dict) -> list[str]:
 
 
 def make_plot(report: dict, path: Path) -> None:
-    """tune.png: the objective (in its own words and direction) at every
-    point tried, along each searched number, with the chosen value in each
-    panel's legend; the last panel is the best so far by evaluation.
-    ImportError without matplotlib."""
+    """tune.png (`plot_figure`); ImportError without matplotlib."""
+    plt = pyplot()
+    fig = plot_figure(report)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_figure(report: dict):
+    """The figure of tune.png: the objective (in its own words and
+    direction) at every point tried, along each searched number, with the
+    chosen value in each panel's legend; the last panel is the best so far
+    by evaluation."""
     import textwrap
 
     plt = pyplot()
@@ -209,7 +217,7 @@ def make_plot(report: dict, path: Path) -> None:
             ax.plot([a for a, _ in line], [v for _, v in line], marker="o", ms=3, lw=1,
                     label="others as chosen")
         ax.scatter([best[j]], [chosen], marker="*", s=120, color="tab:red", zorder=3,
-                   label=f"chosen: {best[j]:.3g}")
+                   label=f"chosen: {best[j]:.3g}" + (" (dropped)" if j and best[j] == 0 else ""))
         ax.set_xlabel("lambda (scales every task vector)" if j == 0 else f"weight of {name}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
@@ -226,8 +234,7 @@ def make_plot(report: dict, path: Path) -> None:
         axes[row * columns].set_ylabel(textwrap.fill(objective_label(report) + ", fit windows", 36), fontsize=8)
     fig.suptitle("What tune tried: each point's objective along each searched number", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def write_outputs(report: dict, out: Path) -> list[str]:
