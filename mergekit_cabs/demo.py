@@ -244,7 +244,10 @@ def check_loads(out: Path, echo: Callable[[str], None]) -> None:
 def shown(path: Path) -> str:
     """A path as a command line gives it: relative to the working directory
     when it lies inside it, quoted for a POSIX shell when it needs to be."""
-    relative = os.path.relpath(path)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        relative = ".."
     return shlex.quote(path.as_posix() if relative.startswith("..") else Path(relative).as_posix())
 
 
