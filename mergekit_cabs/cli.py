@@ -57,23 +57,31 @@ def check(config: Path) -> None:
 
 @main.command()
 @click.argument("directory", default="cabs-demo", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Seed for the made-up weights.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed for the models' weights, their training and the texts.")
 def demo(directory: Path, seed: int) -> None:
-    """Merge a tiny made-up model family with cabs, end to end.
+    """Merge a tiny model family with cabs, end to end, and get data to tune it.
 
-    Builds a tiny Llama base and three fine-tunes in DIRECTORY (default:
-    ./cabs-demo; no network), writes a cabs YAML there, merges it with
-    mergekit into DIRECTORY/merged, checks every merged tensor and loads the
-    result with transformers."""
-    from mergekit_cabs.demo import run_demo
+    Trains a tiny Llama base and three fine-tunes (math, code, chat), each on
+    its own synthetic text, in DIRECTORY (default: ./cabs-demo; no network,
+    well under a minute on a CPU), writes a cabs YAML and one text file per
+    fine-tune there, merges the YAML with mergekit into DIRECTORY/merged,
+    checks every merged tensor and loads the result with transformers. Then
+    prints the analyze, tune and mergekit-yaml commands that go on from it."""
+    from mergekit_cabs.demo import next_steps, run_demo, shown
 
     directory = directory.resolve()
     out = directory / "merged"
     if out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty; give another DIRECTORY or remove it")
-    config_path = run_demo(directory, seed, click.echo)
+    config_path, data = run_demo(directory, seed, click.echo)
     click.echo(f"\nThe merged model is in {out}")
-    click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {config_path} {directory / 'merged-again'}")
+    click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {shown(config_path)} "
+               f"{shown(directory / 'merged-again')}")
+    analyze, tune, merge = next_steps(directory, config_path, data)
+    click.echo("\nNext: see how the kept weights overlap, pick the weights from the data, merge with them:")
+    for line in (analyze, tune, merge):
+        click.echo(f"  {line}")
 
 
 @main.command()
@@ -113,21 +121,30 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--data", "data", multiple=True, required=True, metavar="MODEL=FILE",
+@click.option("--data", "data", multiple=True, metavar="MODEL=FILE",
               help="A fine-tuned model (as the YAML names it, or its directory's name) and a text or JSONL "
-                   "(a 'text' field per line) file of its task. Once per fine-tuned model.")
+                   "(a 'text' field per line) file of its task. Once per fine-tuned model, or not at all "
+                   "with --general.")
 @click.option("--general", type=click.Path(path_type=Path), default=None,
-              help="A text or JSONL file of general text, scored too and counted in the objective.")
+              help="A text or JSONL file of general text, scored too and counted in the objective; "
+                   "alone (no --data), its loss is the objective.")
 @click.option("--general-weight", default=1.0, show_default=True,
               help="Weight of the general set in the objective.")
-@click.option("--objective", type=click.Choice(["gain", "loss"]), default="gain", show_default=True,
-              help="gain: mean normalized gain over tasks; loss: mean loss.")
+@click.option("--objective", type=click.Choice(["gain", "loss"]), default=None,
+              help="gain: mean normalized gain over tasks; loss: mean loss (lower is better) "
+                   "[default: gain with --data, loss with --general alone].")
 @click.option("--out", "out_dir", default="cabs-tune", show_default=True, type=click.Path(path_type=Path),
               help="Directory for tuned.yml, tune.json, tune.md and tune.png.")
 @click.option("--budget", default=60, show_default=True, help="Most merged-model evaluations the search may spend.")
 @click.option("--weight-bounds", default="0,2", show_default=True, metavar="LOW,HIGH", help="Range of each weight.")
 @click.option("--lambda-bounds", default="0.25,2", show_default=True, metavar="LOW,HIGH", help="Range of lambda.")
-@click.option("--tolerance", default=0.05, show_default=True, help="Stop when every step is below this.")
+@click.option("--tolerance", default=0.05, show_default=True,
+              help="Stop when every step (coordinate) or CMA-ES's step size on the widest range is below this.")
+@click.option("--optimizer", type=click.Choice(["auto", "coordinate", "cmaes"]), default="auto", show_default=True,
+              help="coordinate: one value at a time, halving steps; cmaes: CMA-ES (the cma package); auto: "
+                   "cmaes when --budget allows 50 evaluations per searched value, else coordinate.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of CMA-ES's draws (the same seed, the same points).")
 @click.option("--window", default=None, type=int,
               help="Tokens per scored window [default: 256, or the base's max_position_embeddings if smaller].")
 @click.option("--max-windows", default=64, show_default=True, help="Most windows per file and split.")
@@ -138,15 +155,17 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
-         tolerance, window, max_windows, fit_fraction, batch_size, cuda, force, quiet) -> None:
+         tolerance, optimizer, seed, window, max_windows, fit_fraction, batch_size, cuda, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
     holds the pruned task vectors in memory, so a new weight vector costs one
-    pass over the parameters instead of a merge. A coordinate-wise search
-    maximises the mean normalized gain over the models' tasks on the fit
-    share of each --data file's windows (--fit-fraction, spread along the
-    file: every other window at 0.5); the rest is held out and reported.
+    pass over the parameters instead of a merge. A search (coordinate-wise
+    or CMA-ES, --optimizer) maximises the mean normalized gain over the
+    models' tasks on the fit share of each --data file's windows
+    (--fit-fraction, spread along the file: every other window at 0.5); the
+    rest is held out and reported. With --general FILE alone, it minimises
+    the loss on that text instead.
     Writes tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
     tune.png to --out."""
     from mergekit_cabs import tune as tn
@@ -157,12 +176,14 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
         weight_range, lambda_range, device = tn.search_settings(
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
+        objective = tn.implied_objective(objective, bool(data))
         check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
         prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
                           max_windows=max_windows, budget=budget)
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
-                             tolerance=tolerance, batch_size=batch_size, quiet=quiet)
+                             tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
+                             seed=seed)
         click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
         written = tn.write_outputs(report, out_dir)
     except CabsError as error:

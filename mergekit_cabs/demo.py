@@ -1,19 +1,31 @@
-"""`mergekit-cabs demo`: a tiny made-up model family, merged with cabs end to end.
+"""`mergekit-cabs demo`: a tiny model family, merged with cabs end to end, and data to tune it on.
 
-Builds a random tiny Llama base (with a word-level tokenizer) and fine-tunes
-that each add a different random task vector, writes a cabs YAML, merges it
-through mergekit, and checks every merged tensor against the kernel's masks
-with the numbers the YAML gives.  No network.
+Builds a tiny Llama base and three fine-tunes, each trained for a few
+seconds on the CPU on its own synthetic text ("math": arithmetic
+progressions, "code": bracket and keyword lines, "chat": dialogue turns),
+with a word-level tokenizer that encodes every word of those texts.  Writes
+a cabs YAML and one held-back text per fine-tune (math.txt, code.txt,
+chat.txt, from draws no training step saw), merges the YAML through
+mergekit, checks every merged tensor against the kernel's masks with the
+numbers the YAML gives, and loads the result.  No network; deterministic for
+a seed on one machine (one thread, torch's deterministic algorithms).
 """
 
 from __future__ import annotations
 
+import os
+import random
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 SPECIALISTS = ("math", "code", "chat")
+VOCABULARY_SIZE = 320  # the tokenizer's words, padded with unused ones
+TRAIN = {"window": 48, "batch": 16, "base_steps": 40, "base_lr": 3e-3, "steps": 40, "lr": 1e-3,
+         "tokens": 20_000}
+DATA_TOKENS = 32 * 128  # per data file: 32 windows of tune's default 128 here (16 fit, 16 held out)
 
 CONFIG = """\
 # CABS merge of three small fine-tunes made by `mergekit-cabs demo`.
@@ -36,13 +48,92 @@ parameters:
 dtype: float32
 """
 
+# --- the synthetic texts --------------------------------------------------------------
+
+NAMES, FUNCTIONS = ("x", "y", "z", "n", "i", "k"), ("f", "g", "h")
+CODE = ("def {f} ( {v} ) : return {v} + {k}", "if ( {v} < {k} ) {{ {w} = {f} ( {v} ) ; }}",
+        "for {v} in range ( {k} ) {{ print ( {v} ) ; }}", "while ( {v} > 0 ) {{ {v} = {v} - 1 ; }}")
+CHAT = (("hello , how are you ?", "i am fine , thanks ."), ("what is your name ?", "my name is bot ."),
+        ("do you like {x} ?", "yes , i like {x} too ."), ("how is the weather today ?", "it is {w} today ."),
+        ("thanks !", "you are welcome ."), ("bye !", "see you later , have a nice day ."))
+LIKES, WEATHER = ("tea", "coffee", "music", "books"), ("sunny", "rainy", "cold", "warm")
+
+
+def math_line(r: random.Random) -> str:
+    """An arithmetic progression: start + step : five terms ;"""
+    step = r.randrange(1, 6)
+    first = r.randrange(0, 31 - 4 * step)
+    return f"{first} + {step} : " + " ".join(str(first + k * step) for k in range(5)) + " ;"
+
+
+def code_line(r: random.Random) -> str:
+    return r.choice(CODE).format(f=r.choice(FUNCTIONS), v=r.choice(NAMES), w=r.choice(NAMES), k=r.randrange(31))
+
+
+def chat_line(r: random.Random) -> str:
+    question, answer = r.choice(CHAT)
+    x, w = r.choice(LIKES), r.choice(WEATHER)
+    return f"user : {question.format(x=x, w=w)} bot : {answer.format(x=x, w=w)}"
+
+
+LINES = {"math": math_line, "code": code_line, "chat": chat_line}
+
+
+def demo_text(name: str, seed: int, tokens: int) -> str:
+    """Lines of `name`'s text, drawn with `seed`, until there are `tokens` words."""
+    r, lines, count = random.Random(seed), [], 0
+    while count < tokens:
+        lines.append(LINES[name](r))
+        count += len(lines[-1].split())
+    return "\n".join(lines) + "\n"
+
+
+def vocabulary() -> list[str]:
+    """Every word the texts use (numbers 0 to 30 and the templates' words), padded."""
+    text = " ".join([*map(str, range(31)), *NAMES, *FUNCTIONS, *CODE, *(q + " " + a for q, a in CHAT), *LIKES,
+                     *WEATHER, "user : bot + ; { } = - 1"]).replace("{{", "{").replace("}}", "}")
+    words = sorted({w for w in text.split() if not (w.startswith("{") and len(w) > 1)})
+    words = ["<unk>", "<s>", "</s>"] + words
+    return words + [f"w{i}" for i in range(VOCABULARY_SIZE - len(words))]
+
+
+# --- the models ------------------------------------------------------------------------
+
+
+def train(model, streams: list[torch.Tensor], steps: int, lr: float, seed: int) -> None:
+    """`steps` of AdamW on random windows of the token streams (one thread,
+    torch's deterministic algorithms: the same seed gives the same weights)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread, and alike everywhere
+    torch.use_deterministic_algorithms(True)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        model.train()
+        size, batch = TRAIN["window"], TRAIN["batch"]
+        for _ in range(steps):
+            rows = []
+            for which in torch.randint(len(streams), (batch,), generator=generator).tolist():
+                at = int(torch.randint(len(streams[which]) - size, (1,), generator=generator))
+                rows.append(streams[which][at:at + size])
+            x = torch.stack(rows)
+            model(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
 
 def build_models(directory: Path, seed: int) -> dict[str, Path]:
-    """The base and the fine-tunes, saved as safetensors with a tokenizer; {name: path}."""
+    """The base (trained a little on all three texts) and the fine-tunes
+    (each trained from it on its own text), saved as safetensors with the
+    tokenizer; {name: path}."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(317)]
+    words = vocabulary()
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
@@ -51,20 +142,31 @@ def build_models(directory: Path, seed: int) -> dict[str, Path]:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )
+    streams = [torch.tensor(tokenizer.encode(demo_text(name, seed * 100 + i, TRAIN["tokens"])).ids)
+               for i, name in enumerate(SPECIALISTS)]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    train(model, streams, TRAIN["base_steps"], TRAIN["base_lr"], seed)
     paths = {"base": directory / "base"}
     model.save_pretrained(paths["base"], safe_serialization=True)
     fast.save_pretrained(paths["base"])
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for i, name in enumerate(SPECIALISTS):
-        generator = torch.Generator().manual_seed(seed * 100 + i + 1)
-        with torch.no_grad():
-            for key, param in model.state_dict().items():
-                param.copy_(base_state[key] + torch.randn(param.shape, generator=generator) * 0.02 * (1 + i))
+        model.load_state_dict(base_state)
+        train(model, [streams[i]], TRAIN["steps"], TRAIN["lr"], seed * 100 + i + 1)
         paths[name] = directory / name
         model.save_pretrained(paths[name], safe_serialization=True)
         fast.save_pretrained(paths[name])
+    return paths
+
+
+def write_data(directory: Path, seed: int) -> dict[str, Path]:
+    """NAME.txt beside the YAML for each fine-tune: its own text, drawn with
+    seeds no training step used (held-back text for `tune`); {name: path}."""
+    paths = {}
+    for i, name in enumerate(SPECIALISTS):
+        paths[name] = directory / f"{name}.txt"
+        paths[name].write_text(demo_text(name, seed * 100 + 50 + i, DATA_TOKENS), encoding="utf-8")
     return paths
 
 
@@ -110,7 +212,8 @@ def check_merge(config_path: Path, out: Path, echo: Callable[[str], None]) -> No
         models = [ft[key] for ft in finetunes]
         masks = cabs_masks(w_base, models, list(r.n), r.block_size, overlap=r.overlap,
                            conflict_aware=r.conflict_aware)
-        shared += int((torch.stack(masks).sum(0) > 1).sum())
+        changed = [m & (t != w_base) for m, t in zip(masks, models)]  # a kept zero changes nothing
+        shared += int((torch.stack(changed).sum(0) > 1).sum())
         total += w_base.numel()
         for i, mask in enumerate(masks):
             kept[i] += int(mask.sum())
@@ -120,7 +223,7 @@ def check_merge(config_path: Path, out: Path, echo: Callable[[str], None]) -> No
     for path, k, n in zip(model_paths, kept, r.n):
         echo(f"  {path.name:5s} kept {k:>9,} weights ({k / total:.1%} of each tensor, {n} of every {r.block_size})")
     fits = "disjoint" if sum(r.n) <= r.block_size else "overlap unavoidable"
-    echo(f"  places kept by two or more models: {shared} "
+    echo(f"  places changed by two or more models: {shared} "
          f"({'+'.join(map(str, r.n))} {'<=' if sum(r.n) <= r.block_size else '>'} {r.block_size}: {fits})")
     echo(f"  largest difference from base + sum of weighted pruned task vectors: {worst:.2e}")
 
@@ -131,15 +234,39 @@ def check_loads(out: Path, echo: Callable[[str], None]) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    ids = tokenizer("user : hello , how are you ? bot :", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits
     echo(f"  transformers loads it: {sum(p.numel() for p in model.parameters()):,} parameters, "
          f"logits {tuple(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}")
 
 
-def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> Path:
-    """Build, write the YAML, merge with mergekit, check; returns the config's path."""
+def shown(path: Path) -> str:
+    """A path as a command line gives it: relative to the working directory
+    when it lies inside it, quoted for a POSIX shell when it needs to be."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        relative = ".."
+    return shlex.quote(path.as_posix() if relative.startswith("..") else Path(relative).as_posix())
+
+
+def next_steps(directory: Path, config_path: Path, data: dict[str, Path]) -> list[str]:
+    """The commands that go on from the demo: analyze, tune (on the data
+    files beside the YAML), and mergekit-yaml on what tune writes."""
+    out = directory / "tune"
+    tune = " ".join([f"mergekit-cabs tune {shown(config_path)}",
+                     *(f"--data {name}={shown(path)}" for name, path in data.items()), f"--out {shown(out)}"])
+    return [
+        f"mergekit-cabs analyze {shown(config_path)} --out {shown(directory / 'analysis')}",
+        tune,
+        f"mergekit-yaml {shown(out / 'tuned.yml')} {shown(directory / 'merged-tuned')}",
+    ]
+
+
+def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> tuple[Path, dict[str, Path]]:
+    """Build and train, write the YAML and the data, merge with mergekit,
+    check; returns the config's path and the data files by model."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -149,12 +276,14 @@ def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> Path:
 
     out = directory / "merged"
     directory.mkdir(parents=True, exist_ok=True)
-    echo(f"Building a tiny Llama base and {len(SPECIALISTS)} fine-tunes in {directory}")
+    echo(f"Training a tiny Llama base and {len(SPECIALISTS)} fine-tunes ({', '.join(SPECIALISTS)}), "
+         f"each on its own synthetic text, in {directory}")
     config_path = write_config(directory, build_models(directory, seed))
-    echo(f"Wrote {config_path}")
+    data = write_data(directory, seed)
+    echo(f"Wrote {config_path} and {', '.join(p.name for p in data.values())} (held-back text of each fine-tune)")
     echo("Merging with mergekit (merge_method: cabs)")
     config = MergeConfiguration.model_validate(read_yaml(config_path))
     run_merge(config, str(out), MergeOptions(copy_tokenizer=True, quiet=False))
     check_merge(config_path, out, echo)
     check_loads(out, echo)
-    return config_path
+    return config_path, data

@@ -75,10 +75,11 @@ def test_three_model_example_merges_with_its_filters(bf16_family, tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """The demo, run from the directory above its own (as `mergekit-cabs demo` from a project's root)."""
     directory = tmp_path_factory.mktemp("demo") / "run"
     result = subprocess.run(
-        [str(BIN / "mergekit-cabs"), "demo", str(directory)],
-        capture_output=True, text=True, timeout=600,
+        [str(BIN / "mergekit-cabs"), "demo", "run"],
+        capture_output=True, text=True, timeout=600, cwd=directory.parent,
     )
     return directory, result
 
@@ -88,13 +89,74 @@ def test_demo_builds_merges_and_reports(demo_run):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"The merged model is in {directory / 'merged'}" in out
-    assert "places kept by two or more models: 0" in out
+    assert "places changed by two or more models: 0" in out
     assert "largest difference from base + sum of weighted pruned task vectors: 0.00e+00" in out
     assert "finite: True" in out
     merged = directory / "merged"
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
     assert "CABS" in (merged / "README.md").read_text()
     assert yaml.safe_load((directory / "cabs.yml").read_text())["merge_method"] == "cabs"
+    assert sorted(p.name for p in directory.glob("*.txt")) == ["chat.txt", "code.txt", "math.txt"]
+
+
+def _printed(result, command: str) -> list[str]:
+    """The command line the demo printed that starts with `command`, split as a shell would."""
+    import shlex
+
+    (line,) = [x.strip() for x in result.stdout.splitlines() if x.strip().startswith(command + " ")]
+    return shlex.split(line)
+
+
+def test_demo_texts_encode_without_unknown_words_and_each_fine_tune_beats_the_base_on_its_own(demo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(directory / "base")
+    models = {name: AutoModelForCausalLM.from_pretrained(directory / name).eval()
+              for name in ("base", "math", "code", "chat")}
+    for name in ("math", "code", "chat"):
+        ids = tokenizer((directory / f"{name}.txt").read_text(), add_special_tokens=False)["input_ids"]
+        assert len(ids) >= 32 * 128 and tokenizer.unk_token_id not in ids, name
+        windows = torch.tensor(ids[: 32 * 128]).view(32, 128)
+        with torch.no_grad():
+            loss = {k: float(m(input_ids=windows, labels=windows).loss) for k, m in models.items()}
+        assert loss[name] < loss["base"] - 0.2, (name, loss)  # float32 mean next-token loss
+        assert loss[name] == min(loss.values()), (name, loss)
+
+
+def test_demo_training_is_deterministic_per_seed():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergekit_cabs.demo import train
+
+    states = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+        train(model, [torch.arange(200) % 37 + 3], steps=3, lr=1e-3, seed=5)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_the_demos_printed_analyze_tune_and_merge_commands_run_to_the_end(demo_run):
+    """The README's path: demo -> analyze -> tune -> mergekit-yaml tuned.yml,
+    each command exactly as the demo printed it, from where the demo ran."""
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    cwd = directory.parent
+    for command in ("mergekit-cabs analyze", "mergekit-cabs tune", "mergekit-yaml"):
+        args = _printed(result, command)
+        run = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=900, cwd=cwd)
+        assert run.returncode == 0, (command, run.stdout[-2000:], run.stderr[-3000:])
+        if command == "mergekit-cabs tune":
+            assert args[2:] == ["run/cabs.yml", "--data", "math=run/math.txt", "--data", "code=run/code.txt", "--data",
+                                "chat=run/chat.txt", "--out", "run/tune"]
+            assert "Wrote tune.md" in run.stdout and "objective (gain)" in run.stdout
+            report = yaml.safe_load((directory / "tune" / "tune.json").read_text())
+            assert report["best"]["heldout"]["score"] > 0  # the tuned merge beats the base on held-out text
+    assert (directory / "merged-tuned" / "model.safetensors").is_file()
 
 
 def test_demo_refuses_a_used_directory(demo_run):

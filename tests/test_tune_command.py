@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -412,3 +413,73 @@ def test_tune_on_a_real_full_tmpfs_keeps_the_result_and_leaves_no_staging(tune_f
                                            "--out", str(out), "--budget", "3", "--max-windows", "4", "--quiet"])
         _summary_then_error(result, out, "No space left on device")
         assert list(out.iterdir()) == []
+
+
+# --- objectives without per-task data, the loss report, dropped models ------------------------
+
+
+def test_tune_with_general_alone_minimises_the_general_texts_loss(tune_family, tmp_path):
+    out = tmp_path / "out"
+    result = _run([tune_family["config"], "--general", tune_family["general"], "--out", out, "--budget", 6,
+                   "--max-windows", 4, "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    assert report["objective"] == "loss" and report["reference"]["models"] == {}
+    assert list(report["data"]) == ["general"]
+    best = report["best"]
+    assert best["fit"]["score"] == -best["fit"]["loss"]["general"] == max(p["score"] for p in report["points"])
+    assert "no --data: the objective is the loss on the general text" in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("objective (loss)"))
+    assert line.startswith("objective (loss): loss on the general text (lower is better): fit ")
+    numbers = re.findall(r"-?\d+\.\d+", line)
+    assert len(numbers) == 4 and all(float(v) > 0 for v in numbers), line  # losses, not minus losses
+    assert numbers[1] == f"{best['fit']['loss']['general']:.4f}"
+    assert "gain" not in result.output
+
+
+def test_tune_refuses_gain_with_general_alone_and_no_data_at_all(tune_family, tmp_path, no_model_loading):
+    out = _bad(tune_family, tmp_path, data=[], extra=["--general", tune_family["general"], "--objective", "gain"])
+    assert "--objective gain needs --data" in out and "--general alone" in out
+    out = _bad(tune_family, tmp_path, data=[])
+    assert "give --data MODEL=FILE for every fine-tuned model, or --general FILE alone" in out
+
+
+def test_loss_objective_reports_losses_and_a_positive_mean_loss(tune_family, tmp_path):
+    out = tmp_path / "out"
+    result = _run([tune_family["config"], *_data_args(tune_family), "--out", out, "--budget", 5, "--max-windows", 4,
+                   "--objective", "loss", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    lines = result.output.splitlines()
+    header = next(x for x in lines if x.startswith("held-out"))
+    assert header.split() == ["held-out", "loss", "of", "base", "own", "start", "tuned"]
+    mean = sum(report["best"]["heldout"]["loss"].values()) / 3
+    line = next(x for x in lines if x.startswith("objective (loss)"))
+    assert line.startswith("objective (loss): mean loss over tasks (lower is better): fit ")
+    assert line.endswith(f" -> {mean:.4f}")
+    md = (out / "tune.md").read_text()
+    assert "gain" not in md and "mean loss over tasks (lower is better)" in md
+
+
+def test_a_model_whose_weight_ends_at_zero_is_named_dropped(tune_family, tmp_path):
+    raw = json.loads(json.dumps(tune_family["raw"]))
+    raw["models"][1]["parameters"]["weight"] = 0.0
+    config = tmp_path / "zero.yml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    result = _run([config, *_data_args(tune_family), "--out", out, "--budget", 1, "--max-windows", 2, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "dropped: ft1 (weight 0: the merge leaves its task vector out)" in result.output
+    assert "| weight `ft1` | 0 | 0 (dropped) |" in (out / "tune.md").read_text()
+
+
+def test_tune_with_cmaes_is_deterministic_per_seed_and_says_which_search_ran(tune_family):
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    runs = [tn.run_tune(prep, budget=6, objective="loss", optimizer="cmaes", seed=s, quiet=True) for s in (5, 5, 6)]
+    points = [[(p["lambda"], *p["weights"].values()) for p in r["points"]] for r in runs]
+    assert len(points[0]) == 6 and points[0] == points[1] != points[2]
+    assert points[0][0] == (1.0, 1.0, 1.0, 1.0)  # the configured start is scored first
+    search = runs[0]["search"]
+    assert (search["optimizer"], search["optimizer_option"], search["seed"]) == ("cmaes", "cmaes", 5)
+    assert "CMA-ES (the cma package), seed 5 over lambda, ft0, ft1, ft2" in tn.render_markdown(runs[0], plot=False)
+    assert tn.run_tune(prep, budget=3, objective="loss", quiet=True)["search"]["optimizer"] == "coordinate"  # auto

@@ -55,3 +55,77 @@ def test_search_keeps_to_its_budget_and_bounds():
     again = tn.coordinate_search(objective, (5.0, -5.0), [(0.0, 1.0), (-1.0, 1.0)], budget=7, tolerance=1e-6)
     assert again.history == result.history  # deterministic
 
+
+
+# --- CMA-ES -----------------------------------------------------------------------------
+
+
+def _coupled(optimum):
+    """A coupled quadratic (positive definite Hessian) with its maximum 0 at `optimum`."""
+    h = [[2.0, 1.0, 0.0], [1.0, 1.0, 0.3], [0.0, 0.3, 0.5]]  # positive definite
+
+    def objective(x):
+        d = [a - b for a, b in zip(x, optimum)]
+        return -sum(d[i] * h[i][j] * d[j] for i in range(3) for j in range(3))
+
+    return objective
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_cmaes_finds_the_optimum_of_a_coupled_objective_within_its_budget(seed):
+    optimum = (0.6, 1.45, 0.3)
+    seen = []
+
+    def objective(x):
+        seen.append(x)
+        return _coupled(optimum)(x)
+
+    result = tn.cmaes_search(objective, (1.0, 1.0, 1.0), [(0.25, 2.0), (0.0, 2.0), (0.0, 2.0)], budget=300,
+                             tolerance=1e-3, seed=seed)
+    assert result.optimizer == "cmaes" and len(seen) == len(set(seen)) == len(result.history) <= 300
+    assert seen[0] == (1.0, 1.0, 1.0)  # the start is scored first
+    assert all(abs(a - b) <= 0.02 for a, b in zip(result.best, optimum)), result.best
+    assert result.score == max(s for _, s in result.history) > -1e-3
+
+
+def test_cmaes_finds_an_optimum_on_the_boundary():
+    result = tn.cmaes_search(lambda x: -((x[0] - 3) ** 2) - (x[1] + 1) ** 2, (1.0, 1.0), [(0.0, 2.0), (0.0, 2.0)],
+                             budget=200, tolerance=1e-4, seed=0)
+    assert abs(result.best[0] - 2) < 1e-3 and abs(result.best[1]) < 1e-3, result.best
+
+
+def test_cmaes_keeps_to_its_budget_and_bounds_and_is_deterministic_per_seed():
+    import numpy as np
+
+    def objective(x):
+        np.random.rand()  # numpy's global generator is not cma's
+        return math.sin(5 * x[0]) + math.cos(3 * x[1]) + x[2]
+
+    bounds = [(0.0, 1.0), (-1.0, 1.0), (0.5, 0.75)]
+    runs = [tn.cmaes_search(objective, (5.0, -5.0, 0.6), bounds, budget=23, tolerance=1e-9, seed=s)
+            for s in (3, 3, 4)]
+    assert runs[0].stopped == "budget" and len(runs[0].history) == 23
+    assert runs[0].history[0][0] == (1.0, -1.0, 0.6)  # the start, clipped into the box
+    assert all(lo <= v <= hi for x, _ in runs[0].history for v, (lo, hi) in zip(x, bounds))
+    assert runs[0].history == runs[1].history  # the same seed, the same points
+    assert runs[0].history != runs[2].history
+
+
+def test_auto_picks_cmaes_only_with_fifty_evaluations_per_searched_value():
+    assert tn.choose_optimizer("auto", 4, 60) == "coordinate"
+    assert tn.choose_optimizer("auto", 4, 199) == "coordinate"
+    assert tn.choose_optimizer("auto", 4, 200) == "cmaes"
+    assert tn.choose_optimizer("coordinate", 2, 10_000) == "coordinate"
+    assert tn.choose_optimizer("cmaes", 33, 60) == "cmaes"
+    with pytest.raises(tn.TuneError, match="--optimizer"):
+        tn.choose_optimizer("nelder-mead", 4, 60)
+
+
+@pytest.mark.parametrize("optimizer, expected", [("coordinate", "coordinate"), ("cmaes", "cmaes"),
+                                                 ("auto", "coordinate")])
+def test_optimise_runs_either_search_through_one_signature(optimizer, expected):
+    target = (0.5, 1.5)
+    result = tn.optimise(optimizer, lambda x: -sum((a - b) ** 2 for a, b in zip(x, target)), (1.0, 1.0),
+                         [(0.0, 2.0)] * 2, budget=80, tolerance=0.01, seed=0)
+    assert result.optimizer == expected and len(result.history) <= 80
+    assert all(abs(a - b) <= 0.05 for a, b in zip(result.best, target)), result.best

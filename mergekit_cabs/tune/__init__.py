@@ -7,8 +7,9 @@ settings resolve exactly as in ``mergekit-yaml``), and keeps what it needs to
 rebuild any merged tensor (`store`).  Setting a weight vector is then one pass
 over the parameters with the kernel's own arithmetic, written into a live
 transformers model that is scored on each model's own data (`data`).  A
-search over the weights and lambda (coordinate-wise, with halving steps)
-maximises the mean normalized gain over tasks (`search`); the chosen point is
+search over the weights and lambda (coordinate-wise with halving steps, or
+CMA-ES) maximises the mean normalized gain over tasks, or minimises a loss
+(`search`); the chosen point is
 written as ``tuned.yml`` (`config`) with a report (`report`).  `run` holds the
 phases in order.
 
@@ -36,22 +37,36 @@ from mergekit_cabs.tune.options import (
     DEFAULTS,
     GENERAL,
     OBJECTIVES,
+    OPTIMIZERS,
     OUT_FILES,
     TuneError,
     check_data_settings,
+    check_optimizer,
+    implied_objective,
     parse_bounds,
     search_settings,
 )
-from mergekit_cabs.tune.report import format_summary, make_plot, render_markdown, write_outputs
+from mergekit_cabs.tune.report import format_summary, make_plot, plot_figure, render_markdown, write_outputs
 from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, timed
-from mergekit_cabs.tune.search import Objective, SearchResult, coordinate_search, split_objectives
+from mergekit_cabs.tune.search import (
+    SEARCHES,
+    Objective,
+    SearchResult,
+    choose_optimizer,
+    cmaes_search,
+    coordinate_search,
+    optimise,
+    split_objectives,
+)
 from mergekit_cabs.tune.store import Slot, WeightStore, build_store, same_bits
 
 __all__ = [
     "DEFAULTS",
     "GENERAL",
     "OBJECTIVES",
+    "OPTIMIZERS",
     "OUT_FILES",
+    "SEARCHES",
     "SPLITS",
     "Objective",
     "Prepared",
@@ -62,11 +77,15 @@ __all__ = [
     "WeightStore",
     "build_store",
     "check_data_settings",
+    "check_optimizer",
+    "choose_optimizer",
+    "cmaes_search",
     "check_round_trip",
     "configured_numbers",
     "coordinate_search",
     "format_summary",
     "held_out",
+    "implied_objective",
     "load_model",
     "load_task_data",
     "load_tasks",
@@ -74,7 +93,9 @@ __all__ = [
     "match_data",
     "means",
     "model_names",
+    "optimise",
     "parse_bounds",
+    "plot_figure",
     "prepare",
     "read_texts",
     "render_markdown",

@@ -7,6 +7,7 @@ import math
 from mergekit_cabs.params import CabsError
 
 OBJECTIVES = ("gain", "loss")
+OPTIMIZERS = ("auto", "coordinate", "cmaes")
 OUT_FILES = ("tuned.yml", "tune.md", "tune.png", "tune.json")
 GENERAL = "general"  # the name of the --general data set
 DEFAULTS = {
@@ -19,7 +20,11 @@ DEFAULTS = {
     "fit_fraction": 0.5,
     "batch_size": 8,
     "general_weight": 1.0,
+    "optimizer": "auto",
+    "seed": 0,
 }
+NO_TASKS_FOR_GAIN = ("--objective gain needs --data MODEL=FILE for every fine-tuned model (a gain per task); "
+                     "with --general alone the objective is the general text's loss (--objective loss)")
 
 
 class TuneError(CabsError):
@@ -61,3 +66,23 @@ def check_data_settings(*, budget: int, fit_fraction: float, max_windows: int) -
         raise TuneError(f"--fit-fraction is {fit_fraction}; it must be between 0 and 1 (the rest is held out)")
     if max_windows < 1:
         raise TuneError(f"--max-windows is {max_windows}; it must be >= 1")
+
+
+def implied_objective(objective: str | None, has_data: bool) -> str:
+    """The objective: as given, else "gain" with --data and "loss" with
+    --general alone (there is no task to gain on)."""
+    if objective is None:
+        return "gain" if has_data else "loss"
+    if objective not in OBJECTIVES:
+        raise TuneError(f"--objective is {objective!r}; choose {' or '.join(OBJECTIVES)}")
+    if objective == "gain" and not has_data:
+        raise TuneError(NO_TASKS_FOR_GAIN)
+    return objective
+
+
+def check_optimizer(optimizer: str, seed: int) -> None:
+    """--optimizer is one of OPTIMIZERS and --seed a whole number >= 0."""
+    if optimizer not in OPTIMIZERS:
+        raise TuneError(f"--optimizer is {optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TuneError(f"--seed is {seed!r}; it must be a whole number >= 0")

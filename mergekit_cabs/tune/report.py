@@ -11,22 +11,58 @@ from mergekit_cabs.tune.data import SPLITS
 from mergekit_cabs.tune.options import OUT_FILES, TuneError
 
 
+def objective_label(report: dict) -> str:
+    """What the objective is, in a few words, with its direction."""
+    general = report["general_weight"]
+    if report["objective"] == "gain":
+        extra = f" + {general:g} x general text's relative loss change" if general is not None else ""
+        return f"mean normalized gain over tasks{extra} (higher is better)"
+    if not has_tasks(report):
+        return "loss on the general text (lower is better)"
+    extra = f" + {general:g} x general text's loss" if general is not None else ""
+    return f"mean loss over tasks{extra} (lower is better)"
+
+
+def has_tasks(report: dict) -> bool:
+    """Whether the run had per-model data (not --general alone)."""
+    return bool(report["reference"]["models"])
+
+
+def shown(report: dict, score: float) -> float:
+    """The objective as the report shows it: the gain, or the loss itself
+    (the search maximises minus the loss)."""
+    return -score if report["objective"] == "loss" else score
+
+
+def dropped(report: dict) -> list[str]:
+    """The models whose chosen weight is 0: the merge leaves them out."""
+    return [k for k, w in report["best"]["weights"].items() if w == 0]
+
+
 def format_summary(report: dict) -> str:
-    """The console table: chosen numbers and held-out scores per task."""
-    best, start = report["best"], report["start"]
+    """The console table: chosen numbers and held-out losses per data set
+    (and normalized gains with the gain objective), then the objective."""
+    best, start, gain = report["best"], report["start"], report["objective"] == "gain"
     lines = [f"{'':12s} {'start':>8s} {'tuned':>8s}", f"{'lambda':12s} {start['lambda']:8.3f} {best['lambda']:8.3f}"]
     lines += [f"{k:12s} {start['weights'][k]:8.3f} {v:8.3f}" for k, v in best["weights"].items()]
-    lines += ["", f"held-out {'task':12s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s} {'gain':>7s}"]
+    if dropped(report):
+        lines.append(f"dropped: {', '.join(dropped(report))} (weight 0: the merge leaves its task vector out)")
+    head = f"held-out {'loss of':12s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s}"
+    lines += ["", head + (f" {'gain':>7s}" if gain else "")]
     ref = report["reference"]
     for task, loss in best["heldout"]["loss"].items():
         own = ref["models"].get(task, {}).get("heldout")
         lines.append(
             f"{'':9s}{task:12s} {ref['base']['heldout'][task]:8.4f} {fmt(own, '8.4f'):>8s} "
-            f"{start['heldout']['loss'][task]:8.4f} {loss:8.4f} {best['heldout']['gain'][task]:7.3f}"
+            f"{start['heldout']['loss'][task]:8.4f} {loss:8.4f}"
+            + (f" {best['heldout']['gain'][task]:7.3f}" if gain else "")
         )
+    if not has_tasks(report):
+        lines.append("no --data: the objective is the loss on the general text")
     lines.append(
-        f"objective ({report['objective']}): fit {start['fit']['score']:.4f} -> {best['fit']['score']:.4f}, "
-        f"held-out {start['heldout']['score']:.4f} -> {best['heldout']['score']:.4f}"
+        f"objective ({report['objective']}): {objective_label(report)}: "
+        f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
+        f"held-out {shown(report, start['heldout']['score']):.4f} -> {shown(report, best['heldout']['score']):.4f}"
     )
     return "\n".join(lines)
 
@@ -47,27 +83,40 @@ def render_markdown(report: dict, plot: bool) -> str:
 
 
 def objective_doc(report: dict) -> str:
-    """The objective in words."""
+    """The objective in words, with its formulas."""
     gain = report["objective"] == "gain"
+    if not has_tasks(report):
+        return "the loss on the general text (no --data was given), minimised"
     doc = (
         "the mean over tasks of the normalized gain (L_base - L_merged) / (L_base - L_model) on each model's own "
         "data (1 = as good as that model on its task, 0 = as good as the base)"
-        if gain else "minus the mean loss over tasks"
+        if gain else "the mean loss over tasks"
     )
     if report["general_weight"] is not None:
         doc += (f", plus {report['general_weight']} x the general set's "
-                + ("relative loss change (L_base - L_merged) / L_base" if gain else "loss (subtracted)"))
-    return doc
+                + ("relative loss change (L_base - L_merged) / L_base" if gain else "loss"))
+    return doc + (", maximised" if gain else ", minimised")
+
+
+SEARCH_WORDS = {
+    "coordinate": "coordinate-wise (one value at a time, halving steps)",
+    "cmaes": "CMA-ES (the cma package)",
+}
 
 
 def _run_lines(report: dict) -> list[str]:
     search, t = report["search"], report["time"]
+    how = SEARCH_WORDS[search["optimizer"]]
+    if search["optimizer_option"] == "auto":
+        how += " (--optimizer auto)"
+    if search["optimizer"] == "cmaes":
+        how += f", seed {search['seed']}"
     return [
         "# CABS weight tuning", "",
         f"- configuration: `{report['config']}`; base `{report['base_model']}`; device {report['device']}",
-        f"- objective, maximised on the fit windows: {objective_doc(report)}",
+        f"- objective, on the fit windows: {objective_doc(report)}",
         (f"- search: {search['evaluations']} evaluations of budget {search['budget']} ({search['stopped']}); "
-         f"coordinate-wise over {', '.join(search['names'])}; step tolerance {search['tolerance']}"),
+         f"{how} over {', '.join(search['names'])}; tolerance {search['tolerance']}"),
         (f"- time: {t['total_s']:.1f} s in all: scoring base and fine-tunes {t['reference_s']:.1f} s, masks "
          f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"),
         (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit windows "
@@ -82,26 +131,30 @@ def _chosen_lines(report: dict) -> list[str]:
     best, start = report["best"], report["start"]
     out = ["", "## Chosen", "", "| | start | tuned |", "|---|---|---|",
            f"| lambda | {start['lambda']:.4g} | {best['lambda']:.4g} |"]
-    out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g} |" for k, v in best["weights"].items()]
+    out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g}{' (dropped)' if v == 0 else ''} |"
+            for k, v in best["weights"].items()]
+    if dropped(report):
+        out += ["", f"Dropped (weight 0, the merge leaves its task vector out): {', '.join(dropped(report))}."]
     out += ["", ("`tuned.yml` is the configuration with these numbers: `mergekit-yaml tuned.yml OUT` writes the "
                  "model scored here."), ""]
     return out
 
 
 def _loss_lines(report: dict, split: str) -> list[str]:
-    best, start, ref = report["best"], report["start"], report["reference"]
+    best, start, ref, gain = report["best"], report["start"], report["reference"], report["objective"] == "gain"
     out = [f"## Loss on the {'held-out' if split == 'heldout' else 'fit'} windows", "",
-           "| data | windows | base | own model | start | tuned | gain (start -> tuned) |",
-           "|---|---|---|---|---|---|---|"]
+           "| data | windows | base | own model | start | tuned |" + (" gain (start -> tuned) |" if gain else ""),
+           "|---" * (7 if gain else 6) + "|"]
     for task, loss in best[split]["loss"].items():
         own = ref["models"].get(task, {}).get(split)
         windows = report["data"][task][f"{split}_windows"]
         out.append(
             f"| {task} | {windows} | {ref['base'][split][task]:.4f} | {fmt(own)} | "
-            f"{start[split]['loss'][task]:.4f} | {loss:.4f} | "
-            f"{start[split]['gain'][task]:.3f} -> {best[split]['gain'][task]:.3f} |"
+            f"{start[split]['loss'][task]:.4f} | {loss:.4f} |"
+            + (f" {start[split]['gain'][task]:.3f} -> {best[split]['gain'][task]:.3f} |" if gain else "")
         )
-    return out + ["", f"Objective: {start[split]['score']:.4f} -> {best[split]['score']:.4f}", ""]
+    return out + ["", f"Objective, {objective_label(report)}: {shown(report, start[split]['score']):.4f} -> "
+                      f"{shown(report, best[split]['score']):.4f}", ""]
 
 
 def _store_lines(report: dict) -> list[str]:
@@ -122,10 +175,10 @@ def _store_lines(report: dict) -> list[str]:
 def _point_lines(report: dict) -> list[str]:
     names = report["search"]["names"]
     out = ["## Every point evaluated", "",
-           "| # | " + " | ".join(names) + " | objective (fit) |", "|---" * (len(names) + 2) + "|"]
+           "| # | " + " | ".join(names) + f" | {objective_label(report)}, fit |", "|---" * (len(names) + 2) + "|"]
     for i, p in enumerate(report["points"]):
         values = [p["lambda"], *p["weights"].values()]
-        out.append(f"| {i} | " + " | ".join(f"{v:.4g}" for v in values) + f" | {p['score']:.4f} |")
+        out.append(f"| {i} | " + " | ".join(f"{v:.4g}" for v in values) + f" | {shown(report, p['score']):.4f} |")
     return out
 
 
@@ -133,24 +186,55 @@ def _point_lines(report: dict) -> list[str]:
 
 
 def make_plot(report: dict, path: Path) -> None:
-    """The fit objective against each searched number; ImportError without matplotlib."""
+    """tune.png (`plot_figure`); ImportError without matplotlib."""
     plt = pyplot()
-    names = report["search"]["names"]
-    points = [([p["lambda"], *p["weights"].values()], p["score"]) for p in report["points"]]
-    best = [report["best"]["lambda"], *report["best"]["weights"].values()]
-    fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 2.9), dpi=100, sharey=True)
-    for j, (ax, name) in enumerate(zip(axes, names)):
-        ax.scatter([x[j] for x, _ in points], [s for _, s in points], s=10, color="0.7", label="all points")
-        line = sorted((x[j], s) for x, s in points if all(x[k] == best[k] for k in range(len(names)) if k != j))
-        ax.plot([v for v, _ in line], [s for _, s in line], marker="o", ms=4, label="others at the best")
-        ax.axvline(best[j], color="tab:red", lw=1, ls="--")
-        ax.set_title(name if j == 0 else f"weight: {name}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"objective on fit windows ({report['objective']})", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig = plot_figure(report)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_figure(report: dict):
+    """The figure of tune.png: the objective (in its own words and
+    direction) at every point tried, along each searched number, with the
+    chosen value in each panel's legend; the last panel is the best so far
+    by evaluation."""
+    import textwrap
+
+    plt = pyplot()
+    names = report["search"]["names"]
+    points = [([p["lambda"], *p["weights"].values()], shown(report, p["score"])) for p in report["points"]]
+    best = [report["best"]["lambda"], *report["best"]["weights"].values()]
+    chosen = shown(report, report["best"]["fit"]["score"])
+    columns = min(len(names) + 1, 5)
+    rows = -(-(len(names) + 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows + 0.5), dpi=100, sharey=True,
+                             squeeze=False)
+    axes = axes.ravel()
+    for j, (ax, name) in enumerate(zip(axes, names)):
+        ax.scatter([x[j] for x, _ in points], [v for _, v in points], s=10, color="0.7", label="every point tried")
+        line = sorted((x[j], v) for x, v in points if all(x[k] == best[k] for k in range(len(names)) if k != j))
+        if len(line) > 1:
+            ax.plot([a for a, _ in line], [v for _, v in line], marker="o", ms=3, lw=1,
+                    label="others as chosen")
+        ax.scatter([best[j]], [chosen], marker="*", s=120, color="tab:red", zorder=3,
+                   label=f"chosen: {best[j]:.3g}" + (" (dropped)" if j and best[j] == 0 else ""))
+        ax.set_xlabel("lambda (scales every task vector)" if j == 0 else f"weight of {name}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    ax = axes[len(names)]
+    running = [max(v for _, v in points[: i + 1]) if report["objective"] == "gain" else
+               min(v for _, v in points[: i + 1]) for i in range(len(points))]
+    ax.plot(range(1, len(points) + 1), running, color="tab:red", lw=1.5, label=f"best so far: {chosen:.4g}")
+    ax.set_xlabel("evaluations, in order", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    for ax in axes[len(names) + 1:]:
+        ax.set_visible(False)
+    for row in range(rows):
+        axes[row * columns].set_ylabel(textwrap.fill(objective_label(report) + ", fit windows", 36), fontsize=8)
+    fig.suptitle("What tune tried: each point's objective along each searched number", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def write_outputs(report: dict, out: Path) -> list[str]:

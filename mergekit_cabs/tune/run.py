@@ -19,8 +19,15 @@ import torch
 
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import SPLITS, TaskData, load_tasks, match_data, means, task_losses, window_losses
-from mergekit_cabs.tune.options import DEFAULTS, GENERAL, TuneError, check_data_settings
-from mergekit_cabs.tune.search import Objective, SearchResult, coordinate_search, split_objectives
+from mergekit_cabs.tune.options import (
+    DEFAULTS,
+    GENERAL,
+    TuneError,
+    check_data_settings,
+    check_optimizer,
+    implied_objective,
+)
+from mergekit_cabs.tune.search import Objective, SearchResult, optimise, split_objectives
 from mergekit_cabs.tune.store import WeightStore, build_store
 
 
@@ -58,13 +65,17 @@ class Prepared:
 def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = None, window: int | None = None,
             fit_fraction: float = DEFAULTS["fit_fraction"], max_windows: int = DEFAULTS["max_windows"],
             budget: int = DEFAULTS["budget"]) -> Prepared:
-    """Check the configuration and the data, tokenize the data; loads no model weights."""
+    """Check the configuration and the data, tokenize the data; loads no model weights.
+    `data` (MODEL=FILE) names a file for every fine-tune, or is empty with `general` alone."""
     from mergekit_cabs import planning
     from mergekit_cabs._output import short_names
 
     check_data_settings(budget=budget, fit_fraction=fit_fraction, max_windows=max_windows)
     config, planned, finetunes = plan_config(config_path)
-    files = match_data(finetunes, data)
+    if not data and general is None:
+        raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --general FILE alone "
+                        "(its loss is then the objective)")
+    files = match_data(finetunes, data) if data else []
     start_weights, start_lambda = configured_numbers(planned, finetunes)
     labels = short_names([str(m.model.path) for m in finetunes])
     tokenizer, window = base_tokenizer(config, window)
@@ -126,6 +137,8 @@ class Settings:
     tolerance: float
     batch_size: int
     quiet: bool
+    optimizer: str = DEFAULTS["optimizer"]
+    seed: int = DEFAULTS["seed"]
 
 
 @dataclass
@@ -145,19 +158,22 @@ class Live:
         return task_losses(self.model, self.tasks, split, self.batch_size)
 
 
-def run_tune(prep: Prepared, *, device: str = "cpu", objective: str = "gain",
+def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = None,
              general_weight: float = DEFAULTS["general_weight"], budget: int = DEFAULTS["budget"],
              weight_bounds=DEFAULTS["weight_bounds"], lambda_bounds=DEFAULTS["lambda_bounds"],
              tolerance: float = DEFAULTS["tolerance"], batch_size: int = DEFAULTS["batch_size"],
-             quiet: bool = False) -> dict:
-    """Load the models, build the store, search, and return the report (a dict)."""
+             quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"]) -> dict:
+    """Load the models, build the store, search, and return the report (a dict).
+    `objective` None: "gain" with per-model data, "loss" with the general set alone."""
+    check_optimizer(optimizer, seed)
+    objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
     s = Settings(device, objective, general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance,
-                 batch_size, quiet)
+                 batch_size, quiet, optimizer, seed)
     clock: dict[str, float] = {}
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
             model, reference = score_references(prep, s)
-        objectives = split_objectives(objective, prep.labels, reference, general_weight)
+        objectives = split_objectives(objective, list(reference["models"]), reference, general_weight)
         with timed(clock, "masks_s"):
             live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size)
         with timed(clock, "search_s"):
@@ -199,7 +215,8 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
     check_finite(model, prep.config.base_model, base=True)
     reference = {"base": {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS},
                  "models": {}}
-    for label, ref, task in tqdm.tqdm(list(zip(prep.labels, prep.finetunes, prep.tasks)),
+    own = {t.name: t for t in prep.tasks}  # no model's own data with --general alone
+    for label, ref, task in tqdm.tqdm([(k, r, own[k]) for k, r in zip(prep.labels, prep.finetunes) if k in own],
                                       desc="Scoring the fine-tunes", unit="model", disable=s.quiet):
         tuned = load_model(str(ref.model.path), s.device)
         check_finite(tuned, ref)
@@ -260,7 +277,7 @@ def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[flo
 
 
 def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tuple[SearchResult, list[dict]]:
-    """Phase 3: the coordinate search on the fit windows; every point evaluated, timed."""
+    """Phase 3: the search (`optimise`) on the fit windows; every point evaluated, timed."""
     import tqdm
 
     _, bounds, start = search_space(prep, s)
@@ -284,7 +301,7 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
         return score
 
     with bar:
-        result = coordinate_search(evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance)
+        result = optimise(s.optimizer, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed)
     return result, points
 
 
@@ -317,7 +334,8 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
         "data": {t.name: {"file": t.path, "tokens": t.tokens, "window": int(t.fit.shape[1]),
                           "fit_windows": len(t.fit), "heldout_windows": len(t.heldout)} for t in prep.tasks},
         "search": {"names": names, "bounds": [list(b) for b in bounds], "start": list(start),
-                   "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped},
+                   "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped,
+                   "optimizer": result.optimizer, "optimizer_option": s.optimizer, "seed": s.seed},
         "supports": {"disjoint": store.disjoint, "shared_places": store.shared_places(), "places": store.places(),
                      "merged_tensors": len(store.slots), "fixed_tensors": store.fixed},
         "memory": {"store_bytes": store.nbytes(), "model_bytes": model_bytes,

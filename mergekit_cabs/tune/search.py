@@ -1,5 +1,7 @@
 """What `tune` maximises and how: the objective over the data sets' losses,
-and a coordinate-wise search with halving steps over a box."""
+and two searches over a box with one signature: a coordinate-wise search
+with halving steps, and CMA-ES (the `cma` package) on the box scaled to
+[0, 1] in every coordinate.  `auto` picks by the number of searched values."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mergekit_cabs.tune.data import SPLITS
-from mergekit_cabs.tune.options import GENERAL, TuneError
+from mergekit_cabs.tune.options import GENERAL, NO_TASKS_FOR_GAIN, TuneError
 
 # --- the objective -------------------------------------------------------------------
 
@@ -30,9 +32,14 @@ class Objective:
         return out
 
     def score(self, losses: dict[str, float]) -> float:
-        """Mean gain over tasks (or minus the mean loss), plus the weighted general term."""
+        """What the search maximises: the mean gain over tasks plus the
+        weighted general term; for "loss", minus (the mean loss over tasks
+        plus the weighted general loss), and with no tasks (--general alone)
+        minus the general loss itself."""
         general = GENERAL in losses
         if self.kind == "loss":
+            if not self.tasks:
+                return -losses[GENERAL]
             value = -sum(losses[t] for t in self.tasks) / len(self.tasks)
             return value - (self.general_weight * losses[GENERAL] if general else 0.0)
         gains = self.gains(losses)
@@ -42,7 +49,10 @@ class Objective:
 
 def split_objectives(kind: str, tasks: Sequence[str], reference: dict, general_weight: float) -> dict[str, Objective]:
     """The objective on each split, from the reference losses (`reference["base"][split][task]`,
-    `reference["models"][task][split]`); for "gain", each model must beat the base on its own data."""
+    `reference["models"][task][split]`); for "gain", each model must beat the base on its own data.
+    `tasks` are the models with data (none with --general alone, which needs "loss")."""
+    if kind == "gain" and not tasks:
+        raise TuneError(NO_TASKS_FOR_GAIN)
     objectives = {
         s: Objective(kind, list(tasks), reference["base"][s], {k: v[s] for k, v in reference["models"].items()},
                      general_weight)
@@ -71,6 +81,7 @@ class SearchResult:
     score: float
     history: list[tuple[tuple[float, ...], float]]  # every point evaluated, in order
     stopped: str  # "converged" or "budget"
+    optimizer: str = "coordinate"
 
 
 class _Spent(Exception):
@@ -126,6 +137,7 @@ def coordinate_search(
     *,
     budget: int,
     tolerance: float,
+    seed: int = 0,
 ) -> SearchResult:
     """Maximise `objective` over a box, one coordinate at a time.
 
@@ -133,8 +145,8 @@ def coordinate_search(
     tries +step and -step on every coordinate in turn and keeps going in a
     direction while that improves; a sweep that improves nothing halves every
     step.  Stops when every step is below `tolerance` or after `budget`
-    distinct points (the start included).  Deterministic; a point is never
-    evaluated twice.
+    distinct points (the start included).  Deterministic (`seed` is
+    unused: nothing is drawn); a point is never evaluated twice.
     """
     if budget < 1:
         raise ValueError("budget must be >= 1")
@@ -154,3 +166,82 @@ def coordinate_search(
     except _Spent:
         stopped = "budget"
     return SearchResult(best=box.x, score=box.fx, history=box.history, stopped=stopped)
+
+
+def cmaes_search(
+    objective: Callable[[tuple[float, ...]], float],
+    start: Sequence[float],
+    bounds: Sequence[tuple[float, float]],
+    *,
+    budget: int,
+    tolerance: float,
+    seed: int = 0,
+) -> SearchResult:
+    """Maximise `objective` over a box with CMA-ES (`cma`), from `start`.
+
+    The search runs on the box scaled to [0, 1] in every coordinate (so the
+    weights and lambda share one step size), from the start clipped into the
+    box, with sigma0 a quarter of the range and cma's own bound handling.
+    The start is scored first; a point is scored once (points are rounded to
+    10 decimals, so a repeat is free) and at most `budget` points are.  Stops
+    when the budget is spent ("budget") or when cma's own tests stop it, with
+    its x tolerance set to `tolerance` on the widest coordinate
+    ("converged").  The best point seen is the result.  The draws come from
+    a numpy generator seeded with `seed` and nothing else (numpy's global
+    state is neither read nor changed), so a seed gives the same points.
+    """
+    import cma
+    import numpy as np
+
+    if budget < 1:
+        raise ValueError("budget must be >= 1")
+    box = _Box(objective, bounds, budget)
+    box.x = box.clip(start)
+    box.fx = box.score(box.x)
+    widths = [hi - lo for lo, hi in zip(box.lows, box.highs)]
+    rng = np.random.default_rng(seed)
+    options = {"bounds": [0.0, 1.0], "seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape),
+               "tolx": tolerance / max(widths), "verbose": -9}
+    es = cma.CMAEvolutionStrategy([(v - lo) / w for v, lo, w in zip(box.x, box.lows, widths)], 0.25, options)
+    stopped = "converged"
+    try:
+        for _ in range(100 * budget):  # a generation of repeats costs nothing: a cap all the same
+            if es.stop():
+                break
+            candidates = es.ask()
+            values = []
+            for c in candidates:
+                point = box.clip(lo + w * float(u) for u, lo, w in zip(c, box.lows, widths))
+                values.append(box.score(point))
+                if values[-1] > box.fx:
+                    box.x, box.fx = point, values[-1]
+            es.tell(candidates, [-v for v in values])
+    except _Spent:
+        stopped = "budget"
+    return SearchResult(best=box.x, score=box.fx, history=box.history, stopped=stopped, optimizer="cmaes")
+
+
+SEARCHES = {"coordinate": coordinate_search, "cmaes": cmaes_search}
+# `auto` uses CMA-ES only where, in benchmarks/tune_optimizers.py (synthetic
+# objectives at equal budgets, README), it found better points than the
+# coordinate search: a budget of at least this many evaluations per searched value.
+CMAES_EVALUATIONS_PER_VALUE = 50
+
+
+def choose_optimizer(optimizer: str, dimensions: int, budget: int) -> str:
+    """The search `optimizer` names; "auto": CMA-ES when the budget allows
+    `CMAES_EVALUATIONS_PER_VALUE` evaluations per searched value, else the
+    coordinate search."""
+    if optimizer == "auto":
+        return "cmaes" if budget >= CMAES_EVALUATIONS_PER_VALUE * dimensions else "coordinate"
+    if optimizer not in SEARCHES:
+        raise TuneError(f"--optimizer is {optimizer!r}; choose auto, {', '.join(SEARCHES)}")
+    return optimizer
+
+
+def optimise(optimizer: str, objective: Callable[[tuple[float, ...]], float], start: Sequence[float],
+             bounds: Sequence[tuple[float, float]], *, budget: int, tolerance: float, seed: int) -> SearchResult:
+    """Maximise `objective` over the box with the search `optimizer` names
+    ("auto", "coordinate" or "cmaes"; see `choose_optimizer`)."""
+    chosen = choose_optimizer(optimizer, len(bounds), budget)
+    return SEARCHES[chosen](objective, start, bounds, budget=budget, tolerance=tolerance, seed=seed)
