@@ -37,21 +37,24 @@ from mergekit_cabs.tune.options import (
     GENERAL,
     OBJECTIVES,
     OUT_FILES,
+    SCORE_DTYPES,
     TuneError,
     check_data_settings,
+    check_device_settings,
     parse_bounds,
     search_settings,
 )
 from mergekit_cabs.tune.report import format_summary, make_plot, render_markdown, write_outputs
-from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, timed
+from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, scoring_dtype, timed
 from mergekit_cabs.tune.search import Objective, SearchResult, coordinate_search, split_objectives
-from mergekit_cabs.tune.store import Slot, WeightStore, build_store, same_bits
+from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes, same_bits
 
 __all__ = [
     "DEFAULTS",
     "GENERAL",
     "OBJECTIVES",
     "OUT_FILES",
+    "SCORE_DTYPES",
     "SPLITS",
     "Objective",
     "Prepared",
@@ -62,10 +65,12 @@ __all__ = [
     "WeightStore",
     "build_store",
     "check_data_settings",
+    "check_device_settings",
     "check_round_trip",
     "configured_numbers",
     "coordinate_search",
     "format_summary",
+    "held_bytes",
     "held_out",
     "load_model",
     "load_task_data",
@@ -80,6 +85,7 @@ __all__ = [
     "render_markdown",
     "run_tune",
     "same_bits",
+    "scoring_dtype",
     "search_settings",
     "split_objectives",
     "timed",

@@ -7,6 +7,7 @@ import math
 from mergekit_cabs.params import CabsError
 
 OBJECTIVES = ("gain", "loss")
+SCORE_DTYPES = ("merge", "float32")  # merge: the dtype mergekit-yaml writes
 OUT_FILES = ("tuned.yml", "tune.md", "tune.png", "tune.json")
 GENERAL = "general"  # the name of the --general data set
 DEFAULTS = {
@@ -19,6 +20,7 @@ DEFAULTS = {
     "fit_fraction": 0.5,
     "batch_size": 8,
     "general_weight": 1.0,
+    "score_dtype": "merge",
 }
 
 
@@ -61,3 +63,11 @@ def check_data_settings(*, budget: int, fit_fraction: float, max_windows: int) -
         raise TuneError(f"--fit-fraction is {fit_fraction}; it must be between 0 and 1 (the rest is held out)")
     if max_windows < 1:
         raise TuneError(f"--max-windows is {max_windows}; it must be >= 1")
+
+
+def check_device_settings(*, device: str, score_dtype: str, store_on_device: bool) -> None:
+    """Where the store lives and the dtype models are scored in, checked."""
+    if score_dtype not in SCORE_DTYPES:
+        raise TuneError(f"--score-dtype is {score_dtype!r}; it must be one of {', '.join(SCORE_DTYPES)}")
+    if store_on_device and device == "cpu":
+        raise TuneError("--store-on-device needs --cuda (on the CPU the store is always in host memory)")
