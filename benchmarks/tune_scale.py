@@ -14,9 +14,10 @@ keys: reference_s, masks_s, search_s, final_s); on CUDA the peak of
 `torch.cuda.max_memory_allocated()` is read per phase as well.
 
 Bytes per parameter are (peak - resident set after the imports and the
-data) / merged parameters.  Setting a weight vector is timed twice: after a
-lambda move (every place rewritten) and after a single weight's move (only
-that model's places, the incremental path).
+data) / merged parameters.  The tune run reports the mean seconds per
+weight setting (every place rewritten) and per evaluation; `--settings`
+adds a process per shape that times full rewrites against the incremental
+path (only the moved model's places), which `tune` leaves off.
 
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 220m,1b --out benchmarks/results/tune_scale.json
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 1b --cuda      # on a GPU machine
@@ -139,9 +140,6 @@ def measure(args) -> dict:
                          store_on_device=args.store_on_device, quiet=True)
     peak = resident()["VmHWM"]
     places = report["supports"]["places"]
-    points = report["points"]
-    full = [p["set_s"] for i, p in enumerate(points) if i == 0 or p["lambda"] != points[i - 1]["lambda"]]
-    incremental = [p["set_s"] for i, p in enumerate(points) if i and p["lambda"] == points[i - 1]["lambda"]]
     out = {
         "shape": args.shape, "device": report["device"], "score_dtype": report["score_dtype"],
         "store_on_device": args.store_on_device, "merged_parameters": places,
@@ -150,8 +148,7 @@ def measure(args) -> dict:
         "fixed_rss_bytes": fixed, "peak_rss_bytes": peak,
         "peak_rss_bytes_per_parameter": (peak - fixed) / places,
         "peak_rss_by_phase_per_parameter": {k: round((v - fixed) / places, 2) for k, v in memory.rss.items()},
-        "set_full_mean_s": sum(full) / len(full) if full else None,
-        "set_incremental_mean_s": sum(incremental) / len(incremental) if incremental else None,
+        "set_weights_mean_s": report["time"]["set_weights_mean_s"],
         "evaluate_mean_s": report["time"]["evaluate_mean_s"],
         "tokens_per_evaluation": sum(len(t.fit) * t.fit.shape[1] for t in prep.tasks),
         "phase_s": {k: round(v, 1) for k, v in report["time"].items() if not k.endswith("mean_s")},
@@ -162,6 +159,42 @@ def measure(args) -> dict:
         out["peak_device_bytes_per_parameter"] = max(memory.device.values()) / places
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def measure_settings(args) -> dict:
+    """Seconds to set a weight vector, in a process of its own: every place
+    rewritten (lambda moved, or one weight with `incremental` off) against only
+    the moved model's places (`incremental`)."""
+    import torch
+
+    from mergekit_cabs import tune as tn
+    from mergekit_cabs.tune import run
+
+    work = args.work
+    prep = tn.prepare(work / "cabs.yml", [f"ft{i}={work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
+                      max_windows=args.max_windows, budget=args.budget)
+    device = "cuda" if args.cuda else "cpu"
+    s = run.Settings(device=device, store_device=device if args.store_on_device else "cpu",
+                     score_dtype=run.scoring_dtype(prep.config, args.score_dtype), objective="loss",
+                     general_weight=1.0, budget=args.budget, weight_bounds=(0.0, 2.0), lambda_bounds=(0.25, 2.0),
+                     tolerance=0.05, batch_size=args.batch_size, quiet=True)
+    model = run.load_model(str(prep.config.base_model.model.path), device, s.score_dtype)
+    store = run.bind_store(prep, model, s)
+
+    def timed_apply(weights, lam, incremental):
+        store.incremental = incremental
+        started = time.perf_counter()
+        store.apply(weights, lam)
+        if args.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    timed_apply((1.0, 1.0, 1.0), 1.0, False)
+    full = [timed_apply((1.0, 1.0, 1.0), lam, False) for lam in (0.75, 1.25)]
+    full += [timed_apply((1.0, w, 1.0), 1.25, False) for w in (0.5, 1.5)]
+    incremental = [timed_apply((w, 1.5, 1.0), 1.25, True) for w in (0.5, 1.5)]
+    return {"shape": args.shape, "device": device, "store_on_device": args.store_on_device,
+            "set_full_s": [round(t, 3) for t in full], "set_incremental_s": [round(t, 3) for t in incremental]}
 
 
 def main() -> None:
@@ -176,11 +209,15 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--store-on-device", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="append the results (JSON lines) to this file")
+    parser.add_argument("--settings", action="store_true",
+                        help="also time full against incremental weight settings (one more process per shape)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one run, this shape
+    parser.add_argument("--measure-settings", default=None, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
-    if args.measure:
-        args.shape, args.work = args.measure, args.work / args.measure
-        print(json.dumps(measure(args)), flush=True)
+    if args.measure or args.measure_settings:
+        args.shape = args.measure or args.measure_settings
+        args.work = args.work / args.shape
+        print(json.dumps(measure(args) if args.measure else measure_settings(args)), flush=True)
         return
     for shape in args.shapes.split(","):
         work = args.work / shape
@@ -193,13 +230,14 @@ def main() -> None:
         argv = ["--work", str(args.work), "--budget", str(args.budget), "--max-windows", str(args.max_windows),
                 "--window", str(args.window), "--batch-size", str(args.batch_size), "--score-dtype", args.score_dtype,
                 *(["--cuda"] if args.cuda else []), *(["--store-on-device"] if args.store_on_device else [])]
-        done = subprocess.run([sys.executable, __file__, *argv, "--measure", shape], check=True,
-                              stdout=subprocess.PIPE, text=True)
-        line = done.stdout.strip().splitlines()[-1]
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        for flag in ["--measure"] + (["--measure-settings"] if args.settings else []):
+            done = subprocess.run([sys.executable, __file__, *argv, flag, shape], check=True,
+                                  stdout=subprocess.PIPE, text=True)
+            line = done.stdout.strip().splitlines()[-1]
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
 
 
 if __name__ == "__main__":

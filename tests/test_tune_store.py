@@ -45,23 +45,24 @@ POINTS = [  # (weights, lambda): one weight changes, then lambda, then two weigh
 ]
 
 
-def _bound_store(base, models, masks, live_dtype, incremental=True):
+def _bound_store(base, models, masks, live_dtype, incremental=False):
     """A one-slot store in memory of its own (as build_store leaves it) bound to a separate live tensor."""
     slot = tn.Slot.make("t", tuple(range(len(models))), base, models, masks).to("cpu")
     slot.target = torch.full(base.shape, float("nan"), dtype=live_dtype)
     return tn.WeightStore([slot], 0, incremental=incremental), slot
 
 
+@pytest.mark.parametrize("incremental", [False, True])
 @pytest.mark.parametrize("live_dtype", ["merge", torch.float32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"K{c[0]}n{c[1]}m{c[2]}-{c[3]}-ca{int(c[4])}")
-def test_rebuild_equals_cabs_merge(kernel_backend, dtype, case, live_dtype, monkeypatch):
+def test_rebuild_equals_cabs_merge(kernel_backend, dtype, case, live_dtype, incremental, monkeypatch):
     k, n, m, overlap, aware, disjoint = case
     monkeypatch.setattr(tn.store, "APPLY_CHUNK", 512)  # several chunks, and a short last one
     base, models = _inputs(dtype, k, (37, 50), seed=k * 100 + n)  # 1850 elements: a short last block
     masks = cabs_masks(base, models, [n] * k, m, overlap=overlap, conflict_aware=aware)
     live_dtype = dtype if live_dtype == "merge" else live_dtype
-    store, slot = _bound_store(base, models, masks, live_dtype)
+    store, slot = _bound_store(base, models, masks, live_dtype, incremental)
     assert (slot.owner is not None) == disjoint
     assert (slot.shared == 0) == disjoint
     for t in slot.tensors():  # the store shares no memory with the inputs or the live tensor
@@ -73,14 +74,14 @@ def test_rebuild_equals_cabs_merge(kernel_backend, dtype, case, live_dtype, monk
                               lam=lam, out_dtype=dtype)
         assert slot.merged(weights, lam).dtype == dtype
         assert torch.equal(_bits(slot.merged(weights, lam).view(base.shape)), _bits(expected)), (weights, lam)
-        store.apply(weights, lam)  # incremental where it can be
+        store.apply(weights, lam)  # with `incremental`, only the changed models' places where it can
         assert torch.equal(_bits(slot.target), _bits(expected.to(live_dtype))), (weights, lam)
 
 
 def test_incremental_apply_rewrites_only_the_changed_models_places():
     base, models = _inputs(torch.bfloat16, 3, (64, 64), seed=5)
     masks = cabs_masks(base, models, [16] * 3, 64)
-    store, slot = _bound_store(base, models, masks, torch.bfloat16)
+    store, slot = _bound_store(base, models, masks, torch.bfloat16, incremental=True)
     assert store.changed((1.0, 1.0, 1.0), 1.0) is None  # nothing written yet: every place
     store.apply((1.0, 1.0, 1.0), 1.0)
     assert store.changed((1.0, 0.5, 1.0), 1.0) == [1]
@@ -92,7 +93,8 @@ def test_incremental_apply_rewrites_only_the_changed_models_places():
     expected = cabs_merge(base, models, [1.0, 0.5, 1.0], [16] * 3, 64, out_dtype=torch.bfloat16)
     own = slot.owner.view(64, 64) == 2
     assert torch.equal(_bits(slot.target[own]), _bits(expected[own]))
-    assert not tn.WeightStore([slot], 0, incremental=False).incremental
+    store.incremental = False
+    assert store.changed((1.0, 0.7, 1.0), 1.0) is None
 
 
 @pytest.mark.parametrize("dtype,size", [(torch.bfloat16, 2), (torch.float32, 4)])

@@ -32,6 +32,21 @@ def timed(clock: dict[str, float], key: str):
     clock[key] = time.perf_counter() - started
 
 
+def release_memory() -> None:
+    """Collect garbage and hand the C heap's freed pages back to the system
+    (glibc's malloc_trim; a no-op elsewhere).  Freed tensors of a few MB are
+    kept by malloc for reuse, which after the masks held about 1.6 bytes per
+    merged parameter (measured on the 220M shape) that nothing would use."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)
@@ -224,7 +239,7 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
         reference["models"][label] = {split: float(window_losses(tuned, getattr(task, split), s.batch_size).mean())
                                       for split in SPLITS}
         del tuned
-        gc.collect()
+        release_memory()
     _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
     model = load_model(str(prep.config.base_model.model.path), s.device, s.score_dtype)
     reference["base"] = {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS}
@@ -235,7 +250,7 @@ def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
     """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`."""
     store = build_store(prep.planned, prep.finetunes, model, device=s.device, store_device=s.store_device,
                         progress=not s.quiet)
-    gc.collect()
+    release_memory()
     if not store.disjoint:
         _say(
             f"tune: the models' kept places overlap ({store.shared_places():,} of {store.places():,} places are "
