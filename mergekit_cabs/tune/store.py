@@ -23,6 +23,7 @@ rewrites only the places of the models whose weight changed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,29 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def release_memory(collect: bool = True) -> None:
+    """Hand the C heap's freed pages back to the system (glibc's malloc_trim;
+    a no-op elsewhere), after collecting garbage when `collect`.  malloc keeps
+    freed tensors of a few MB for reuse; after the masks that was about 1.3
+    to 1.6 bytes per merged parameter (measured on the 220M and 1B shapes)."""
+    import gc
+
+    if collect:
+        gc.collect()
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def malloc_trim():
+    """glibc's malloc_trim, or None (not Linux, or another C library)."""
+    import ctypes
+    import sys
+
+    return getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def held_bytes(tensors) -> int:
@@ -288,6 +312,7 @@ def build_store(planned, finetunes, model, *, device: str, store_device: str = "
             else:
                 slot.target, slot.save_dtype = target, save
                 slots.append(slot)
+            release_memory(collect=False)  # this tensor's inputs and temporaries
             bar.update(1)
     check_covered(planned, state)
     return WeightStore(slots, fixed)
