@@ -93,13 +93,16 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--fit-fraction", default=0.5, show_default=True,
               help="Share of each file's windows to fit on, spread evenly along the file; the rest is held out.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--cuda", is_flag=True, help="Compute masks, merges and scores on the GPU.")
+@click.option("--cuda", is_flag=True,
+              help="Score on the GPU; the weights are rebuilt there from the store in host memory "
+                   "(the masks are computed on the host).")
 @click.option("--score-dtype", type=click.Choice(["merge", "float32"]), default="merge", show_default=True,
               help="Dtype the models are scored in: merge (the dtype mergekit-yaml writes, as the merged model "
                    "is usually loaded) or float32 (2x the model's memory when the merge is 16-bit).")
 @click.option("--store-on-device", is_flag=True,
-              help="With --cuda: keep the pruned task vectors on the GPU too (faster weight settings, about "
-                   "5 more bytes per merged weight on the GPU) instead of streaming them from host memory.")
+              help="With --cuda: compute the masks on the GPU and keep the pruned task vectors there (faster; "
+                   "about 5 more bytes per merged weight, and one tensor's merge, on the GPU) instead of "
+                   "streaming them from host memory.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,

@@ -232,8 +232,13 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
 
 
 def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
-    """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`."""
-    store = build_store(prep.planned, prep.finetunes, model, device=s.device, store_device=s.store_device,
+    """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
+    The merge runs where the store will live: on the host unless the store is
+    kept on the device, so that one tensor's merge (its inputs, masks and
+    temporaries: about 25 bytes per weight of the largest tensor by a count
+    of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
+    device memory."""
+    store = build_store(prep.planned, prep.finetunes, model, device=s.store_device, store_device=s.store_device,
                         progress=not s.quiet)
     release_memory()
     if not store.disjoint:
