@@ -206,8 +206,9 @@ class WeightStore:
     `apply` rewrites every place.  With `incremental`, when supports are
     disjoint and lambda is unchanged, it rewrites only the places of the
     models whose weight changed (the same bits); that is off by default
-    because on CPU it measured slower than a full rewrite (45 s against
-    15-27 s on the 220M shape, 2 loaded cores: finding and gathering a
+    because on CPU it measured slower than a full rewrite (`benchmarks/
+    tune_scale.py --settings`, 2 cores: 2.0 s against 0.93 s on the 220M
+    shape, 9.1 s against 2.8 s on the 1B one; finding and gathering a
     model's places costs more than the arithmetic it saves)."""
 
     def __init__(self, slots: list[Slot], fixed: int, incremental: bool = False):
