@@ -1,28 +1,47 @@
-"""What `mergekit-cabs tune` costs on a bigger model: memory, and the time to
-set a weight vector against the time to score one.
+"""What `mergekit-cabs tune` costs on bigger models: peak memory per merged
+parameter, phase by phase, and the seconds per weight setting and per
+evaluation.
 
-Writes a random Llama base of about 170M parameters (bfloat16) and three
-fine-tunes (base + small random task vectors) with a word-level tokenizer,
-random-word data files, then runs `tune` in this process with a small budget
-(`--objective loss`: random data has no meaningful normalized gain) and
-reports the store's size, the live model's size, peak RSS and the mean
-seconds per weight setting and per evaluation.
+For each shape it writes a random Llama base (bfloat16) and three fine-tunes
+(base + small random task vectors; densities 0.25 of blocks of 256, so the
+kept places are disjoint) with a word-level tokenizer and random-word data
+files, once, in its own process.  Then every measured run is one more
+process that only imports the package and runs `tune` (`--objective loss`:
+random data has no meaningful normalized gain), so building the models does
+not count.  In that process a thread samples the resident set (VmRSS) every
+20 ms and files each sample under the phase running (`tune.run.timed`'s
+keys: reference_s, masks_s, search_s, final_s); on CUDA the peak of
+`torch.cuda.max_memory_allocated()` is read per phase as well.
 
-    python benchmarks/tune_scale.py --work /tmp/tune-scale
+Bytes per parameter are (peak - resident set after the imports and the
+data) / merged parameters.  The tune run reports the mean seconds per
+weight setting (every place rewritten) and per evaluation; `--settings`
+adds a process per shape that times full rewrites against the incremental
+path (only the moved model's places), which `tune` leaves off.
+
+    python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 220m,1b --out benchmarks/results/tune_scale.json
+    python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 1b --cuda      # on a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
-import torch
+SHAPES = {  # name: (hidden, layers); vocab 32000, intermediate 2.75 x hidden, untied embeddings
+    "220m": (1024, 12),
+    "1b": (2048, 16),
+}
 
 
-def build(work: Path, hidden: int, layers: int, vocab: int) -> Path:
+def build(work: Path, hidden: int, layers: int, vocab: int = 32000) -> Path:
+    import torch
     import yaml
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -57,46 +76,168 @@ def build(work: Path, hidden: int, layers: int, vocab: int) -> Path:
     return work / "cabs.yml"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tune-scale"))
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--budget", type=int, default=4)
-    parser.add_argument("--max-windows", type=int, default=8)
-    parser.add_argument("--window", type=int, default=256)
-    args = parser.parse_args()
+def resident() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class PhaseMemory:
+    """Peak VmRSS (and, on CUDA, peak allocated device memory) per phase of `run_tune`."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.phase = cuda, "setup"
+        self.rss: dict[str, int] = {}
+        self.device: dict[str, int] = {}
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    def sample(self) -> None:
+        while True:
+            self.rss[self.phase] = max(self.rss.get(self.phase, 0), resident()["VmRSS"])
+            time.sleep(0.02)
+
+    def watch(self, run_module) -> None:
+        """Wrap `run_module.timed` so that every timed phase is a memory phase too."""
+        import torch
+
+        timed = run_module.timed
+
+        @contextlib.contextmanager
+        def phased(clock, key):
+            self.phase = key
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with timed(clock, key):
+                yield
+            if self.cuda:
+                self.device[key] = torch.cuda.max_memory_allocated()
+            self.rss[key] = max(self.rss.get(key, 0), resident()["VmRSS"])
+            self.phase = "between"
+
+        run_module.timed = phased
+
+
+def measure(args) -> dict:
+    """One tune run in this process (see the module doc)."""
+    memory = PhaseMemory(args.cuda)
+    import torch
 
     from mergekit_cabs import tune as tn
+    from mergekit_cabs.tune import run
 
-    config = args.work / "cabs.yml"
-    if not config.exists():
-        args.work.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        build(args.work, args.hidden, args.layers, args.vocab)
-        print(f"built the models in {time.perf_counter() - started:.0f} s", flush=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prep = tn.prepare(config, [f"ft{i}={args.work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
+    work = args.work
+    prep = tn.prepare(work / "cabs.yml", [f"ft{i}={work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
                       max_windows=args.max_windows, budget=args.budget)
-    report = tn.run_tune(prep, objective="loss", budget=args.budget)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    merged = report["supports"]["places"]
+    fixed = resident()["VmRSS"]  # imports, tokenizer, data
+    memory.watch(run)
+    report = tn.run_tune(prep, device="cuda" if args.cuda else "cpu", objective="loss", budget=args.budget,
+                         batch_size=args.batch_size, score_dtype=args.score_dtype,
+                         store_on_device=args.store_on_device, quiet=True)
+    peak = resident()["VmHWM"]
+    places = report["supports"]["places"]
     out = {
-        "merged_weights": merged,
-        "store_bytes": report["memory"]["store_bytes"],
-        "store_bytes_per_weight": report["memory"]["store_bytes_per_place"],
-        "model_bytes": report["memory"]["model_bytes"],
-        "peak_rss_bytes": peak * 1024,
-        "rss_before_bytes": before * 1024,
+        "shape": args.shape, "device": report["device"], "score_dtype": report["score_dtype"],
+        "store_on_device": args.store_on_device, "merged_parameters": places,
+        "store_bytes_per_parameter": report["memory"]["store_bytes_per_place"],
+        "model_bytes_per_parameter": report["memory"]["model_bytes"] / places,
+        "fixed_rss_bytes": fixed, "peak_rss_bytes": peak,
+        "peak_rss_bytes_per_parameter": (peak - fixed) / places,
+        "peak_rss_by_phase_per_parameter": {k: round((v - fixed) / places, 2) for k, v in memory.rss.items()},
         "set_weights_mean_s": report["time"]["set_weights_mean_s"],
         "evaluate_mean_s": report["time"]["evaluate_mean_s"],
         "tokens_per_evaluation": sum(len(t.fit) * t.fit.shape[1] for t in prep.tasks),
-        "masks_s": report["time"]["masks_s"],
-        "evaluations": report["search"]["evaluations"],
-        "torch_threads": torch.get_num_threads(),
+        "phase_s": {k: round(v, 1) for k, v in report["time"].items() if not k.endswith("mean_s")},
+        "evaluations": report["search"]["evaluations"], "torch_threads": torch.get_num_threads(),
     }
-    print(json.dumps(out, indent=1))
+    if args.cuda:
+        out["peak_device_bytes_by_phase_per_parameter"] = {k: round(v / places, 2) for k, v in memory.device.items()}
+        out["peak_device_bytes_per_parameter"] = max(memory.device.values()) / places
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def measure_settings(args) -> dict:
+    """Seconds to set a weight vector, in a process of its own: every place
+    rewritten (lambda moved, or one weight with `incremental` off) against only
+    the moved model's places (`incremental`)."""
+    import torch
+
+    from mergekit_cabs import tune as tn
+    from mergekit_cabs.tune import run
+
+    work = args.work
+    prep = tn.prepare(work / "cabs.yml", [f"ft{i}={work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
+                      max_windows=args.max_windows, budget=args.budget)
+    device = "cuda" if args.cuda else "cpu"
+    s = run.Settings(device=device, store_device=device if args.store_on_device else "cpu",
+                     score_dtype=run.scoring_dtype(prep.config, args.score_dtype), objective="loss",
+                     general_weight=1.0, budget=args.budget, weight_bounds=(0.0, 2.0), lambda_bounds=(0.25, 2.0),
+                     tolerance=0.05, batch_size=args.batch_size, quiet=True)
+    model = run.load_model(str(prep.config.base_model.model.path), device, s.score_dtype)
+    store = run.bind_store(prep, model, s)
+
+    def timed_apply(weights, lam, incremental):
+        store.incremental = incremental
+        started = time.perf_counter()
+        store.apply(weights, lam)
+        if args.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    timed_apply((1.0, 1.0, 1.0), 1.0, False)
+    full = [timed_apply((1.0, 1.0, 1.0), lam, False) for lam in (0.75, 1.25)]
+    full += [timed_apply((1.0, w, 1.0), 1.25, False) for w in (0.5, 1.5)]
+    incremental = [timed_apply((w, 1.5, 1.0), 1.25, True) for w in (0.5, 1.5)]
+    return {"shape": args.shape, "device": device, "store_on_device": args.store_on_device,
+            "set_full_s": [round(t, 3) for t in full], "set_incremental_s": [round(t, 3) for t in incremental]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tune-scale"))
+    parser.add_argument("--shapes", default="220m", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--budget", type=int, default=4)
+    parser.add_argument("--max-windows", type=int, default=8)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--score-dtype", default="merge", choices=["merge", "float32"])
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--store-on-device", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="append the results (JSON lines) to this file")
+    parser.add_argument("--settings", action="store_true",
+                        help="also time full against incremental weight settings (one more process per shape)")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one run, this shape
+    parser.add_argument("--measure-settings", default=None, help=argparse.SUPPRESS)  # internal
+    args = parser.parse_args()
+    if args.measure or args.measure_settings:
+        args.shape = args.measure or args.measure_settings
+        args.work = args.work / args.shape
+        print(json.dumps(measure(args) if args.measure else measure_settings(args)), flush=True)
+        return
+    for shape in args.shapes.split(","):
+        work = args.work / shape
+        if not (work / "cabs.yml").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            hidden, layers = SHAPES[shape]
+            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                            f"import tune_scale as t; from pathlib import Path; "
+                            f"t.build(Path({str(work)!r}), {hidden}, {layers})"], check=True)
+        argv = ["--work", str(args.work), "--budget", str(args.budget), "--max-windows", str(args.max_windows),
+                "--window", str(args.window), "--batch-size", str(args.batch_size), "--score-dtype", args.score_dtype,
+                *(["--cuda"] if args.cuda else []), *(["--store-on-device"] if args.store_on_device else [])]
+        for flag in ["--measure"] + (["--measure-settings"] if args.settings else []):
+            done = subprocess.run([sys.executable, __file__, *argv, flag, shape], check=True,
+                                  stdout=subprocess.PIPE, text=True)
+            line = done.stdout.strip().splitlines()[-1]
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ REQUIREMENTS = (
     Requirement("mergekit.plan", "MergePlanner.plan_to_disk", params=("self", "out_path")),
     Requirement("mergekit.io.tasks", "LoaderCache.setup", params=("self", "options")),
     Requirement("mergekit.io.tasks", "LoaderCache.get", params=("self", "model")),
+    Requirement("mergekit.io.tasks", "LoaderCache.flush_all", params=("self",)),
     Requirement("mergekit.io.tasks", "SaveTensor", fields=("tensor_task", "dtype")),
     Requirement("mergekit.graph", "Executor.__init__", params=("self", "targets", "math_device", "storage_device")),
     Requirement("mergekit.graph", "Executor.run", params=("self", "quiet")),
@@ -351,11 +352,21 @@ def input_tensors(inputs) -> list[InputTensor] | None:
 
 def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
     """(target, value) for mergekit tasks, run by mergekit's executor, which
-    drops each input as soon as nothing needs it."""
+    drops each input as soon as nothing needs it.  After each target the
+    models' open shard files are closed (mergekit reopens them when next
+    read): safetensors maps a file, and every page read stays in this
+    process's resident memory while the file is open, so keeping all of
+    them open would hold every input model in memory by the end."""
     from mergekit.graph import Executor
+    from mergekit.io.tasks import LoaderCache
 
     executor = Executor(targets=targets, math_device=device, storage_device=device)
-    yield from executor.run(quiet=True)
+    try:
+        for target, value in executor.run(quiet=True):
+            yield target, value
+            LoaderCache().flush_all()
+    finally:
+        LoaderCache().flush_all()
 
 
 def dtype_from_name(name: str | None):

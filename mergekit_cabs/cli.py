@@ -151,11 +151,21 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--fit-fraction", default=0.5, show_default=True,
               help="Share of each file's windows to fit on, spread evenly along the file; the rest is held out.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--cuda", is_flag=True, help="Compute masks, merges and scores on the GPU.")
+@click.option("--cuda", is_flag=True,
+              help="Score on the GPU; the weights are rebuilt there from the store in host memory "
+                   "(the masks are computed on the host).")
+@click.option("--score-dtype", type=click.Choice(["merge", "float32"]), default="merge", show_default=True,
+              help="Dtype the models are scored in: merge (the dtype mergekit-yaml writes, as the merged model "
+                   "is usually loaded) or float32 (2x the model's memory when the merge is 16-bit).")
+@click.option("--store-on-device", is_flag=True,
+              help="With --cuda: compute the masks on the GPU and keep the pruned task vectors there (faster; "
+                   "about 5 more bytes per merged weight, and one tensor's merge, on the GPU) instead of "
+                   "streaming them from host memory.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
-         tolerance, optimizer, seed, window, max_windows, fit_fraction, batch_size, cuda, force, quiet) -> None:
+         tolerance, optimizer, seed, window, max_windows, fit_fraction, batch_size, cuda, score_dtype,
+         store_on_device, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
@@ -177,13 +187,14 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
         objective = tn.implied_objective(objective, bool(data))
+        tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
         prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
                           max_windows=max_windows, budget=budget)
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                              tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
-                             seed=seed)
+                             seed=seed, score_dtype=score_dtype, store_on_device=store_on_device)
         click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
         written = tn.write_outputs(report, out_dir)
     except CabsError as error:

@@ -1,8 +1,9 @@
 """`mergekit-cabs tune` end to end, on tiny generated models.
 
 * The losses `tune` reports for the chosen point are exactly those of the
-  model `mergekit` writes from tuned.yml; tuned.yml changes only the weights
-  and lambda.
+  model `mergekit` writes from tuned.yml, loaded in the dtype tune scored in
+  (the merge's, bfloat16 here, by default; float32 with --score-dtype);
+  tuned.yml changes only the weights and lambda.
 * Every bad input fails with a clear message before any model is loaded.
 """
 
@@ -78,7 +79,7 @@ def _run(args):
     return result
 
 
-def _merge(config: dict, out: Path):
+def _merge(config: dict, out: Path, dtype: torch.dtype):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -86,7 +87,7 @@ def _merge(config: dict, out: Path):
     run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, copy_tokenizer=False))
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
 
 
 def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_path):
@@ -113,8 +114,9 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     assert tuned == expected
     assert (best["lambda"], *best["weights"].values()) != (1.0, 1.0, 1.0)  # the search moved
 
-    # the written model scores exactly what tune reported, on both splits
-    model = _merge(tuned, tmp_path / "merged")
+    # the written model, loaded in the merge's dtype, scores exactly what tune reported, on both splits
+    assert report["score_dtype"] == "bfloat16" and report["memory"]["store_device"] == "cpu"
+    model = _merge(tuned, tmp_path / "merged", torch.bfloat16)
     prep = tn.prepare(tune_family["config"], [a for a in _data_args(tune_family) if a != "--data"],
                       general=tune_family["general"])
     for task in prep.tasks:
@@ -129,20 +131,45 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     assert f"Wrote tune.md, tune.png, tune.json, tuned.yml to {out}" in result.output  # tuned.yml last
 
 
-def test_tune_with_overlapping_supports_still_matches_mergekit(tune_family, tmp_path):
+def test_tune_with_overlapping_supports_and_float32_scoring_still_matches_mergekit(tune_family, tmp_path):
     raw = json.loads(json.dumps(tune_family["raw"]))
     raw["parameters"]["conflict_aware"] = False
     config = tmp_path / "overlap.yml"
     config.write_text(yaml.safe_dump(raw))
     prep = tn.prepare(config, [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=4)
-    report = tn.run_tune(prep, budget=4, objective="loss", quiet=True)
+    report = tn.run_tune(prep, budget=4, objective="loss", score_dtype="float32", quiet=True)
     assert not report["supports"]["disjoint"] and report["supports"]["shared_places"] > 0
+    assert report["score_dtype"] == "float32"
     assert report["objective"] == "loss"
     assert report["best"]["fit"]["score"] == -sum(report["best"]["fit"]["loss"].values()) / 3
-    model = _merge(report["tuned_config"], tmp_path / "merged")
+    model = _merge(report["tuned_config"], tmp_path / "merged", torch.float32)
     for task in prep.tasks:
         got = float(tn.window_losses(model, task.heldout, tn.DEFAULTS["batch_size"]).mean())
         assert got == report["best"]["heldout"]["loss"][task.name]
+
+
+def test_references_load_one_model_at_a_time_in_the_scoring_dtype(tune_family, monkeypatch):
+    """Each fine-tune, then the base (which becomes the live model), loaded in
+    the merge's dtype; each model is gone before the next one is loaded."""
+    import weakref
+
+    from mergekit_cabs.tune import run
+
+    loaded, original = [], run.load_model
+
+    def watch(path, device, dtype=torch.float32):
+        assert not [r for r in loaded if r() is not None], "a model was still in memory when the next was loaded"
+        model = original(path, device, dtype)
+        loaded.append(weakref.ref(model))
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        return model
+
+    monkeypatch.setattr(run, "load_model", watch)
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    report = tn.run_tune(prep, budget=1, objective="loss", quiet=True)
+    assert len(loaded) == 4 and report["memory"]["model_bytes"] == 2 * sum(
+        p.numel() for p in tn.load_model(str(tune_family["base"].path), "cpu").parameters())
+    assert report["memory"]["store_bytes"] == 5 * report["supports"]["places"]  # disjoint, bfloat16
 
 
 def test_tune_says_when_weights_are_not_independent(tune_family, tmp_path):
@@ -244,6 +271,7 @@ def test_error_weight_that_varies_by_tensor(tune_family, tmp_path, no_model_load
     (["--budget", "0"], "--budget"),
     (["--fit-fraction", "1"], "--fit-fraction"),
     (["--window", "1000"], "--window"),
+    (["--store-on-device"], "--store-on-device needs --cuda"),
 ])
 def test_error_bad_options(tune_family, tmp_path, no_model_loading, extra, message):
     out = _bad(tune_family, tmp_path, extra=extra)

@@ -39,15 +39,17 @@ from mergekit_cabs.tune.options import (
     OBJECTIVES,
     OPTIMIZERS,
     OUT_FILES,
+    SCORE_DTYPES,
     TuneError,
     check_data_settings,
+    check_device_settings,
     check_optimizer,
     implied_objective,
     parse_bounds,
     search_settings,
 )
 from mergekit_cabs.tune.report import format_summary, make_plot, plot_figure, render_markdown, write_outputs
-from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, timed
+from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, scoring_dtype, timed
 from mergekit_cabs.tune.search import (
     SEARCHES,
     Objective,
@@ -58,7 +60,7 @@ from mergekit_cabs.tune.search import (
     optimise,
     split_objectives,
 )
-from mergekit_cabs.tune.store import Slot, WeightStore, build_store, same_bits
+from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes, same_bits
 
 __all__ = [
     "DEFAULTS",
@@ -66,6 +68,7 @@ __all__ = [
     "OBJECTIVES",
     "OPTIMIZERS",
     "OUT_FILES",
+    "SCORE_DTYPES",
     "SEARCHES",
     "SPLITS",
     "Objective",
@@ -77,6 +80,7 @@ __all__ = [
     "WeightStore",
     "build_store",
     "check_data_settings",
+    "check_device_settings",
     "check_optimizer",
     "choose_optimizer",
     "cmaes_search",
@@ -84,6 +88,7 @@ __all__ = [
     "configured_numbers",
     "coordinate_search",
     "format_summary",
+    "held_bytes",
     "held_out",
     "implied_objective",
     "load_model",
@@ -101,6 +106,7 @@ __all__ = [
     "render_markdown",
     "run_tune",
     "same_bits",
+    "scoring_dtype",
     "search_settings",
     "split_objectives",
     "timed",

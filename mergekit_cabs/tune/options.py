@@ -8,6 +8,7 @@ from mergekit_cabs.params import CabsError
 
 OBJECTIVES = ("gain", "loss")
 OPTIMIZERS = ("auto", "coordinate", "cmaes")
+SCORE_DTYPES = ("merge", "float32")  # merge: the dtype mergekit-yaml writes
 OUT_FILES = ("tuned.yml", "tune.md", "tune.png", "tune.json")
 GENERAL = "general"  # the name of the --general data set
 DEFAULTS = {
@@ -22,6 +23,7 @@ DEFAULTS = {
     "general_weight": 1.0,
     "optimizer": "auto",
     "seed": 0,
+    "score_dtype": "merge",
 }
 NO_TASKS_FOR_GAIN = ("--objective gain needs --data MODEL=FILE for every fine-tuned model (a gain per task); "
                      "with --general alone the objective is the general text's loss (--objective loss)")
@@ -86,3 +88,11 @@ def check_optimizer(optimizer: str, seed: int) -> None:
         raise TuneError(f"--optimizer is {optimizer!r}; choose {', '.join(OPTIMIZERS)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TuneError(f"--seed is {seed!r}; it must be a whole number >= 0")
+
+
+def check_device_settings(*, device: str, score_dtype: str, store_on_device: bool) -> None:
+    """Where the store lives and the dtype models are scored in, checked."""
+    if score_dtype not in SCORE_DTYPES:
+        raise TuneError(f"--score-dtype is {score_dtype!r}; it must be one of {', '.join(SCORE_DTYPES)}")
+    if store_on_device and device == "cpu":
+        raise TuneError("--store-on-device needs --cuda (on the CPU the store is always in host memory)")

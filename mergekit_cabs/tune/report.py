@@ -167,8 +167,8 @@ def _store_lines(report: dict) -> list[str]:
          "models): the weights are not independent."),
         (f"{sup['merged_tensors']} tensors rebuilt for each point, {sup['fixed_tensors']} fixed. Memory held: "
          f"{mem['store_bytes'] / 2**20:.1f} MiB for the pruned task vectors "
-         f"({mem['store_bytes_per_place']:.2f} bytes per merged weight) and {mem['model_bytes'] / 2**20:.1f} MiB "
-         "for the float32 model being scored."), "",
+         f"({mem['store_bytes_per_place']:.2f} bytes per merged weight, on {mem['store_device']}) and "
+         f"{mem['model_bytes'] / 2**20:.1f} MiB for the {mem['score_dtype']} model being scored."), "",
     ]
 
 

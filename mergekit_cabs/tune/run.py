@@ -24,11 +24,12 @@ from mergekit_cabs.tune.options import (
     GENERAL,
     TuneError,
     check_data_settings,
+    check_device_settings,
     check_optimizer,
     implied_objective,
 )
 from mergekit_cabs.tune.search import Objective, SearchResult, optimise, split_objectives
-from mergekit_cabs.tune.store import WeightStore, build_store
+from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
 
 @contextlib.contextmanager
@@ -129,6 +130,8 @@ class Settings:
     """The search's settings, as `run_tune` takes them."""
 
     device: str
+    store_device: str
+    score_dtype: torch.dtype
     objective: str
     general_weight: float
     budget: int
@@ -162,13 +165,18 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              general_weight: float = DEFAULTS["general_weight"], budget: int = DEFAULTS["budget"],
              weight_bounds=DEFAULTS["weight_bounds"], lambda_bounds=DEFAULTS["lambda_bounds"],
              tolerance: float = DEFAULTS["tolerance"], batch_size: int = DEFAULTS["batch_size"],
+             score_dtype: str = DEFAULTS["score_dtype"], store_on_device: bool = False,
              quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"]) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
-    `objective` None: "gain" with per-model data, "loss" with the general set alone."""
+    `objective` None: "gain" with per-model data, "loss" with the general set
+    alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
+    "float32"; `store_on_device`: keep the store on `device` instead of the host."""
     check_optimizer(optimizer, seed)
+    check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
-    s = Settings(device, objective, general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance,
-                 batch_size, quiet, optimizer, seed)
+    s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
+                 general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
+                 optimizer, seed)
     clock: dict[str, float] = {}
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
@@ -190,15 +198,31 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     return assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
 
 
-def load_model(path: str, device: str):
-    """A causal LM in float32, on `device`, in eval mode (without transformers' progress bars)."""
+def scoring_dtype(config, choice: str) -> torch.dtype:
+    """The dtype the models are scored in: float32, or for "merge" the dtype
+    mergekit-yaml writes (`out_dtype`, else `dtype`, else the base's own)."""
+    from mergekit_cabs import _mergekit
+
+    if choice == "float32":
+        return torch.float32
+    name = config.out_dtype or config.dtype
+    if name:
+        return _mergekit.dtype_from_name(name)
+    base = config.base_model.config()
+    own = getattr(base, "dtype", None) or getattr(base, "torch_dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if isinstance(own, torch.dtype) else torch.float32
+
+
+def load_model(path: str, device: str, dtype: torch.dtype = torch.float32):
+    """A causal LM in `dtype`, on `device`, in eval mode (without transformers' progress bars)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # ours say what is going on
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -206,23 +230,26 @@ def load_model(path: str, device: str):
 
 
 def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
-    """Phase 1: the base on every data set, each fine-tune on its own task.
-    Returns the base model (to become the merged one) and the losses."""
+    """Phase 1: each fine-tune on its own task, then the base on every data
+    set, one model in memory at a time (each freed before the next is
+    loaded), all in the scoring dtype.  Returns the base model (to become the
+    merged one) and the losses."""
     import tqdm
 
-    _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
-    model = load_model(str(prep.config.base_model.model.path), s.device)
-    check_finite(model, prep.config.base_model, base=True)
-    reference = {"base": {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS},
-                 "models": {}}
+    reference: dict = {"base": {}, "models": {}}
     own = {t.name: t for t in prep.tasks}  # no model's own data with --general alone
     for label, ref, task in tqdm.tqdm([(k, r, own[k]) for k, r in zip(prep.labels, prep.finetunes) if k in own],
                                       desc="Scoring the fine-tunes", unit="model", disable=s.quiet):
-        tuned = load_model(str(ref.model.path), s.device)
+        tuned = load_model(str(ref.model.path), s.device, s.score_dtype)
         check_finite(tuned, ref)
         reference["models"][label] = {split: float(window_losses(tuned, getattr(task, split), s.batch_size).mean())
                                       for split in SPLITS}
         del tuned
+        release_memory()
+    _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
+    model = load_model(str(prep.config.base_model.model.path), s.device, s.score_dtype)
+    check_finite(model, prep.config.base_model, base=True)
+    reference["base"] = {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS}
     return model, reference
 
 
@@ -257,8 +284,15 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
 
 
 def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
-    """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`."""
-    store = build_store(prep.planned, prep.finetunes, model, device=s.device, progress=not s.quiet)
+    """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
+    The merge runs where the store will live: on the host unless the store is
+    kept on the device, so that one tensor's merge (its inputs, masks and
+    temporaries: about 25 bytes per weight of the largest tensor by a count
+    of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
+    device memory."""
+    store = build_store(prep.planned, prep.finetunes, model, device=s.store_device, store_device=s.store_device,
+                        progress=not s.quiet)
+    release_memory()
     if not store.disjoint:
         _say(
             f"tune: the models' kept places overlap ({store.shared_places():,} of {store.places():,} places are "
@@ -322,7 +356,7 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
     """Phase 5: the report (what tune.json holds)."""
     names, bounds, start = search_space(prep, s)
     store, labels = live.store, prep.labels
-    model_bytes = sum(t.numel() * t.element_size() for t in live.model.state_dict().values())
+    model_bytes = held_bytes(live.model.state_dict().values())
     begin = result.history[0][0]
     return {
         "config": str(prep.config_path),
@@ -331,6 +365,7 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
         "objective": s.objective,
         "general_weight": s.general_weight if any(t.name == GENERAL for t in prep.tasks) else None,
         "device": s.device,
+        "score_dtype": str(s.score_dtype).removeprefix("torch."),
         "data": {t.name: {"file": t.path, "tokens": t.tokens, "window": int(t.fit.shape[1]),
                           "fit_windows": len(t.fit), "heldout_windows": len(t.heldout)} for t in prep.tasks},
         "search": {"names": names, "bounds": [list(b) for b in bounds], "start": list(start),
@@ -339,7 +374,8 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
         "supports": {"disjoint": store.disjoint, "shared_places": store.shared_places(), "places": store.places(),
                      "merged_tensors": len(store.slots), "fixed_tensors": store.fixed},
         "memory": {"store_bytes": store.nbytes(), "model_bytes": model_bytes,
-                   "store_bytes_per_place": store.nbytes() / max(1, store.places())},
+                   "store_bytes_per_place": store.nbytes() / max(1, store.places()),
+                   "store_device": s.store_device, "score_dtype": str(s.score_dtype).removeprefix("torch.")},
         "reference": reference,
         "start": {"lambda": begin[0], "weights": dict(zip(labels, begin[1:])), **scores["start"]},
         "best": {"lambda": result.best[0], "weights": dict(zip(labels, result.best[1:])), **scores["best"]},
