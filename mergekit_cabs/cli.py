@@ -150,7 +150,7 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--max-windows", default=64, show_default=True, help="Most windows per file and split.")
 @click.option("--fit-fraction", default=0.5, show_default=True,
               help="Share of each file's windows to fit on, spread evenly along the file; the rest is held out.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
 @click.option("--cuda", is_flag=True,
               help="Score on the GPU; the weights are rebuilt there from the store in host memory "
                    "(the masks are computed on the host).")

@@ -19,7 +19,7 @@ DEFAULTS = {
     "window": 256,
     "max_windows": 64,
     "fit_fraction": 0.5,
-    "batch_size": 8,
+    "batch_size": 4,
     "general_weight": 1.0,
     "optimizer": "auto",
     "seed": 0,
