@@ -64,6 +64,7 @@ def test_every_mergekit_internal_we_rely_on_is_there():
         ("mergekit.plan", "MergePlanner.plan_to_disk"): (("self", "out_path"), ()),
         ("mergekit.io.tasks", "LoaderCache.setup"): (("self", "options"), ()),
         ("mergekit.io.tasks", "LoaderCache.get"): (("self", "model"), ()),
+        ("mergekit.io.tasks", "LoaderCache.flush_all"): (("self",), ()),
         ("mergekit.io.tasks", "SaveTensor"): ((), ("tensor_task", "dtype")),
         ("mergekit.graph", "Executor.__init__"): (("self", "targets", "math_device", "storage_device"), ()),
         ("mergekit.graph", "Executor.run"): (("self", "quiet"), ()),

@@ -93,6 +93,8 @@ class _Box:
     at most `budget` of them."""
 
     def __init__(self, objective, bounds, budget: int):
+        if budget < 1:
+            raise ValueError("budget must be >= 1")
         self.objective, self.budget = objective, budget
         self.lows = [float(lo) for lo, _ in bounds]
         self.highs = [float(hi) for _, hi in bounds]
@@ -100,6 +102,11 @@ class _Box:
         self.history: list[tuple[tuple[float, ...], float]] = []
         self.x: tuple[float, ...] = ()  # the current (best) point and its score
         self.fx = -math.inf
+
+    def begin(self, start: Sequence[float]) -> None:
+        """The search's first point: `start` clipped into the box, scored."""
+        self.x = self.clip(start)
+        self.fx = self.score(self.x)
 
     def clip(self, values) -> tuple[float, ...]:
         return tuple(round(min(hi, max(lo, v)), 10) for v, lo, hi in zip(values, self.lows, self.highs))
@@ -148,11 +155,8 @@ def coordinate_search(
     distinct points (the start included).  Deterministic (`seed` is
     unused: nothing is drawn); a point is never evaluated twice.
     """
-    if budget < 1:
-        raise ValueError("budget must be >= 1")
     box = _Box(objective, bounds, budget)
-    box.x = box.clip(start)
-    box.fx = box.score(box.x)
+    box.begin(start)
     steps = [(hi - lo) / 4 for lo, hi in zip(box.lows, box.highs)]
     stopped = "converged"
     try:
@@ -193,11 +197,8 @@ def cmaes_search(
     import cma
     import numpy as np
 
-    if budget < 1:
-        raise ValueError("budget must be >= 1")
     box = _Box(objective, bounds, budget)
-    box.x = box.clip(start)
-    box.fx = box.score(box.x)
+    box.begin(start)
     widths = [hi - lo for lo, hi in zip(box.lows, box.highs)]
     rng = np.random.default_rng(seed)
     options = {"bounds": [0.0, 1.0], "seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape),
