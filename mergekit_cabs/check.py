@@ -233,6 +233,8 @@ def check_models(config, out: Out, stand_ins: dict[str, str | None]) -> bool:
         out.note(f"{', '.join(hub)}: no director{'y' if one else 'ies'} here, so taken as Hugging Face model "
                  f"id{'' if one else 's'}, which check does not download; parameter values and tensor shapes are "
                  "checked only with every model's files at hand")
+    if not plannable:
+        out.note("parameter values on each tensor and tensor shapes are checked once every model can be read")
     return plannable and not hub
 
 

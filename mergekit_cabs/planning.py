@@ -263,7 +263,7 @@ def require_shapes(planned: Sequence[PlannedTensor]) -> None:
     """`check_shapes` as a PlanError: its first line, and how many more."""
     problems = check_shapes(planned)
     if problems:
-        more = f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        more = f" ({len(problems) - 1} more: mergekit-cabs check lists them all)" if len(problems) > 1 else ""
         raise PlanError(f"{problems[0]}{more}; cabs needs every fine-tune to have the base's tensors, "
                         "in the base's shapes")
 
