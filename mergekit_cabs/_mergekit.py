@@ -325,14 +325,22 @@ class InputTensor:
     vocabulary: bool = False  # indexed by token ids (embeddings, output head)
 
 
+def plain_loads(inputs) -> bool:
+    """Whether a planned task's `inputs` are tensors loaded as stored (not
+    embeddings permuted for tokenizer_source); no file is read."""
+    from mergekit.io.tasks import GatherTensors
+
+    return isinstance(inputs, GatherTensors)
+
+
 def input_tensors(inputs) -> list[InputTensor] | None:
     """Where each model's tensor for a planned merge task's `inputs` lies,
     from the models' tensor indexes (no tensor is read).  None when the
     inputs are not plain loads (embeddings permuted for tokenizer_source)."""
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
-    from mergekit.io.tasks import GatherTensors, LoaderCache
+    from mergekit.io.tasks import LoaderCache
 
-    if not isinstance(inputs, GatherTensors):
+    if not plain_loads(inputs):
         return None
     found = []
     for model, info in inputs.weight_info.items():

@@ -290,7 +290,7 @@ def check_shapes(tasks, out: Out, skip: set[str]) -> None:
     """Every model has every tensor the merge reads, shaped like the base's
     (`planning.check_shapes`): one line per model, its first problem and how
     many more it has."""
-    aligned = sum(1 for task in tasks if _mergekit.input_tensors(task.inputs) is None)
+    aligned = sum(1 for task in tasks if not _mergekit.plain_loads(task.inputs))
     labels = {planning.model_label(m, m == t.base) + end: str(m)
               for t in tasks for m in (t.base, *t.models) for end in (":", " ")}
     per_model: dict[str, list[str]] = {}
