@@ -212,3 +212,12 @@ def test_tune_with_layer_groups_reports_the_scores_of_the_model_mergekit_writes(
         for split in tn.SPLITS:
             losses = tn.window_losses(model, getattr(task, split), tn.DEFAULTS["batch_size"])
             assert losses.tolist() == best[split]["window_losses"][task.name], (task.name, split)
+
+
+def test_a_modules_configuration_is_refused_before_anything_is_loaded(family, tmp_path):
+    raw = {k: v for k, v in family["raw"].items() if k != "models"}
+    raw["modules"] = {"decoder": {"models": family["raw"]["models"]}}
+    config = tmp_path / "modules.yml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(tn.TuneError, match=r"modules.yml uses modules:; tune sets weights in models: and slices:"):
+        tn.prepare(config, [], general=tmp_path / "unread.txt", layer_groups=2)

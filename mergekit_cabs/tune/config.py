@@ -74,8 +74,6 @@ def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
             params["weight"] = weight_setting(chosen[ref], groups, layers)
             item["parameters"] = params
 
-    if groups.count > 1 and out.get("modules"):
-        raise TuneError("--layer-groups works with models: and slices: configurations, not modules:")
     every_layer = [(layer, layer) for layer, _ in groups.prefixes]
     for item in out.get("models") or []:
         set_weight(item, every_layer)

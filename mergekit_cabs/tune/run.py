@@ -86,8 +86,6 @@ def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = No
                         "(its loss is then the objective)")
     files = match_data(finetunes, data) if data else []
     groups = make_groups((p.name for p in planned), layer_groups)
-    if groups.count > 1 and config.modules:
-        raise TuneError("--layer-groups works with models: and slices: configurations, not modules:")
     start_weights, start_lambda = configured_numbers(planned, finetunes, groups)
     labels = short_names([str(m.model.path) for m in finetunes])
     tokenizer, window = base_tokenizer(config, window)
@@ -103,6 +101,9 @@ def plan_config(config_path: Path) -> tuple[Any, list, list]:
     from mergekit_cabs import planning
 
     config = planning.load_config(config_path, "tune")
+    if config.modules:
+        raise TuneError(f"{config_path} uses modules:; tune sets weights in models: and slices: configurations "
+                        "only: write the merge with one of those")
     if config.tokenizer_source is not None or config.tokenizer is not None:
         raise TuneError(
             f"{config_path} sets tokenizer_source/tokenizer, which builds a new vocabulary; "
