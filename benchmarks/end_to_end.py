@@ -43,6 +43,24 @@ from pathlib import Path
 METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "cabs")
 
 
+def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a LlamaForCausalLM of `config`."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })
+    return shapes
+
+
 def make_models(root: Path, fine_tunes: int, layers: int, hidden: int, seed: int) -> list:
     """Write a base and `fine_tunes` fine-tunes under `root` (reused when present)."""
     import torch
@@ -65,22 +83,7 @@ def make_models(root: Path, fine_tunes: int, layers: int, hidden: int, seed: int
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
-    head_dim = hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        })
+    shapes = llama_shapes(config)
     names = ["base"] + [f"fine_tune_{i + 1}" for i in range(fine_tunes)]
     dirs = [root / name for name in names]
     tag = json.dumps([config, seed])

@@ -107,6 +107,56 @@ def merge_once_keep(method: str, tensors):
     return merge_tensors(tensors, name, parameters=params, base_index=0)
 
 
+def time_ks(args, shape) -> dict:
+    """Each method's median time for each number of fine-tunes, printed as a table."""
+    times = {}
+    print(f"\n{'K':>3s} " + " ".join(f"{m:>16s}" for m in args.methods) + "   cabs/TA  ties/cabs")
+    for k in args.ks:
+        tensors = inputs(shape, k, args.device)
+        row = {m: timed(m, tensors, args.device, args.repeats) for m in args.methods}
+        times[k] = row
+        ratios = ""
+        if "cabs" in row and "task_arithmetic" in row:
+            ratios += f"{row['cabs'] / row['task_arithmetic']:9.2f}"
+        if "cabs" in row and "ties" in row:
+            ratios += f"{row['ties'] / row['cabs']:10.1f}"
+        print(f"{k:3d} " + " ".join(f"{row[m]:15.3f}s" for m in args.methods) + "  " + ratios, flush=True)
+        del tensors
+    return times
+
+
+def time_sizes(args, shape) -> dict:
+    """cabs with K = 3 on a quarter, half and all of the rows."""
+    sizes = {}
+    print("\ncabs, K = 3, over tensor size:")
+    for rows in (shape[0] // 4, shape[0] // 2, shape[0]):
+        tensors = inputs((rows, shape[1]), 3, args.device)
+        t = timed("cabs", tensors, args.device, args.repeats)
+        per = t / (rows * shape[1] * 3) * 1e9
+        sizes[rows] = t
+        print(f"  {rows}x{shape[1]}: {t:.3f} s  ({per:.2f} ns per element per fine-tune)")
+    return sizes
+
+
+def measure_memory(args, shape) -> dict:
+    """Peak memory a merge adds, each case in a child process of its own."""
+    memory: dict = {}
+    print("\npeak memory a merge adds, in float32 copies of the tensor (result: 0.5):")
+    numel4 = shape[0] * shape[1] * 4
+    for method in [m for m in args.methods if m in ("task_arithmetic", "cabs", "cabs[torch]")]:
+        cells = []
+        for k in args.ks:
+            done = subprocess.run(
+                [sys.executable, __file__, "--memory-child", method, str(shape[0]), str(shape[1]), str(k)],
+                capture_output=True, text=True, check=True,
+            )
+            extra = json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"]
+            memory.setdefault(method, {})[k] = extra
+            cells.append(f"K={k}: {extra / numel4:4.2f}")
+        print(f"  {method:16s} " + "  ".join(cells))
+    return memory
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
         method, rows, cols, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -130,43 +180,11 @@ def main() -> None:
     shape = tuple(args.shape)
     print(f"tensor {shape[0]}x{shape[1]} bf16 on {args.device}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats}")
-    report = {"shape": shape, "device": args.device, "times": {}, "sizes": {}, "memory": {}}
-    print(f"\n{'K':>3s} " + " ".join(f"{m:>16s}" for m in args.methods) + "   cabs/TA  ties/cabs")
-    for k in args.ks:
-        tensors = inputs(shape, k, args.device)
-        row = {m: timed(m, tensors, args.device, args.repeats) for m in args.methods}
-        report["times"][k] = row
-        ratios = ""
-        if "cabs" in row and "task_arithmetic" in row:
-            ratios += f"{row['cabs'] / row['task_arithmetic']:9.2f}"
-        if "cabs" in row and "ties" in row:
-            ratios += f"{row['ties'] / row['cabs']:10.1f}"
-        print(f"{k:3d} " + " ".join(f"{row[m]:15.3f}s" for m in args.methods) + "  " + ratios, flush=True)
-        del tensors
-
+    report = {"shape": shape, "device": args.device, "times": time_ks(args, shape), "sizes": {}, "memory": {}}
     if not args.no_sizes and "cabs" in args.methods:
-        print("\ncabs, K = 3, over tensor size:")
-        for rows in (shape[0] // 4, shape[0] // 2, shape[0]):
-            tensors = inputs((rows, shape[1]), 3, args.device)
-            t = timed("cabs", tensors, args.device, args.repeats)
-            per = t / (rows * shape[1] * 3) * 1e9
-            report["sizes"][rows] = t
-            print(f"  {rows}x{shape[1]}: {t:.3f} s  ({per:.2f} ns per element per fine-tune)")
-
+        report["sizes"] = time_sizes(args, shape)
     if not args.no_memory and args.device == "cpu":
-        print("\npeak memory a merge adds, in float32 copies of the tensor (result: 0.5):")
-        numel4 = shape[0] * shape[1] * 4
-        for method in [m for m in args.methods if m in ("task_arithmetic", "cabs", "cabs[torch]")]:
-            cells = []
-            for k in args.ks:
-                done = subprocess.run(
-                    [sys.executable, __file__, "--memory-child", method, str(shape[0]), str(shape[1]), str(k)],
-                    capture_output=True, text=True, check=True,
-                )
-                extra = json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"]
-                report["memory"].setdefault(method, {})[k] = extra
-                cells.append(f"K={k}: {extra / numel4:4.2f}")
-            print(f"  {method:16s} " + "  ".join(cells))
+        report["memory"] = measure_memory(args, shape)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

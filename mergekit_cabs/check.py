@@ -218,14 +218,11 @@ def check_models(config, out: Out, stand_ins: dict[str, str | None]) -> bool:
         path = model.model.path
         if path in stand_ins:
             continue
-        if os.path.isdir(path):
+        if os.path.isdir(path) or planning.looks_local(path) or os.path.exists(path):
             problem = planning.model_problem(model)
             if problem:
                 out.problem(f"{where}: {problem}")
                 plannable = False
-        elif planning.looks_local(path) or os.path.exists(path):
-            out.problem(f"{where} '{path}': no such directory {os.path.abspath(os.path.expanduser(path))}")
-            plannable = False
         else:
             hub.append(f"{where} '{path}'")
     if hub:

@@ -143,6 +143,10 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--optimizer", type=click.Choice(["auto", "coordinate", "cmaes"]), default="auto", show_default=True,
               help="coordinate: one value at a time, halving steps; cmaes: CMA-ES (the cma package); auto: "
                    "cmaes when --budget allows 50 evaluations per searched value, else coordinate.")
+@click.option("--layer-groups", default=None, type=click.IntRange(min=1), metavar="G",
+              help="Search one weight per model for each of G groups of consecutive decoder layers, and one for "
+                   "the embeddings, final norm and head, instead of one per model (tuned.yml says them with "
+                   "mergekit filters, one per layer).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of CMA-ES's draws (the same seed, the same points).")
 @click.option("--window", default=None, type=int,
@@ -164,7 +168,7 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
-         tolerance, optimizer, seed, window, max_windows, fit_fraction, batch_size, cuda, score_dtype,
+         tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda, score_dtype,
          store_on_device, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
@@ -190,7 +194,7 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
         prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
-                          max_windows=max_windows, budget=budget)
+                          max_windows=max_windows, budget=budget, layer_groups=layer_groups)
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                              tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,

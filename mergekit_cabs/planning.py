@@ -100,8 +100,8 @@ def model_label(model, base: bool = False) -> str:
 def model_problem(model, trust_remote_code: bool = False) -> str | None:
     """Why a model cannot be read (no directory, no readable config.json), or None."""
     path = model.model.path
-    if not os.path.exists(path) and looks_local(path):
-        return f"model '{model}' not found: there is no directory {path}"
+    if not os.path.isdir(path) and (looks_local(path) or os.path.exists(path)):
+        return f"model '{model}' not found: there is no directory {os.path.abspath(os.path.expanduser(path))}"
     try:
         model.config(trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:  # what transformers/hub raise

@@ -137,7 +137,8 @@ def test_missing_model_path_is_one_line_naming_its_place_and_directory(fp32_fami
     path = _write(_config(base, [tunes[0], SimpleNamespace(path=missing)]), tmp_path / "cabs.yml")
     code, lines = _check(path)
     assert code == 1
-    assert _problems(lines, path) == [f"{path}: models[1] '{missing}': no such directory {missing}"]
+    expected = f"{path}: models[1]: model '{missing}' not found: there is no directory {missing}"
+    assert _problems(lines, path) == [expected]
 
 
 def test_a_hub_model_id_is_a_note_not_a_problem(fp32_family, tmp_path):

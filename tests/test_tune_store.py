@@ -82,10 +82,10 @@ def test_incremental_apply_rewrites_only_the_changed_models_places():
     base, models = _inputs(torch.bfloat16, 3, (64, 64), seed=5)
     masks = cabs_masks(base, models, [16] * 3, 64)
     store, slot = _bound_store(base, models, masks, torch.bfloat16, incremental=True)
-    assert store.changed((1.0, 1.0, 1.0), 1.0) is None  # nothing written yet: every place
+    assert store.changed(((1.0, 1.0, 1.0),), 1.0) == [None]  # nothing written yet: every place
     store.apply((1.0, 1.0, 1.0), 1.0)
-    assert store.changed((1.0, 0.5, 1.0), 1.0) == [1]
-    assert store.changed((1.0, 0.5, 1.0), 0.5) is None  # lambda moves every place
+    assert store.changed(((1.0, 0.5, 1.0),), 1.0) == [[1]]
+    assert store.changed(((1.0, 0.5, 1.0),), 0.5) == [None]  # lambda moves every place
     marker = torch.tensor(7.0, dtype=torch.bfloat16)
     slot.target[slot.owner.view(64, 64) != 2] = marker  # any write there would show
     store.apply((1.0, 0.5, 1.0), 1.0)
@@ -94,7 +94,7 @@ def test_incremental_apply_rewrites_only_the_changed_models_places():
     own = slot.owner.view(64, 64) == 2
     assert torch.equal(_bits(slot.target[own]), _bits(expected[own]))
     store.incremental = False
-    assert store.changed((1.0, 0.7, 1.0), 1.0) is None
+    assert store.changed(((1.0, 0.7, 1.0),), 1.0) == [None]
 
 
 @pytest.mark.parametrize("dtype,size", [(torch.bfloat16, 2), (torch.float32, 4)])

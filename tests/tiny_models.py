@@ -145,6 +145,26 @@ def _grid_delta(shape, gen: torch.Generator, scale: int, zero_frac: float):
     return sign * k * keep * (scale * GRID)
 
 
+def _tiny_tensor(name, shape, gen, base, words, scale, zero_frac, dtype) -> torch.Tensor:
+    """One tensor of a tiny model: a fresh grid value, or the base's (vocabulary
+    rows matched by word) plus a grid perturbation; exact in `dtype`."""
+    norm = name.endswith("norm.weight")
+    if base is None:
+        value = _grid_base(shape, gen, norm)
+    else:
+        source = base.state[name].to(torch.float32)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            fresh = _grid_base(shape, gen, norm)
+            vocab = base.vocab
+            rows = [source[vocab[word]] if word in vocab else fresh[idx] for idx, word in enumerate(words)]
+            source = torch.stack(rows)
+        value = source + _grid_delta(shape, gen, scale, zero_frac)
+    out = value.to(dtype).contiguous()
+    # Every value must be exact in the stored dtype (see module docstring).
+    assert torch.equal(out.to(torch.float32), value), name
+    return out
+
+
 def make_tiny_llama(
     path,
     *,
@@ -192,26 +212,8 @@ def make_tiny_llama(
     shapes = tensor_shapes(config)
     gen = torch.Generator().manual_seed(seed)
 
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        norm = name.endswith("norm.weight")
-        vocab_weight = name in ("model.embed_tokens.weight", "lm_head.weight")
-        if base is None:
-            value = _grid_base(shape, gen, norm)
-        else:
-            source = base.state[name].to(torch.float32)
-            if vocab_weight:
-                fresh = _grid_base(shape, gen, norm)
-                rows = []
-                for idx, word in enumerate(words):
-                    j = base.vocab.get(word)
-                    rows.append(source[j] if j is not None else fresh[idx])
-                source = torch.stack(rows)
-            value = source + _grid_delta(shape, gen, scale, zero_frac)
-        state[name] = value.to(dtype).contiguous()
-        # Every value must be exact in the stored dtype (see module docstring).
-        assert torch.equal(state[name].to(torch.float32), value), name
+    state = {name: _tiny_tensor(name, shapes[name], gen, base, words, scale, zero_frac, dtype)
+             for name in sorted(shapes)}
 
     config.save_pretrained(path)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -9,9 +9,10 @@ over the parameters with the kernel's own arithmetic, written into a live
 transformers model that is scored on each model's own data (`data`).  A
 search over the weights and lambda (coordinate-wise with halving steps, or
 CMA-ES) maximises the mean normalized gain over tasks, or minimises a loss
-(`search`); the chosen point is
-written as ``tuned.yml`` (`config`) with a report (`report`).  `run` holds the
-phases in order.
+(`search`), one weight per model or, with layer groups (`groups`), one per
+model and group of decoder layers; the chosen point is written as
+``tuned.yml`` (`config`) with a report (`report`).  `run` holds the phases
+in order.
 
     from mergekit_cabs import tune
     prep = tune.prepare("my-cabs.yml", ["math-ft=math.jsonl", "code-ft=code.txt"])
@@ -33,6 +34,7 @@ from mergekit_cabs.tune.data import (
     task_losses,
     window_losses,
 )
+from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
 from mergekit_cabs.tune.options import (
     DEFAULTS,
     GENERAL,
@@ -65,6 +67,8 @@ from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes,
 __all__ = [
     "DEFAULTS",
     "GENERAL",
+    "LayerGroups",
+    "ONE_GROUP",
     "OBJECTIVES",
     "OPTIMIZERS",
     "OUT_FILES",
@@ -91,11 +95,13 @@ __all__ = [
     "held_bytes",
     "held_out",
     "implied_objective",
+    "layer_index",
     "load_model",
     "load_task_data",
     "load_tasks",
     "make_plot",
     "match_data",
+    "make_groups",
     "means",
     "model_names",
     "optimise",

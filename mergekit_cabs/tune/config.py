@@ -1,19 +1,29 @@
 """The numbers `tune` sets in a configuration: the configured ones it starts
 from, and `tuned.yml`, the user's YAML with the chosen ones, checked to
-resolve to them on every tensor."""
+resolve to them on every tensor.
+
+Weights are flat, model by model and, with layer groups, group by group
+within a model (`groups.LayerGroups.names`).  A model's weight per layer
+group is written as a list of mergekit filters, one per decoder layer (the
+layer's name prefix, such as ``model.layers.7.``), then the value of the
+tensors outside the layers; in a ``slices:`` configuration each source's
+filters name its own input layers."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
 
+from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_prefix
 from mergekit_cabs.tune.options import TuneError
 
 
-def configured_numbers(planned, finetunes) -> tuple[list[float], float]:
-    """The configured weight of every model and lambda, which must be one
-    number each across all tensors (tune sets one number each)."""
-    weights: dict[int, set] = {i: set() for i in range(len(finetunes))}
+def configured_numbers(planned, finetunes, groups: LayerGroups = ONE_GROUP) -> tuple[list[float], float]:
+    """The configured weight of every model (per layer group, flat as
+    `groups.names`) and lambda, which must be one number each across the
+    tensors they cover (tune sets one number each)."""
+    labels = groups.labels()
+    weights: dict[tuple[int, int], set] = {(i, g): set() for i in range(len(finetunes)) for g in range(groups.count)}
     lams = set()
     index = {ref: i for i, ref in enumerate(finetunes)}
     for p in planned:
@@ -21,39 +31,60 @@ def configured_numbers(planned, finetunes) -> tuple[list[float], float]:
             continue
         lams.add(p.resolved.lam)
         for ref, w in zip(p.models, p.resolved.weights):
-            weights[index[ref]].add(w)
-    for i, values in weights.items():
+            weights[index[ref], groups.of(p.name)].add(w)
+    for (i, g), values in weights.items():
         if len(values) > 1:
+            where = "" if groups.count == 1 else f" within layer group '{labels[g]}'"
             raise TuneError(
-                f"model '{finetunes[i]}' has a weight that varies by tensor ({min(values)} to {max(values)}, "
-                "from a filter or gradient); tune sets one weight per model: give it one number"
+                f"model '{finetunes[i]}' has a weight that varies by tensor{where} ({min(values)} to {max(values)}, "
+                "from a filter or gradient); tune sets one weight per model"
+                + (" and layer group" if groups.count > 1 else "") + ": give it one number"
             )
     if len(lams) > 1:
         raise TuneError(
             f"'lambda' varies by tensor ({min(lams)} to {max(lams)}); tune sets one lambda: give it one number"
         )
-    return [next(iter(weights[i]), 1.0) for i in range(len(finetunes))], next(iter(lams), 1.0)
+    return [next(iter(weights[i, g]), 1.0) for i in range(len(finetunes)) for g in range(groups.count)], \
+        next(iter(lams), 1.0)
 
 
-def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float) -> dict:
+def weight_setting(values: Sequence[float], groups: LayerGroups, layers) -> float | list[dict]:
+    """A model's `weight` setting: its one weight, or with layer groups one
+    mergekit filter per input layer (`layers`: (input layer, output layer)
+    pairs), then the weight of the tensors outside the layers."""
+    if groups.count == 1:
+        return float(values[0])
+    return [{"filter": layer_prefix(groups.prefix(out), layer), "value": float(values[groups.group_of_layer(out)])}
+            for layer, out in layers] + [{"value": float(values[-1])}]
+
+
+def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
+                 groups: LayerGroups = ONE_GROUP) -> dict:
     """The user's YAML with every fine-tune's `weight` and the `lambda` set."""
     from mergekit.common import ModelReference
 
     out = copy.deepcopy(raw)
-    chosen = {ref: w for ref, w in zip(finetunes, weights)}
+    per = groups.count
+    chosen = {ref: weights[i * per:(i + 1) * per] for i, ref in enumerate(finetunes)}
 
-    def set_weight(item: dict) -> None:
+    def set_weight(item: dict, layers) -> None:
         ref = ModelReference.model_validate(item["model"])
         if ref in chosen:
             params = item.get("parameters") or {}
-            params["weight"] = float(chosen[ref])
+            params["weight"] = weight_setting(chosen[ref], groups, layers)
             item["parameters"] = params
 
+    every_layer = [(layer, layer) for layer, _ in groups.prefixes]
     for item in out.get("models") or []:
-        set_weight(item)
+        set_weight(item, every_layer)
+    offset = 0
     for piece in out.get("slices") or []:
-        for item in piece.get("sources") or []:
-            set_weight(item)
+        sources = piece.get("sources") or []
+        length = sources[0]["layer_range"][1] - sources[0]["layer_range"][0] if sources else 0
+        for item in sources:
+            first = item["layer_range"][0]
+            set_weight(item, [(first + k, offset + k) for k in range(length)])
+        offset += length
         if "lambda" in (piece.get("parameters") or {}):
             piece["parameters"]["lambda"] = float(lam)
     params = out.get("parameters") or {}
@@ -62,13 +93,13 @@ def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float) -> 
     return out
 
 
-def check_round_trip(tuned: dict, finetunes, weights, lam) -> None:
+def check_round_trip(tuned: dict, finetunes, weights, lam, groups: LayerGroups = ONE_GROUP) -> None:
     """Plan `tuned` with mergekit and check every tensor gets the chosen numbers."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
 
     planned = plan(MergeConfiguration.model_validate(tuned))
-    got_weights, got_lam = configured_numbers(planned, finetunes)
+    got_weights, got_lam = configured_numbers(planned, finetunes, groups)
     if got_weights != [float(w) for w in weights] or got_lam != float(lam):
         raise RuntimeError(f"tune: tuned.yml resolves to weights {got_weights}, lambda {got_lam} (a bug)")

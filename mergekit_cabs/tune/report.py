@@ -35,16 +35,39 @@ def shown(report: dict, score: float) -> float:
 
 
 def dropped(report: dict) -> list[str]:
-    """The models whose chosen weight is 0: the merge leaves them out."""
-    return [k for k, w in report["best"]["weights"].items() if w == 0]
+    """The models whose chosen weight is 0 (in every layer group): the merge leaves them out."""
+    best = report["best"]["weights"]
+    return [label for label, names in report["search"]["weights_of"].items() if all(best[n] == 0 for n in names)]
+
+
+def zero_note(report: dict, name: str, value: float) -> str:
+    """What a chosen weight of 0 means: the model is dropped, or (one layer
+    group's weight) left out of that group's tensors; "" for other values."""
+    if value != 0 or name == "lambda":
+        return ""
+    gone = dropped(report)
+    whole = any(name in report["search"]["weights_of"][label] for label in gone)
+    return " (dropped)" if whole else " (left out of these tensors)"
+
+
+def group_line(report: dict) -> str | None:
+    """The layer groups in one line, or None without them."""
+    groups = report["layer_groups"]
+    if groups is None:
+        return None
+    return (f"layer groups ({groups['count']} of consecutive decoder layers, then the tensors outside them): "
+            + ", ".join(g["name"] for g in groups["groups"]))
 
 
 def format_summary(report: dict) -> str:
     """The console table: chosen numbers and held-out losses per data set
     (and normalized gains with the gain objective), then the objective."""
     best, start, gain = report["best"], report["start"], report["objective"] == "gain"
-    lines = [f"{'':12s} {'start':>8s} {'tuned':>8s}", f"{'lambda':12s} {start['lambda']:8.3f} {best['lambda']:8.3f}"]
-    lines += [f"{k:12s} {start['weights'][k]:8.3f} {v:8.3f}" for k, v in best["weights"].items()]
+    width = max(12, *(len(k) for k in best["weights"]))
+    lines = [group_line(report)] if report["layer_groups"] else []
+    lines += [f"{'':{width}s} {'start':>8s} {'tuned':>8s}",
+              f"{'lambda':{width}s} {start['lambda']:8.3f} {best['lambda']:8.3f}"]
+    lines += [f"{k:{width}s} {start['weights'][k]:8.3f} {v:8.3f}" for k, v in best["weights"].items()]
     if dropped(report):
         lines.append(f"dropped: {', '.join(dropped(report))} (weight 0: the merge leaves its task vector out)")
     head = f"held-out {'loss of':12s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s}"
@@ -117,6 +140,7 @@ def _run_lines(report: dict) -> list[str]:
         f"- objective, on the fit windows: {objective_doc(report)}",
         (f"- search: {search['evaluations']} evaluations of budget {search['budget']} ({search['stopped']}); "
          f"{how} over {', '.join(search['names'])}; tolerance {search['tolerance']}"),
+        *([f"- {group_line(report)}"] if report["layer_groups"] else []),
         (f"- time: {t['total_s']:.1f} s in all: scoring base and fine-tunes {t['reference_s']:.1f} s, masks "
          f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"),
         (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit windows "
@@ -131,8 +155,10 @@ def _chosen_lines(report: dict) -> list[str]:
     best, start = report["best"], report["start"]
     out = ["", "## Chosen", "", "| | start | tuned |", "|---|---|---|",
            f"| lambda | {start['lambda']:.4g} | {best['lambda']:.4g} |"]
-    out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g}{' (dropped)' if v == 0 else ''} |"
+    out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g}{zero_note(report, k, v)} |"
             for k, v in best["weights"].items()]
+    if report["layer_groups"]:
+        out += ["", group_line(report) + ": `tuned.yml` gives each model one mergekit filter per layer."]
     if dropped(report):
         out += ["", f"Dropped (weight 0, the merge leaves its task vector out): {', '.join(dropped(report))}."]
     out += ["", ("`tuned.yml` is the configuration with these numbers: `mergekit-yaml tuned.yml OUT` writes the "
@@ -217,7 +243,7 @@ def plot_figure(report: dict):
             ax.plot([a for a, _ in line], [v for _, v in line], marker="o", ms=3, lw=1,
                     label="others as chosen")
         ax.scatter([best[j]], [chosen], marker="*", s=120, color="tab:red", zorder=3,
-                   label=f"chosen: {best[j]:.3g}" + (" (dropped)" if j and best[j] == 0 else ""))
+                   label=f"chosen: {best[j]:.3g}" + zero_note(report, name, best[j]))
         ax.set_xlabel("lambda (scales every task vector)" if j == 0 else f"weight of {name}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)

@@ -19,6 +19,7 @@ import torch
 
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import SPLITS, TaskData, load_tasks, match_data, means, task_losses, window_losses
+from mergekit_cabs.tune.groups import LayerGroups, make_groups
 from mergekit_cabs.tune.options import (
     DEFAULTS,
     GENERAL,
@@ -58,16 +59,23 @@ class Prepared:
     planned: list
     finetunes: list
     labels: list[str]
-    start_weights: list[float]
+    start_weights: list[float]  # per model (and layer group: `groups.names`)
     start_lambda: float
     tasks: list[TaskData]  # one per fine-tune, then the general set if given
+    groups: LayerGroups  # the tensors that take their own weight per model
+
+    def names(self) -> list[str]:
+        """The searched numbers: lambda, then each model's weight(s)."""
+        return ["lambda"] + self.groups.names(self.labels)
 
 
 def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = None, window: int | None = None,
             fit_fraction: float = DEFAULTS["fit_fraction"], max_windows: int = DEFAULTS["max_windows"],
-            budget: int = DEFAULTS["budget"]) -> Prepared:
+            budget: int = DEFAULTS["budget"], layer_groups: int | None = None) -> Prepared:
     """Check the configuration and the data, tokenize the data; loads no model weights.
-    `data` (MODEL=FILE) names a file for every fine-tune, or is empty with `general` alone."""
+    `data` (MODEL=FILE) names a file for every fine-tune, or is empty with `general` alone;
+    `layer_groups` G: one weight per model for each of G groups of consecutive
+    decoder layers and one for the tensors outside them (None: one per model)."""
     from mergekit_cabs import planning
     from mergekit_cabs._output import short_names
 
@@ -77,13 +85,15 @@ def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = No
         raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --general FILE alone "
                         "(its loss is then the objective)")
     files = match_data(finetunes, data) if data else []
-    start_weights, start_lambda = configured_numbers(planned, finetunes)
+    groups = make_groups((p.name for p in planned), layer_groups)
+    start_weights, start_lambda = configured_numbers(planned, finetunes, groups)
     labels = short_names([str(m.model.path) for m in finetunes])
     tokenizer, window = base_tokenizer(config, window)
     tasks = load_tasks(labels, files, general, tokenizer, window=window, fit_fraction=fit_fraction,
                        max_windows=max_windows)
     raw = planning.read_yaml(config_path)
-    return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks)
+    return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks,
+                    groups)
 
 
 def plan_config(config_path: Path) -> tuple[Any, list, list]:
@@ -91,6 +101,9 @@ def plan_config(config_path: Path) -> tuple[Any, list, list]:
     from mergekit_cabs import planning
 
     config = planning.load_config(config_path, "tune")
+    if config.modules:
+        raise TuneError(f"{config_path} uses modules:; tune sets weights in models: and slices: configurations "
+                        "only: write the merge with one of those")
     if config.tokenizer_source is not None or config.tokenizer is not None:
         raise TuneError(
             f"{config_path} sets tokenizer_source/tokenizer, which builds a new vocabulary; "
@@ -152,10 +165,12 @@ class Live:
     store: WeightStore
     tasks: list[TaskData]
     batch_size: int
+    groups: LayerGroups
+    models: int
 
     def set(self, x: Sequence[float]) -> None:
-        """Set the model to the merge at point x = (lambda, weight_1, ...)."""
-        self.store.apply(x[1:], x[0])
+        """Set the model to the merge at point x = (lambda, then the weights as `Prepared.names`)."""
+        self.store.apply(self.groups.rows(x[1:], self.models), x[0])
 
     def losses(self, split: str) -> dict[str, torch.Tensor]:
         return task_losses(self.model, self.tasks, split, self.batch_size)
@@ -183,7 +198,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
             model, reference = score_references(prep, s)
         objectives = split_objectives(objective, list(reference["models"]), reference, general_weight)
         with timed(clock, "masks_s"):
-            live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size)
+            live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size, prep.groups, len(prep.labels))
         with timed(clock, "search_s"):
             result, points = search(live, objectives["fit"], prep, s)
         _say(f"Scoring the start and the chosen point on fit and held-out windows ({result.stopped} after "
@@ -193,8 +208,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
                       "best": score_point(live, objectives, result.best)}  # the model is left at the chosen point
     clock["set_weights_mean_s"] = sum(p["set_s"] for p in points) / len(points)
     clock["evaluate_mean_s"] = sum(p["eval_s"] for p in points) / len(points)
-    tuned = tuned_config(prep.raw, prep.finetunes, result.best[1:], result.best[0])
-    check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0])
+    tuned = tuned_config(prep.raw, prep.finetunes, result.best[1:], result.best[0], prep.groups)
+    check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups)
     return assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
 
 
@@ -271,7 +286,7 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
     bad = [task for task, loss in losses.items() if not math.isfinite(loss)]
     if not bad:
         return
-    point = ", ".join([f"lambda {x[0]:.4g}"] + [f"{k} {w:.4g}" for k, w in zip(prep.labels, x[1:])])
+    point = ", ".join(f"{k} {w:.4g}" for k, w in zip(prep.names(), x))
     found = live.store.non_finite()
     if found is None:
         where = "its weights are finite, so the forward pass overflows"
@@ -292,6 +307,8 @@ def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
     device memory."""
     store = build_store(prep.planned, prep.finetunes, model, device=s.store_device, store_device=s.store_device,
                         progress=not s.quiet)
+    for slot in store.slots:
+        slot.group = prep.groups.of(slot.name)
     release_memory()
     if not store.disjoint:
         _say(
@@ -304,9 +321,9 @@ def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
 
 
 def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
-    """The searched numbers (lambda, then each model's weight): names, bounds, start."""
-    names = ["lambda"] + list(prep.labels)
-    bounds = [s.lambda_bounds] + [s.weight_bounds] * len(prep.labels)
+    """The searched numbers (lambda, then each model's weight or weights): names, bounds, start."""
+    names = prep.names()
+    bounds = [s.lambda_bounds] + [s.weight_bounds] * (len(names) - 1)
     return names, bounds, (prep.start_lambda, *prep.start_weights)
 
 
@@ -314,7 +331,7 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
     """Phase 3: the search (`optimise`) on the fit windows; every point evaluated, timed."""
     import tqdm
 
-    _, bounds, start = search_space(prep, s)
+    names, bounds, start = search_space(prep, s)
     points: list[dict] = []
     bar = tqdm.tqdm(total=s.budget, desc="Tuning", unit="eval", disable=s.quiet)
 
@@ -328,7 +345,7 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
             fit = means(live.losses("fit"))
         check_scored(live, x, fit, prep)
         score = objective.score(fit)
-        points.append({"lambda": x[0], "weights": dict(zip(prep.labels, x[1:])), "fit_loss": fit, "score": score,
+        points.append({"lambda": x[0], "weights": dict(zip(names[1:], x[1:])), "fit_loss": fit, "score": score,
                        **took})
         bar.update(1)
         bar.set_postfix(best=f"{max(p['score'] for p in points):.4f}")
@@ -370,16 +387,27 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
                           "fit_windows": len(t.fit), "heldout_windows": len(t.heldout)} for t in prep.tasks},
         "search": {"names": names, "bounds": [list(b) for b in bounds], "start": list(start),
                    "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped,
-                   "optimizer": result.optimizer, "optimizer_option": s.optimizer, "seed": s.seed},
+                   "optimizer": result.optimizer, "optimizer_option": s.optimizer, "seed": s.seed,
+                   "weights_of": {label: prep.groups.names([label]) for label in labels}},
         "supports": {"disjoint": store.disjoint, "shared_places": store.shared_places(), "places": store.places(),
                      "merged_tensors": len(store.slots), "fixed_tensors": store.fixed},
         "memory": {"store_bytes": store.nbytes(), "model_bytes": model_bytes,
                    "store_bytes_per_place": store.nbytes() / max(1, store.places()),
                    "store_device": s.store_device, "score_dtype": str(s.score_dtype).removeprefix("torch.")},
         "reference": reference,
-        "start": {"lambda": begin[0], "weights": dict(zip(labels, begin[1:])), **scores["start"]},
-        "best": {"lambda": result.best[0], "weights": dict(zip(labels, result.best[1:])), **scores["best"]},
+        "layer_groups": layer_group_report(prep.groups),
+        "start": {"lambda": begin[0], "weights": dict(zip(names[1:], begin[1:])), **scores["start"]},
+        "best": {"lambda": result.best[0], "weights": dict(zip(names[1:], result.best[1:])), **scores["best"]},
         "points": points,
         "time": clock,
         "tuned_config": tuned,
     }
+
+
+def layer_group_report(groups: LayerGroups) -> dict | None:
+    """The layer groups in tune.json: each group's words and decoder layers; None without groups."""
+    if groups.count == 1:
+        return None
+    labels = groups.labels()
+    return {"count": len(groups.spans), "groups": [{"name": label, "layers": list(span)} for label, span in
+                                                   zip(labels, [*groups.spans, ()])]}

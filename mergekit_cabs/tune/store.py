@@ -100,6 +100,7 @@ class Slot:
     shared: int = 0  # places with a non-zero kept delta from two or more models
     target: torch.Tensor | None = None  # the live model's tensor
     save_dtype: torch.dtype | None = None
+    group: int = 0  # which of the store's weight vectors (layer groups) this tensor takes
 
     @classmethod
     def make(cls, name, models, base, inputs, masks) -> Slot:
@@ -215,7 +216,7 @@ class WeightStore:
         self.slots = slots
         self.fixed = fixed  # tensors the weights do not change (written once)
         self.incremental = incremental
-        self.last: tuple[tuple[float, ...], float] | None = None  # the point the live model holds
+        self.last: tuple[tuple[tuple[float, ...], ...], float] | None = None  # the point the live model holds
 
     @property
     def disjoint(self) -> bool:
@@ -242,23 +243,27 @@ class WeightStore:
                 return slot.name, (slot.models[owner - 1] if owner else None)
         return None
 
-    def changed(self, weights: Sequence[float], lam: float) -> list[int] | None:
-        """The models whose weight differs from the last point written, or None
-        when every place must be rewritten (lambda changed, supports shared,
-        nothing written yet, or `incremental` off)."""
-        if not (self.incremental and self.disjoint and self.last is not None and self.last[1] == lam):
-            return None
-        return [i for i, (w, old) in enumerate(zip(weights, self.last[0])) if w != old]
+    def changed(self, rows: tuple[tuple[float, ...], ...], lam: float) -> list[list[int] | None]:
+        """Per group, the models whose weight differs from the last point
+        written, or None when every place must be rewritten (lambda changed,
+        supports shared, nothing written yet, or `incremental` off)."""
+        if not (self.incremental and self.disjoint and self.last is not None and self.last[1] == lam
+                and len(self.last[0]) == len(rows)):
+            return [None] * len(rows)
+        return [[i for i, (w, old) in enumerate(zip(row, last)) if w != old] for row, last in zip(rows, self.last[0])]
 
-    def apply(self, weights: Sequence[float], lam: float) -> None:
-        """Set the live model to the merge at `weights` and `lam`."""
-        weights = tuple(float(w) for w in weights)
-        changed = self.changed(weights, lam)
+    def apply(self, weights: Sequence[float] | Sequence[Sequence[float]], lam: float) -> None:
+        """Set the live model to the merge at `weights` and `lam`.  `weights`
+        is one weight per model, or with layer groups one such vector per
+        group (a slot takes the vector of its `group`)."""
+        rows = tuple(tuple(float(w) for w in row) for row in
+                     (weights if len(weights) and isinstance(weights[0], Sequence) else [weights]))
+        changed = self.changed(rows, lam)
         self.last = None  # until every slot is written
         with torch.no_grad():
             for slot in self.slots:
-                slot.write(weights, lam, changed)
-        self.last = (weights, float(lam))
+                slot.write(rows[slot.group], lam, changed[slot.group])
+        self.last = (rows, float(lam))
 
 
 # --- building the store from mergekit's merge ---------------------------------------
