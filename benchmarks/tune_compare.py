@@ -68,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-bounds", type=float, nargs=2, default=(0.0, 2.0))
     parser.add_argument("--tolerance", type=float, default=0.01, help="tune's --tolerance in every search")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--grid", type=float, nargs="+", default=GRID, help="the lambdas tried first")
     return parser.parse_args()
 
 
@@ -113,6 +114,7 @@ class Bench:
     own: dict  # task -> split -> per-window losses of the task's own model
     objective: dict  # split -> tune's Objective
     batch: int
+    grid: tuple[float, ...]  # the lambdas every grid tries first
 
 
 def load(path) -> torch.nn.Module:
@@ -140,7 +142,7 @@ def make_bench(args: argparse.Namespace, work: Path) -> Bench:
     for t in prep.tasks:
         print(f"data {t.name:11s} {t.tokens} tokens: {len(t.fit)} fit and {len(t.heldout)} held-out windows "
               f"of {t.fit.shape[1]} tokens", flush=True)
-    return Bench(root, prep, work, base, own, objective, batch)
+    return Bench(root, prep, work, base, own, objective, batch, tuple(args.grid))
 
 
 def data_args(root: Path) -> list[str]:
@@ -171,7 +173,7 @@ def grid_point(bench: Bench, method: str, lam: float) -> dict:
 def grid_search(bench: Bench, method: str) -> dict:
     """The best lambda of GRID on the fit objective, the grid extended while the best is at an edge."""
     started = time.perf_counter()
-    grid = [grid_point(bench, method, lam) for lam in GRID]
+    grid = [grid_point(bench, method, lam) for lam in bench.grid]
     extended = []
     while True:
         grid.sort(key=lambda g: g["lambda"])
@@ -209,18 +211,16 @@ def start_config(bench: Bench, lam: float) -> Path:
 def has_layer_groups() -> bool:
     from mergekit_cabs import tune as tn
 
-    return "layer_groups" in inspect.signature(tn.run_tune).parameters
+    return "layer_groups" in inspect.signature(tn.prepare).parameters
 
 
-def tuned_arm(bench: Bench, args: argparse.Namespace, prep, grid: dict, optimizer: str, budget: int,
-              groups: int | None) -> dict:
+def tuned_arm(args: argparse.Namespace, prep, grid: dict, optimizer: str, budget: int, groups: int | None) -> dict:
     """One `tune` search from the cabs grid's best lambda; its evaluations count the grid's too."""
     from mergekit_cabs import tune as tn
 
-    extra = {"layer_groups": groups} if groups is not None else {}
     started = time.perf_counter()
     report = tn.run_tune(prep, budget=budget, optimizer=optimizer, seed=0, lambda_bounds=tuple(args.lambda_bounds),
-                         weight_bounds=tuple(args.weight_bounds), tolerance=args.tolerance, quiet=True, **extra)
+                         weight_bounds=tuple(args.weight_bounds), tolerance=args.tolerance, quiet=True)
     wall = time.perf_counter() - started
     best = report["best"]
     heldout = {k: torch.tensor(v, dtype=torch.float64) for k, v in best["heldout"]["window_losses"].items()}
@@ -245,18 +245,22 @@ def tuned_arms(bench: Bench, args: argparse.Namespace, grid: dict) -> dict:
     """Per model, then per layer group: coordinate search and CMA-ES at the same budget."""
     from mergekit_cabs import tune as tn
 
-    prep = tn.prepare(start_config(bench, grid["lambda"]), data_args(bench.root),
-                      general=bench.root / "data" / "general.txt", max_windows=args.max_windows,
-                      budget=max(args.budget, args.group_budget))
-    results = {}
+    def prepared(groups: int | None):
+        extra = {"layer_groups": groups} if groups else {}
+        return tn.prepare(start_config(bench, grid["lambda"]), data_args(bench.root),
+                          general=bench.root / "data" / "general.txt", max_windows=args.max_windows,
+                          budget=max(args.budget, args.group_budget), **extra)
+
+    prep, results = prepared(None), {}
     for optimizer in ("coordinate", "cmaes"):
-        results[f"cabs per model, {optimizer}"] = tuned_arm(bench, args, prep, grid, optimizer, args.budget, None)
+        results[f"cabs per model, {optimizer}"] = tuned_arm(args, prep, grid, optimizer, args.budget, None)
     if args.layer_groups and not has_layer_groups():
-        print("tune.run_tune has no layer_groups option here: the layer-group arm is skipped", flush=True)
+        print("tune.prepare has no layer_groups option here: the layer-group arm is skipped", flush=True)
     elif args.layer_groups:
+        prep = prepared(args.layer_groups)
         for optimizer in ("coordinate", "cmaes"):
             label = f"cabs per layer group (G={args.layer_groups}), {optimizer}"
-            results[label] = tuned_arm(bench, args, prep, grid, optimizer, args.group_budget, args.layer_groups)
+            results[label] = tuned_arm(args, prep, grid, optimizer, args.group_budget, args.layer_groups)
     return results
 
 
@@ -409,7 +413,7 @@ def write_outputs(args, bench: Bench, results: dict, table: dict, diffs: dict, w
 
     strip = {"heldout"}
     summary = {
-        "models_dir": str(bench.root), "grid": GRID, "density": DENSITY,
+        "models_dir": str(bench.root), "grid": bench.grid, "density": DENSITY,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "windows": {t.name: {"fit": len(t.fit), "heldout": len(t.heldout), "window": int(t.fit.shape[1]),
                              "tokens": t.tokens} for t in bench.prep.tasks},
