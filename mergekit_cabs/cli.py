@@ -142,7 +142,8 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="Stop when every step (coordinate) or CMA-ES's step size on the widest range is below this.")
 @click.option("--optimizer", type=click.Choice(["auto", "coordinate", "cmaes"]), default="auto", show_default=True,
               help="coordinate: one value at a time, halving steps; cmaes: CMA-ES (the cma package); auto: "
-                   "cmaes when --budget allows 50 evaluations per searched value, else coordinate.")
+                   "cmaes when the models' kept places overlap (the weights interact) and --budget allows 50 "
+                   "evaluations per searched value, else coordinate.")
 @click.option("--layer-groups", default=None, type=click.IntRange(min=1), metavar="G",
               help="Search one weight per model for each of G groups of consecutive decoder layers, and one for "
                    "the embeddings, final norm and head, instead of one per model (tuned.yml says them with "

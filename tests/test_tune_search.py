@@ -111,10 +111,11 @@ def test_cmaes_keeps_to_its_budget_and_bounds_and_is_deterministic_per_seed():
     assert runs[0].history != runs[2].history
 
 
-def test_auto_picks_cmaes_only_with_fifty_evaluations_per_searched_value():
-    assert tn.choose_optimizer("auto", 4, 60) == "coordinate"
-    assert tn.choose_optimizer("auto", 4, 199) == "coordinate"
-    assert tn.choose_optimizer("auto", 4, 200) == "cmaes"
+def test_auto_picks_cmaes_only_for_coupled_weights_with_fifty_evaluations_per_searched_value():
+    assert tn.choose_optimizer("auto", 4, 60, coupled=True) == "coordinate"
+    assert tn.choose_optimizer("auto", 4, 199, coupled=True) == "coordinate"
+    assert tn.choose_optimizer("auto", 4, 200, coupled=True) == "cmaes"
+    assert tn.choose_optimizer("auto", 4, 10_000) == "coordinate"  # disjoint supports: never
     assert tn.choose_optimizer("coordinate", 2, 10_000) == "coordinate"
     assert tn.choose_optimizer("cmaes", 33, 60) == "cmaes"
     with pytest.raises(tn.TuneError, match="--optimizer"):

@@ -355,7 +355,8 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
         return score
 
     with bar:
-        result = optimise(s.optimizer, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed)
+        result = optimise(s.optimizer, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed,
+                          coupled=not live.store.disjoint)
     return result, points
 
 

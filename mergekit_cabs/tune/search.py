@@ -1,7 +1,8 @@
 """What `tune` maximises and how: the objective over the data sets' losses,
 and two searches over a box with one signature: a coordinate-wise search
 with halving steps, and CMA-ES (the `cma` package) on the box scaled to
-[0, 1] in every coordinate.  `auto` picks by the number of searched values."""
+[0, 1] in every coordinate.  `auto` picks by whether the weights interact
+and the budget per searched value."""
 
 from __future__ import annotations
 
@@ -223,18 +224,22 @@ def cmaes_search(
 
 
 SEARCHES = {"coordinate": coordinate_search, "cmaes": cmaes_search}
-# `auto` uses CMA-ES only where, in benchmarks/tune_optimizers.py (synthetic
-# objectives at equal budgets, README), it found better points than the
-# coordinate search: a budget of at least this many evaluations per searched value.
+# `auto` uses CMA-ES only where it found better points than the coordinate
+# search at equal budgets (README, "Which search"): on coupled objectives
+# (benchmarks/tune_optimizers.py, synthetic) with a budget of at least this
+# many evaluations per searched value.  On trained models with disjoint
+# supports (benchmarks/tune_compare.py) the coordinate search was as good or
+# better at every budget measured, 50 evaluations per value included.
 CMAES_EVALUATIONS_PER_VALUE = 50
 
 
-def choose_optimizer(optimizer: str, dimensions: int, budget: int) -> str:
-    """The search `optimizer` names; "auto": CMA-ES when the budget allows
+def choose_optimizer(optimizer: str, dimensions: int, budget: int, coupled: bool = False) -> str:
+    """The search `optimizer` names; "auto": CMA-ES when the weights are
+    `coupled` (the models' kept places overlap) and the budget allows
     `CMAES_EVALUATIONS_PER_VALUE` evaluations per searched value, else the
     coordinate search."""
     if optimizer == "auto":
-        return "cmaes" if budget >= CMAES_EVALUATIONS_PER_VALUE * dimensions else "coordinate"
+        return "cmaes" if coupled and budget >= CMAES_EVALUATIONS_PER_VALUE * dimensions else "coordinate"
     if optimizer not in SEARCHES:
         raise TuneError(f"--optimizer is {optimizer!r}; choose auto, {', '.join(SEARCHES)}")
     return optimizer
@@ -252,8 +257,9 @@ def budget_note(dimensions: int, budget: int) -> str | None:
 
 
 def optimise(optimizer: str, objective: Callable[[tuple[float, ...]], float], start: Sequence[float],
-             bounds: Sequence[tuple[float, float]], *, budget: int, tolerance: float, seed: int) -> SearchResult:
+             bounds: Sequence[tuple[float, float]], *, budget: int, tolerance: float, seed: int,
+             coupled: bool = False) -> SearchResult:
     """Maximise `objective` over the box with the search `optimizer` names
     ("auto", "coordinate" or "cmaes"; see `choose_optimizer`)."""
-    chosen = choose_optimizer(optimizer, len(bounds), budget)
+    chosen = choose_optimizer(optimizer, len(bounds), budget, coupled)
     return SEARCHES[chosen](objective, start, bounds, budget=budget, tolerance=tolerance, seed=seed)
