@@ -198,6 +198,9 @@ def eval_loss(model, stream: torch.Tensor) -> float:
                for i in range(0, n, 16)) / n
 
 
+LR = {"base": 1e-3, "specialist": 1e-3}  # learning rates
+
+
 def save(model, tokenizer, path: Path):
     takes = inspect.signature(model.save_pretrained).parameters
     kw = {"safe_serialization": True} if "safe_serialization" in takes else {}
@@ -205,7 +208,7 @@ def save(model, tokenizer, path: Path):
     tokenizer.save_pretrained(path)
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base-steps", type=int, default=1600)
@@ -213,25 +216,24 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 if another process is busy)")
     ap.add_argument("--force", action="store_true", help="overwrite what an earlier run wrote in --out")
-    args = ap.parse_args()
-    out = args.out.resolve()
-    written = ["data", "base", *KINDS, "cabs.yml", "manifest.json"]
+    return ap.parse_args()
+
+
+def clear_out(out: Path, force: bool) -> None:
+    """An empty --out, or (with --force) one with what an earlier run wrote removed."""
     if out.exists() and any(out.iterdir()):
-        if not args.force:
+        if not force:
             sys.exit(f"error: {out} is not empty (use --force to overwrite)")
-        for name in written:
+        for name in ["data", "base", *KINDS, "cabs.yml", "manifest.json"]:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    phases, t = {}, time.time()
-    manifest = {"kinds": list(KINDS), "seed": args.seed, "threads": args.threads, "seq_len": SEQ, "batch": BATCH}
 
+
+def write_data(out: Path, manifest: dict) -> dict:
+    """Collect each kind's text, split it by file, write data/<kind>.txt and data/general.txt."""
     print("collecting text", flush=True)
-    parts = {}
-    for kind, (roots, pattern) in sources().items():
-        parts[kind] = split(collect(kind, roots, pattern))
+    parts = {kind: split(collect(kind, roots, pattern)) for kind, (roots, pattern) in sources().items()}
     manifest["data"] = {kind: {"roots": [str(r) for r in sources()[kind][0]], "pattern": sources()[kind][1],
                                **{part: {"files": len(fs), "bytes": sum(len(t.encode()) for _, t in fs)}
                                   for part, fs in p.items()}} for kind, p in parts.items()}
@@ -243,42 +245,10 @@ def main():
     for kind, p in manifest["data"].items():
         print(f"  {kind:11s} " + "  ".join(f"{k} {v['files']} files {v['bytes'] / 1e6:.2f} MB"
                                            for k, v in p.items() if isinstance(v, dict)), flush=True)
-    phases["data"], t = time.time() - t, time.time()
+    return parts
 
-    print("training tokenizer", flush=True)
-    tokenizer = train_tokenizer([txt for kind in KINDS for _, txt in parts[kind]["base"]])
-    base_streams = [token_stream(tokenizer, [x for _, x in parts[k]["base"]]) for k in KINDS]
-    spec_streams = {k: token_stream(tokenizer, [x for _, x in parts[k]["spec"]]) for k in KINDS}
-    evals = ["general", *KINDS]
-    eval_streams = {name: token_stream(tokenizer, [(out / "data" / f"{name}.txt").read_text()]) for name in evals}
-    manifest["tokens"] = {k: {"base": len(base_streams[i]), "spec": len(spec_streams[k]),
-                              "eval": len(eval_streams[k])} for i, k in enumerate(KINDS)}
-    phases["tokenizer"], t = time.time() - t, time.time()
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=512, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    base = LlamaForCausalLM(config)
-    manifest["model"] = {"parameters": sum(p.numel() for p in base.parameters()), "hidden": 192,
-                         "layers": 4, "heads": 4, "intermediate": 512, "vocab": 4096}
-    print(f"training base ({manifest['model']['parameters'] / 1e6:.2f}M parameters)", flush=True)
-    base_lr, spec_lr = 1e-3, 1e-3
-    final = {"base": train(base, base_streams, args.base_steps, base_lr, 100, args.seed, "base")}
-    save(base, tokenizer, out / "base")
-    phases["base"], t = time.time() - t, time.time()
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    losses = {"base": {name: eval_loss(base, s) for name, s in eval_streams.items()}}
-
-    for i, kind in enumerate(KINDS):
-        print(f"fine-tuning {kind}", flush=True)
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base_state)
-        final[kind] = train(model, [spec_streams[kind]], args.spec_steps, spec_lr, 20, args.seed + 1 + i, kind)
-        save(model, tokenizer, out / kind)
-        losses[kind] = {name: eval_loss(model, s) for name, s in eval_streams.items()}
-        phases[kind], t = time.time() - t, time.time()
-
+def write_config(out: Path) -> None:
     (out / "cabs.yml").write_text(
         "# CABS merge of the four specialists made by benchmarks/tune_models.py\n"
         "merge_method: cabs\n"
@@ -287,17 +257,67 @@ def main():
             f"  - model: {out / kind}\n    parameters:\n      weight: 1.0\n      density: 0.25\n" for kind in KINDS)
         + "parameters:\n  block_size: 256\n  lambda: 1.0\ndtype: float32\n")
 
+
+def train_family(out: Path, args, tokenizer, streams: dict, manifest: dict, phases: dict) -> tuple[dict, dict]:
+    """Train the base on every kind, then each specialist from it; save each.
+    Returns (final training loss, loss on every data file) per model."""
+    config = LlamaConfig(vocab_size=4096, hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=512, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base = LlamaForCausalLM(config)
+    manifest["model"] = {"parameters": sum(p.numel() for p in base.parameters()), "hidden": 192,
+                         "layers": 4, "heads": 4, "intermediate": 512, "vocab": 4096}
+    print(f"training base ({manifest['model']['parameters'] / 1e6:.2f}M parameters)", flush=True)
+    t = time.time()
+    final = {"base": train(base, streams["base"], args.base_steps, LR["base"], 100, args.seed, "base")}
+    save(base, tokenizer, out / "base")
+    phases["base"], t = time.time() - t, time.time()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    losses = {"base": {name: eval_loss(base, s) for name, s in streams["eval"].items()}}
+    for i, kind in enumerate(KINDS):
+        print(f"fine-tuning {kind}", flush=True)
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base_state)
+        final[kind] = train(model, [streams["spec"][kind]], args.spec_steps, LR["specialist"], 20, args.seed + 1 + i,
+                            kind)
+        save(model, tokenizer, out / kind)
+        losses[kind] = {name: eval_loss(model, s) for name, s in streams["eval"].items()}
+        phases[kind], t = time.time() - t, time.time()
+    return final, losses
+
+
+def main():
+    args = parse_args()
+    out = args.out.resolve()
+    clear_out(out, args.force)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    phases, t = {}, time.time()
+    manifest = {"kinds": list(KINDS), "seed": args.seed, "threads": args.threads, "seq_len": SEQ, "batch": BATCH}
+    parts = write_data(out, manifest)
+    phases["data"], t = time.time() - t, time.time()
+
+    print("training tokenizer", flush=True)
+    tokenizer = train_tokenizer([txt for kind in KINDS for _, txt in parts[kind]["base"]])
+    evals = ["general", *KINDS]
+    streams = {"base": [token_stream(tokenizer, [x for _, x in parts[k]["base"]]) for k in KINDS],
+               "spec": {k: token_stream(tokenizer, [x for _, x in parts[k]["spec"]]) for k in KINDS},
+               "eval": {name: token_stream(tokenizer, [(out / "data" / f"{name}.txt").read_text()]) for name in evals}}
+    manifest["tokens"] = {k: {"base": len(streams["base"][i]), "spec": len(streams["spec"][k]),
+                              "eval": len(streams["eval"][k])} for i, k in enumerate(KINDS)}
+    phases["tokenizer"] = time.time() - t
+
+    final, losses = train_family(out, args, tokenizer, streams, manifest, phases)
+    write_config(out)
     manifest.update(
-        steps={"base": args.base_steps, "specialist": args.spec_steps},
-        lr={"base": base_lr, "specialist": spec_lr},
-        final_train_loss=final,
+        steps={"base": args.base_steps, "specialist": args.spec_steps}, lr=dict(LR), final_train_loss=final,
         eval_loss={m: {k: round(v, 4) for k, v in by_set.items()} for m, by_set in losses.items()},
         eval_windows=EVAL_WINDOWS,
         model_bytes={m: sum(f.stat().st_size for f in (out / m).glob("*.safetensors")) for m in ["base", *KINDS]},
         wall_s={k: round(v, 1) for k, v in phases.items()} | {"total": round(sum(phases.values()), 1)},
     )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
     print(f"\nmean next-token loss on data/*.txt ({EVAL_WINDOWS} windows of {SEQ} tokens spread over each)")
     print(f"{'model':11s}" + "".join(f"{name:>12s}" for name in evals))
     for m, by_set in losses.items():

@@ -137,7 +137,7 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="Directory for tuned.yml, tune.json, tune.md and tune.png.")
 @click.option("--budget", default=60, show_default=True, help="Most merged-model evaluations the search may spend.")
 @click.option("--weight-bounds", default="0,2", show_default=True, metavar="LOW,HIGH", help="Range of each weight.")
-@click.option("--lambda-bounds", default="0.25,2", show_default=True, metavar="LOW,HIGH", help="Range of lambda.")
+@click.option("--lambda-bounds", default="0.05,2", show_default=True, metavar="LOW,HIGH", help="Range of lambda.")
 @click.option("--tolerance", default=0.05, show_default=True,
               help="Stop when every step (coordinate) or CMA-ES's step size on the widest range is below this.")
 @click.option("--optimizer", type=click.Choice(["auto", "coordinate", "cmaes"]), default="auto", show_default=True,

@@ -342,7 +342,7 @@ def _tune_error(tune_family, tmp_path, config, names=("ft0", "ft1", "ft2"), extr
     for name, text in zip(names, tune_family["data"].values()):
         data += ["--data", f"{name}={text}"]
     result = CliRunner().invoke(main, ["tune", str(config), *data, "--out", str(tmp_path / "out"), "--quiet",
-                                       "--budget", "3", "--max-windows", "4", *map(str, extra)])
+                                       "--budget", "9", "--max-windows", "4", *map(str, extra)])
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output and result.output.startswith("Error: "), result.output
@@ -428,7 +428,7 @@ def test_tune_prints_the_result_before_a_full_disk_and_fails_in_one_line(tune_fa
     monkeypatch.setattr(Path, "write_text", write_text)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
-                                       "--out", str(out), "--budget", "3", "--max-windows", "4", "--quiet"])
+                                       "--out", str(out), "--budget", "9", "--max-windows", "4", "--quiet"])
     _summary_then_error(result, out, "No space left on device")
     assert not out.exists() and not [p for p in tmp_path.rglob(".*")]  # no staging folder anywhere
 
@@ -438,7 +438,7 @@ def test_tune_on_a_real_full_tmpfs_keeps_the_result_and_leaves_no_staging(tune_f
 
     with small_tmpfs(tmp_path / "full", "8k") as out:
         result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
-                                           "--out", str(out), "--budget", "3", "--max-windows", "4", "--quiet"])
+                                           "--out", str(out), "--budget", "9", "--max-windows", "4", "--quiet"])
         _summary_then_error(result, out, "No space left on device")
         assert list(out.iterdir()) == []
 

@@ -129,3 +129,10 @@ def test_optimise_runs_either_search_through_one_signature(optimizer, expected):
                          [(0.0, 2.0)] * 2, budget=80, tolerance=0.01, seed=0)
     assert result.optimizer == expected and len(result.history) <= 80
     assert all(abs(a - b) <= 0.05 for a, b in zip(result.best, target)), result.best
+
+
+def test_a_budget_below_one_step_each_way_per_number_is_warned_about():
+    assert tn.budget_note(4, 9) is None  # start + 2 x 4 steps
+    note = tn.budget_note(13, 26)
+    assert note == ("tune: --budget 26 is less than one step each way along each of the 13 searched numbers "
+                    "(27 evaluations), so some are never moved from the start; give --budget 135 or more")

@@ -14,7 +14,7 @@ GENERAL = "general"  # the name of the --general data set
 DEFAULTS = {
     "budget": 60,
     "weight_bounds": (0.0, 2.0),
-    "lambda_bounds": (0.25, 2.0),
+    "lambda_bounds": (0.05, 2.0),
     "tolerance": 0.05,
     "window": 256,
     "max_windows": 64,

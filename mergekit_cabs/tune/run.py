@@ -29,7 +29,7 @@ from mergekit_cabs.tune.options import (
     check_optimizer,
     implied_objective,
 )
-from mergekit_cabs.tune.search import Objective, SearchResult, optimise, split_objectives
+from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
 from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
 
@@ -332,6 +332,9 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
     import tqdm
 
     names, bounds, start = search_space(prep, s)
+    note = budget_note(len(bounds), s.budget)
+    if note:
+        _say(note, False)
     points: list[dict] = []
     bar = tqdm.tqdm(total=s.budget, desc="Tuning", unit="eval", disable=s.quiet)
 

@@ -240,6 +240,17 @@ def choose_optimizer(optimizer: str, dimensions: int, budget: int) -> str:
     return optimizer
 
 
+def budget_note(dimensions: int, budget: int) -> str | None:
+    """A warning when the budget cannot score one step each way along every
+    searched number from the start (2 x dimensions + 1 evaluations), else None."""
+    sweep = 2 * dimensions + 1
+    if budget >= sweep:
+        return None
+    return (f"tune: --budget {budget} is less than one step each way along each of the {dimensions} searched "
+            f"numbers ({sweep} evaluations), so some are never moved from the start; give --budget {5 * sweep} "
+            "or more")
+
+
 def optimise(optimizer: str, objective: Callable[[tuple[float, ...]], float], start: Sequence[float],
              bounds: Sequence[tuple[float, float]], *, budget: int, tolerance: float, seed: int) -> SearchResult:
     """Maximise `objective` over the box with the search `optimizer` names
