@@ -184,7 +184,7 @@ def measure_settings(args) -> dict:
     def timed_apply(weights, lam, incremental):
         store.incremental = incremental
         started = time.perf_counter()
-        store.apply(weights, lam)
+        store.apply([weights], lam)
         if args.cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - started

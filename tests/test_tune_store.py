@@ -74,7 +74,7 @@ def test_rebuild_equals_cabs_merge(kernel_backend, dtype, case, live_dtype, incr
                               lam=lam, out_dtype=dtype)
         assert slot.merged(weights, lam).dtype == dtype
         assert torch.equal(_bits(slot.merged(weights, lam).view(base.shape)), _bits(expected)), (weights, lam)
-        store.apply(weights, lam)  # with `incremental`, only the changed models' places where it can
+        store.apply([weights], lam)  # with `incremental`, only the changed models' places where it can
         assert torch.equal(_bits(slot.target), _bits(expected.to(live_dtype))), (weights, lam)
 
 
@@ -83,12 +83,12 @@ def test_incremental_apply_rewrites_only_the_changed_models_places():
     masks = cabs_masks(base, models, [16] * 3, 64)
     store, slot = _bound_store(base, models, masks, torch.bfloat16, incremental=True)
     assert store.changed(((1.0, 1.0, 1.0),), 1.0) == [None]  # nothing written yet: every place
-    store.apply((1.0, 1.0, 1.0), 1.0)
+    store.apply([(1.0, 1.0, 1.0)], 1.0)
     assert store.changed(((1.0, 0.5, 1.0),), 1.0) == [[1]]
     assert store.changed(((1.0, 0.5, 1.0),), 0.5) == [None]  # lambda moves every place
     marker = torch.tensor(7.0, dtype=torch.bfloat16)
     slot.target[slot.owner.view(64, 64) != 2] = marker  # any write there would show
-    store.apply((1.0, 0.5, 1.0), 1.0)
+    store.apply([(1.0, 0.5, 1.0)], 1.0)
     assert bool((slot.target[slot.owner.view(64, 64) != 2] == marker).all())
     expected = cabs_merge(base, models, [1.0, 0.5, 1.0], [16] * 3, 64, out_dtype=torch.bfloat16)
     own = slot.owner.view(64, 64) == 2

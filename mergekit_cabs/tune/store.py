@@ -252,12 +252,11 @@ class WeightStore:
             return [None] * len(rows)
         return [[i for i, (w, old) in enumerate(zip(row, last)) if w != old] for row, last in zip(rows, self.last[0])]
 
-    def apply(self, weights: Sequence[float] | Sequence[Sequence[float]], lam: float) -> None:
+    def apply(self, weights: Sequence[Sequence[float]], lam: float) -> None:
         """Set the live model to the merge at `weights` and `lam`.  `weights`
-        is one weight per model, or with layer groups one such vector per
-        group (a slot takes the vector of its `group`)."""
-        rows = tuple(tuple(float(w) for w in row) for row in
-                     (weights if len(weights) and isinstance(weights[0], Sequence) else [weights]))
+        holds one vector of per-model weights per layer group (one vector
+        without groups); a slot takes the vector of its `group`."""
+        rows = tuple(tuple(float(w) for w in row) for row in weights)
         changed = self.changed(rows, lam)
         self.last = None  # until every slot is written
         with torch.no_grad():
