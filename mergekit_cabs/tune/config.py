@@ -54,7 +54,8 @@ def weight_setting(values: Sequence[float], groups: LayerGroups, layers) -> floa
     pairs), then the weight of the tensors outside the layers."""
     if groups.count == 1:
         return float(values[0])
-    return [{"filter": layer_prefix(groups.prefix(out), layer), "value": float(values[groups.group_of_layer(out)])}
+    group = {layer: g for g, span in enumerate(groups.spans) for layer in span}
+    return [{"filter": layer_prefix(groups.prefixes[out], layer), "value": float(values[group[out]])}
             for layer, out in layers] + [{"value": float(values[-1])}]
 
 
@@ -74,7 +75,7 @@ def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
             params["weight"] = weight_setting(chosen[ref], groups, layers)
             item["parameters"] = params
 
-    every_layer = [(layer, layer) for layer, _ in groups.prefixes]
+    every_layer = [(layer, layer) for layer in groups.prefixes]
     for item in out.get("models") or []:
         set_weight(item, every_layer)
     offset = 0

@@ -13,7 +13,7 @@ tensor is in the one group, and each model has one weight.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergekit_cabs.tune.options import TuneError
 
@@ -41,7 +41,7 @@ class LayerGroups:
     """The groups of merged tensors that each take their own weight per model."""
 
     spans: tuple[tuple[int, ...], ...] = ()  # each group's decoder layers, in order (none: one group)
-    prefixes: tuple[tuple[int, str], ...] = ()  # (layer, its filter prefix in the output's names)
+    prefixes: dict[int, str] = field(default_factory=dict)  # layer -> its filter prefix in the output's names
 
     @property
     def count(self) -> int:
@@ -58,12 +58,6 @@ class LayerGroups:
         """The group of the tensor `name` (output name)."""
         layer = layer_index(name)
         return next((g for g, span in enumerate(self.spans) if layer in span), len(self.spans))
-
-    def group_of_layer(self, layer: int) -> int:
-        return next(g for g, span in enumerate(self.spans) if layer in span)
-
-    def prefix(self, layer: int) -> str:
-        return dict(self.prefixes)[layer]
 
     def names(self, labels: Sequence[str]) -> list[str]:
         """The searched weights' names, model by model, group by group."""
@@ -102,4 +96,4 @@ def make_groups(names: Iterable[str], count: int | None) -> LayerGroups:
         end = start + size + (g < longer)
         spans.append(tuple(layers[start:end]))
         start = end
-    return LayerGroups(tuple(spans), tuple(sorted(prefixes.items())))
+    return LayerGroups(tuple(spans), dict(sorted(prefixes.items())))
