@@ -95,12 +95,14 @@ def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
 
 
 def check_round_trip(tuned: dict, finetunes, weights, lam, groups: LayerGroups = ONE_GROUP) -> None:
-    """Plan `tuned` with mergekit and check every tensor gets the chosen numbers."""
+    """Plan `tuned` with mergekit and check every tensor gets the chosen numbers.
+    The inputs' shapes are not read again: tuned.yml names the models, and
+    the tensors, that `prepare` already checked."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
 
-    planned = plan(MergeConfiguration.model_validate(tuned))
+    planned = plan(MergeConfiguration.model_validate(tuned), shapes=False)
     got_weights, got_lam = configured_numbers(planned, finetunes, groups)
     if got_weights != [float(w) for w in weights] or got_lam != float(lam):
         raise RuntimeError(f"tune: tuned.yml resolves to weights {got_weights}, lambda {got_lam} (a bug)")
