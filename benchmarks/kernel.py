@@ -113,10 +113,11 @@ def merge_once_keep(method: str, tensors):
     return merge_tensors(tensors, name, parameters=params, base_index=0)
 
 
-def device_peak(method, tensors, args, device_memory: dict, k: int) -> float:
+def device_peak(method, tensors, args, device_memory: dict, k: int) -> float | None:
     """`timed`, and on CUDA the peak of `torch.cuda.max_memory_allocated` over
     its calls, kept in device_memory[k][method]: the peak and the peak less
-    what was allocated before (the inputs), in bytes."""
+    what was allocated before (the inputs), in bytes.  A method that runs out
+    of device memory is kept as {"error": ...} and timed None; the next runs."""
     import torch
 
     if not args.device.startswith("cuda"):
@@ -124,7 +125,12 @@ def device_peak(method, tensors, args, device_memory: dict, k: int) -> float:
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    seconds = timed(method, tensors, args.device, args.repeats)
+    try:
+        seconds = timed(method, tensors, args.device, args.repeats)
+    except torch.OutOfMemoryError as error:
+        device_memory.setdefault(k, {})[method] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
+        torch.cuda.empty_cache()
+        return None
     peak = torch.cuda.max_memory_allocated()
     device_memory.setdefault(k, {})[method] = {"peak_bytes": peak, "extra_bytes": peak - held}
     return seconds
@@ -139,11 +145,12 @@ def time_ks(args, shape, device_memory: dict) -> dict:
         row = {m: device_peak(m, tensors, args, device_memory, k) for m in args.methods}
         times[k] = row
         ratios = ""
-        if "cabs" in row and "task_arithmetic" in row:
+        if row.get("cabs") and row.get("task_arithmetic"):
             ratios += f"{row['cabs'] / row['task_arithmetic']:9.2f}"
-        if "cabs" in row and "ties" in row:
+        if row.get("cabs") and row.get("ties"):
             ratios += f"{row['ties'] / row['cabs']:10.1f}"
-        print(f"{k:3d} " + " ".join(f"{row[m]:15.3f}s" for m in args.methods) + "  " + ratios, flush=True)
+        cells = [f"{row[m]:15.3f}s" if row[m] is not None else f"{'out of memory':>16s}" for m in args.methods]
+        print(f"{k:3d} " + " ".join(cells) + "  " + ratios, flush=True)
         del tensors
     return times
 
@@ -189,7 +196,7 @@ def print_device_memory(device_memory: dict, shape) -> None:
           "over the inputs, in bf16 copies of the tensor:")
     for k, row in device_memory.items():
         cells = "  ".join(f"{m}: {v['extra_bytes'] / copy:5.2f} ({v['peak_bytes'] / 2**30:.2f} GiB peak)"
-                          for m, v in row.items())
+                          if "error" not in v else f"{m}: {v['error']}" for m, v in row.items())
         print(f"  K={k}: {cells}")
 
 

@@ -84,7 +84,10 @@ def test_a_failing_or_hung_step_is_recorded_and_the_next_one_runs(tmp_path, monk
                    check="json_stdout"),
         steps.Step("boom", [sys.executable, "-c", "import sys; print('half done'); sys.exit(3)"], 30),
         steps.Step("hang", [sys.executable, "-c", "import time; time.sleep(60)"], 1),
-        steps.Step("after", [sys.executable, "-c", "print('ran')"], 30),
+        # the results so far are on disk when a step starts (a run killed from outside keeps them)
+        steps.Step("after", [sys.executable, "-c", "import json, sys; r = json.load(open(sys.argv[1])); "
+                             "sys.exit(r['complete'] or [s['step'] for s in r['steps']][-1] != 'hang')",
+                             str(tmp_path / "gpu-results.json")], 30),
     ]
     monkeypatch.setattr(steps, "plan", lambda dry, scratch: fake)
     monkeypatch.setattr(steps, "MIN_STEP_S", 0)
@@ -92,7 +95,9 @@ def test_a_failing_or_hung_step_is_recorded_and_the_next_one_runs(tmp_path, monk
     with pytest.raises(SystemExit) as exit_:
         steps.main()
     assert exit_.value.code == 1
-    records = {r["step"]: r for r in json.loads((tmp_path / "gpu-results.json").read_text())["steps"]}
+    final = json.loads((tmp_path / "gpu-results.json").read_text())
+    assert final["complete"] is True
+    records = {r["step"]: r for r in final["steps"]}
     assert records["boom"]["status"] == "failed: exit status 3" and "half done" in records["boom"]["output_tail"]
     assert records["hang"]["status"] == "failed: timed out after 1 s" and records["hang"]["seconds"] < 30
     assert records["after"]["status"] == "passed"
@@ -104,6 +109,29 @@ def test_a_step_the_budget_leaves_no_time_for_is_not_started_and_fails(tmp_path)
     with open(tmp_path / "log", "w") as log:
         record = steps.run_step(steps.Step("late", [sys.executable, "-c", "pass"], 30), steps.MIN_STEP_S - 1, log)
     assert record["status"] == "failed: not started, the run's time budget was spent"
+
+
+def test_the_summary_names_the_gpu_figures():
+    """The last lines of a GPU run's output carry the figures even if the JSON file never comes back."""
+    steps = steps_module()
+    records = [
+        {"step": "kernel_embedding", "status": "passed", "seconds": 30.0, "figures": {
+            "times": {"3": {"task_arithmetic": 0.25, "ties": None, "cabs": 0.5}},
+            "device_memory": {"3": {"task_arithmetic": {"peak_bytes": 9 * 2**30, "extra_bytes": 2**31},
+                                    "ties": {"error": "out of memory: CUDA"},
+                                    "cabs": {"peak_bytes": 12 * 2**30, "extra_bytes": 5 * 2**30}}}}},
+        {"step": "end_to_end", "status": "passed", "seconds": 60.0, "figures": {"results": {
+            "cabs": {"wall_s": 21.5, "gpu_peak_gb": 3.25}}}},
+        {"step": "tune_store_on_device", "status": "passed", "seconds": 80.0, "figures": {
+            "evaluate_mean_s": 0.5, "peak_rss_bytes_per_parameter": 3.0, "peak_device_bytes_per_parameter": 9.5,
+            "tuned_merge": {"windows": 48, "windows_equal": 48, "exact": True}}},
+        {"step": "tune", "status": "failed: exit status 1", "seconds": 9.0, "figures": {"evaluate_mean_s": 1}},
+    ]
+    text = steps.summary(records)
+    assert "task_arithmetic 250.0 ms +2.00 GiB; ties out of memory; cabs 500.0 ms +5.00 GiB" in text
+    assert "cabs 21.5 s, GPU 3.25 GB" in text
+    assert "eval 0.50 s, host 3.0 B/param, GPU 9.5 B/param, exact 48/48 windows" in text
+    assert "failed: exit status 1" in text and "figures not summarised: KeyError" in text
 
 
 @pytest.mark.parametrize("output, problem", [

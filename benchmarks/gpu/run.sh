@@ -38,7 +38,8 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
     if ! "$py" -c "import pytest" 2>/dev/null; then
         extra=("$wheels"/fallback/*.whl)
     fi
-    if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    for w in "$wheels"/*.whl "${extra[@]}"; do echo "  ${w##*/}" >>"$log"; done
+    if "$py" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
         --target "$scratch/site" "$wheels"/*.whl "${extra[@]}" >>"$log" 2>&1; then
         install="passed"
     else

@@ -45,9 +45,9 @@ SIZES = {
 }
 
 ENVIRONMENT = """
-import importlib.metadata as md, json, platform, sys, torch
+import importlib.metadata as md, json, os, platform, sys, torch
 import mergekit_cabs
-import mergekit.merge_methods as mm  # mergekit imports; get() raises unless cabs is registered
+import mergekit, mergekit.merge_methods as mm  # mergekit imports; get() raises unless cabs is registered
 versions = {}
 for name in ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "numba", "numpy", "peft",
              "mergekit", "pydantic", "pydantic-core", "immutables", "click", "tqdm", "pytest"):
@@ -56,11 +56,12 @@ for name in ("torch", "transformers", "accelerate", "safetensors", "tokenizers",
     except md.PackageNotFoundError:
         versions[name] = None
 cuda = torch.cuda.is_available()
-print(json.dumps({"python": platform.python_version(), "versions": versions, "mergekit_cabs": mergekit_cabs.__version__,
-                  "cabs_method": type(mm.get("cabs")).__name__, "cuda_available": cuda,
-                  "torch_cuda": torch.version.cuda, "cpus": __import__("os").cpu_count(),
-                  "device_name": torch.cuda.get_device_name() if cuda else None,
-                  "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None}))
+print(json.dumps({
+    "python": platform.python_version(), "versions": versions, "mergekit_cabs": mergekit_cabs.__version__,
+    "cabs_method": type(mm.get("cabs")).__name__, "mergekit_from": mergekit.__file__,
+    "mergekit_cabs_from": mergekit_cabs.__file__, "cuda_available": cuda, "torch_cuda": torch.version.cuda,
+    "cpus": os.cpu_count(), "device_name": torch.cuda.get_device_name() if cuda else None,
+    "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None}))
 if sys.argv[1] == "gpu" and not cuda:
     sys.exit("torch sees no CUDA device")
 """
@@ -166,12 +167,59 @@ def read_figures(step: Step, output: str) -> tuple[object, str | None]:
     return (json.loads(text.splitlines()[-1]) if step.figures_file.suffix == ".jsonl" else json.loads(text)), None
 
 
+def headline(record: dict) -> str:
+    """A step's main figures in a few words ("" when it has none)."""
+    f, name = record.get("figures") or {}, record["step"]
+    if name == "environment":
+        return f"{f.get('device_name') or 'no CUDA device'}; torch {f.get('versions', {}).get('torch')}"
+    if name == "cuda_tests":
+        return ", ".join(f"{n} {word}" for word, n in f.items())
+    if name.startswith("kernel") and f.get("times"):
+        memory = f.get("device_memory", {}).get("3", {})
+        return "; ".join(f"{m} " + ("out of memory" if t is None else f"{t * 1e3:.1f} ms")
+                         + (f" +{memory[m]['extra_bytes'] / 2**30:.2f} GiB" if "extra_bytes" in memory.get(m, {})
+                            else "") for m, t in f["times"]["3"].items())
+    if name == "end_to_end" and f.get("results"):
+        return "; ".join(f"{m} {r['wall_s']:.1f} s" + (f", GPU {r['gpu_peak_gb']:.2f} GB" if r.get("gpu_peak_gb")
+                                                        else "") for m, r in f["results"].items())
+    if name.startswith("tune") and "evaluate_mean_s" in f:
+        gpu = f.get("peak_device_bytes_per_parameter")
+        merged = f.get("tuned_merge", {})
+        return (f"eval {f['evaluate_mean_s']:.2f} s, host {f['peak_rss_bytes_per_parameter']:.1f} B/param"
+                + (f", GPU {gpu:.1f} B/param" if gpu is not None else "")
+                + f", exact {merged.get('windows_equal')}/{merged.get('windows')} windows")
+    return ""
+
+
 def summary(records: list[dict]) -> str:
     """One line per step: status, seconds, and its main figures."""
     lines = [f"{'step':22s} {'seconds':>8s}  status"]
     for r in records:
         lines.append(f"{r['step']:22s} {r.get('seconds', 0):8.1f}  {r['status']}")
+        try:
+            words = headline(r)
+        except (KeyError, TypeError, ValueError) as error:  # a figure missing or odd: the JSON has them all
+            words = f"(figures not summarised: {type(error).__name__} {error})"
+        if words:
+            lines.append(f"{'':33s}{words}")
     return "\n".join(lines)
+
+
+def results(args, records: list[dict], started: float, complete: bool) -> dict:
+    """The JSON file's content: the run, then each step's record."""
+    mode = "dry" if args.dry_run else "gpu"
+    env = next((r.get("figures") or {} for r in records if r["step"] == "environment"), {})
+    return {"dry_run": args.dry_run, "complete": complete, "device_name": env.get("device_name"),
+            "budget_s": args.budget_s or SIZES[mode]["budget_s"], "steps_s": round(time.perf_counter() - started, 1),
+            "sizes": SIZES[mode], "steps": records}
+
+
+def write_partial(args, records: list[dict], started: float) -> None:
+    """The results so far (a run killed from outside keeps them); a failed write is said, not fatal."""
+    try:
+        (args.out / RESULTS).write_text(json.dumps(results(args, records, started, complete=False), indent=1))
+    except OSError as error:
+        print(f"steps.py: could not write the results so far to {args.out / RESULTS}: {error}", flush=True)
 
 
 def main() -> None:
@@ -185,8 +233,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.scratch.mkdir(parents=True, exist_ok=True)
-    mode = "dry" if args.dry_run else "gpu"
-    budget = args.budget_s or SIZES[mode]["budget_s"]
+    budget = args.budget_s or SIZES["dry" if args.dry_run else "gpu"]["budget_s"]
     records = [{"step": "install_wheels", "status": args.install, "seconds": args.install_seconds}]
     started = time.perf_counter()
     with open(args.out / LOG, "a") as log:
@@ -195,11 +242,10 @@ def main() -> None:
             record = run_step(step, min(step.cap_s, left), log)
             records.append(record)
             print(f"{record['step']:22s} {record['seconds']:8.1f} s  {record['status']}", flush=True)
-    env = records[1].get("figures") or {}
-    result = {"dry_run": args.dry_run, "device_name": env.get("device_name"), "budget_s": budget,
-              "steps_s": round(time.perf_counter() - started, 1), "sizes": SIZES[mode], "steps": records}
+            write_partial(args, records, started)
+    final = results(args, records, started, complete=True)
     print("\n" + summary(records), flush=True)  # before the file: a write error loses nothing
-    (args.out / RESULTS).write_text(json.dumps(result, indent=1))
+    (args.out / RESULTS).write_text(json.dumps(final, indent=1))
     print(f"wrote {args.out / RESULTS} and {args.out / LOG}")
     sys.exit(0 if all(r["status"] == "passed" for r in records[1:]) else 1)
 

@@ -29,7 +29,7 @@ CORE=(
     pydantic-core==2.50.5       # pydantic 2.14.4 pins it exactly
     annotated-types==0.8.0
     typing-inspection==0.4.5
-    typing-extensions==4.16.0   # pydantic 2.14 needs >= 4.14.1; the machine's version is not known
+    typing-extensions==4.16.0   # pydantic 2.14.4 needs >= 4.16.0; the machine's version is not known
     immutables==0.21
     click==8.5.1                # mergekit needs >= 8.2.1; the machine's version is not known
     tqdm==4.70.1                # mergekit needs >= 4.67.1; likewise
@@ -40,6 +40,8 @@ FALLBACK=(
     pytest==9.2.0
     pluggy==1.7.0
     iniconfig==2.3.1
+    pygments==2.21.0
+    packaging==26.4
 )
 
 fetch() {  # fetch DIR SPEC...
