@@ -1,7 +1,7 @@
 """`mergekit-cabs analyze`: every reported number against an independent computation.
 
 The expected numbers are worked out here from the documented definitions
-(mergekit_cabs/analyze.py's module doc, README) with plain Python: CABS masks
+(the doc of the mergekit_cabs.analyze package, README) with plain Python: CABS masks
 from the scalar SPEC reference (tests/reference.py), per-tensor quotas from
 the test's own reading of the YAML (filters, gradients), a sort-based top-k
 for the TIES-style rule, set arithmetic for overlaps, math.fsum for norms and
@@ -681,10 +681,10 @@ def test_reads_one_tensor_at_a_time(fp32_family, tmp_path, monkeypatch):
 
     from mergekit.io.tasks import LoadTensor
 
-    from mergekit_cabs import analyze
+    from mergekit_cabs.analyze import run as analyze_run
 
     loaded = []
-    original_execute, original_measure = LoadTensor.execute, analyze.measure_tensor
+    original_execute, original_measure = LoadTensor.execute, analyze_run.measure_tensor
 
     def execute(self):
         tensor = original_execute(self)
@@ -698,7 +698,7 @@ def test_reads_one_tensor_at_a_time(fp32_family, tmp_path, monkeypatch):
         return original_measure(name, base, models, *args, **kwargs)
 
     monkeypatch.setattr(LoadTensor, "execute", execute)
-    monkeypatch.setattr(analyze, "measure_tensor", measure)
+    monkeypatch.setattr(analyze_run, "measure_tensor", measure)
     base, tunes = fp32_family
     config, _ = _gradient_and_filter(base, tunes)
     result = _run([_write(config, tmp_path / "c.yml"), "--out", tmp_path / "r", "--quiet"])
