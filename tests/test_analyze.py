@@ -725,6 +725,36 @@ def test_refuses_a_used_out_dir_unless_forced(fp32_family, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_a_full_disk_prints_the_summary_then_one_line_and_exits_1(fp32_family, tmp_path, monkeypatch):
+    """The staged write of report.md fails with ENOSPC (in-process, deterministic):
+    the summary is printed first, then one line naming --out and the reason;
+    exit 1, no traceback, no report file and no staging directory left."""
+    import errno
+
+    from mergekit_cabs._output import STAGING
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.parent.name.startswith(STAGING):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    base, tunes = fp32_family
+    config, _ = _gradient_and_filter(base, tunes)
+    path = _write(config, tmp_path / "c.yml")
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "r"
+    result = _run([path, "--out", out, "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert lines[0].startswith("cabs analyze: ") and "kept by 2+ models: cabs" in result.output, result.output
+    assert lines[-1] == (f"Error: analyze: could not write {out}: No space left on device; the summary is printed "
+                         "above, the report files were not written"), result.output
+    assert "Traceback" not in result.output and "Wrote" not in result.output
+    assert not out.exists() and not [p for p in tmp_path.rglob(".*")]  # no staging folder anywhere
+
+
 # --- errors: clear, before any work, nothing written ---------------------------------
 
 

@@ -3,7 +3,8 @@
 `format_table` is the short summary printed by ``mergekit-cabs analyze``;
 `render_markdown` is report.md; `write_report` writes report.json,
 report.md and the plots (`plots`) through `_output.publish`, so a failed
-write leaves no file that looks complete.
+write leaves no file that looks complete (the command prints the summary
+before it writes, so a full disk loses no analysis).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergekit_cabs._output import PLOTS_HINT, fmt, pct, publish
-from mergekit_cabs.analyze.measure import RULES
+from mergekit_cabs._output import PLOTS_HINT, WriteError, fmt, pct, publish
+from mergekit_cabs.analyze.measure import RULES, AnalyzeError
 from mergekit_cabs.analyze.order import ORDER_TOLERANCE
 from mergekit_cabs.analyze.plots import make_plots
 
@@ -200,7 +201,8 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
 
 def write_report(report: dict, out: Path) -> tuple[list[str], bool]:
     """Write report.json, report.md and the plots into `out` (see `publish`).
-    Returns (file names written, whether the plots were made)."""
+    Returns (file names written, whether the plots were made); AnalyzeError
+    (one line) when they cannot be written: print `format_table` first."""
     made = []
 
     def build(staging: Path) -> list[str]:
@@ -210,4 +212,8 @@ def write_report(report: dict, out: Path) -> tuple[list[str], bool]:
         (staging / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         return made + ["report.md", "report.json"]
 
-    return publish(out, REPORT_FILES, build), bool(made)
+    try:
+        return publish(out, REPORT_FILES, build), bool(made)
+    except WriteError as error:
+        raise AnalyzeError(f"analyze: {error}; the summary is printed above, the report files were not written") \
+            from None
