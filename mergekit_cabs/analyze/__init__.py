@@ -1,6 +1,6 @@
 """`mergekit-cabs analyze`: overlap and balance of the kept weights, before merging.
 
-For every tensor mergekit would merge with a cabs configuration, this module
+For every tensor mergekit would merge with a cabs configuration, this package
 builds the keep-masks of three pruning rules at the same budget and measures
 how the kept places of the models collide and how they spread:
 
@@ -26,9 +26,18 @@ Definitions (per tensor; "overall" sums the counts over tensors first):
 * shared = places kept by two or more models / numel;
 * norm ratio = ||mask_i * tau_i|| / ||tau_i||; overall = sqrt(sum of kept
   squares / sum of squares) over tensors;
+* block balance, the balance CABS promises: kept count per full block of m
+  consecutive places of the flattened tensor (m = the configured block_size,
+  also with balanced: false; a short last block is left out), as a share of
+  m; per tensor: coefficient of variation (population std / mean), min and
+  max of the counts; pooled (per model, per layer) around each tensor's own
+  mean, so a density gradient across tensors is no spread: sqrt(sum over
+  tensors of squared deviations / blocks) / mean. cabs with balanced: true
+  and overlap: fill keeps n in every full block, block CV 0;
 * row balance: kept count per row (dim 0, tensors with >= 2 dims) as a share
   of the row length; per tensor and pooled over all rows of all such tensors:
-  coefficient of variation (population std / mean), min and max;
+  coefficient of variation (population std / mean), min and max (rows that
+  are not a whole number of blocks hold parts of several, so cabs rows vary);
 * layer balance: kept / numel per layer (layer index from ``.layers.<i>.`` in
   the output tensor name; other tensors form the group ``other``, which is
   reported but left out of the spread across layers);
@@ -72,7 +81,7 @@ from mergekit_cabs.analyze.order import ORDER_TOLERANCE, order_entry, position_m
 from mergekit_cabs.analyze.plots import OTHER_TICK, OVERLAP_NOTE, RULE_LABELS, layer_figures, make_plots
 from mergekit_cabs.analyze.report import REPORT_FILES, format_table, order_advice, render_markdown, write_report
 from mergekit_cabs.analyze.run import analyze
-from mergekit_cabs.analyze.stats import Moments, kept_sq_sum, pair_counts, ratio, sqrt_ratio
+from mergekit_cabs.analyze.stats import Moments, kept_sq_sum
 from mergekit_cabs.analyze.summary import build_report
 
 __all__ = [
@@ -97,12 +106,9 @@ __all__ = [
     "measure_tensor",
     "order_advice",
     "order_entry",
-    "pair_counts",
     "position_masks",
-    "ratio",
     "render_markdown",
     "rule_masks",
-    "sqrt_ratio",
     "suggest_order",
     "unavoidable_overlap",
     "write_report",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergekit_cabs.analyze.order import position_masks
-from mergekit_cabs.analyze.stats import Moments, kept_sq_sum, pair_counts, ratio, sqrt_ratio
+from mergekit_cabs.analyze.stats import Moments, kept_sq_sum, pair_counts, part_counts, ratio, sqrt_ratio
 from mergekit_cabs.kernel import NonFiniteInputError, block_quota, cabs_masks, compute_dtype
 from mergekit_cabs.params import CabsError
 
@@ -106,6 +106,8 @@ class TensorRecord:
     kept_sq: dict[str, list[float]] = field(default_factory=dict)
     rows: dict[str, list[Moments | None]] = field(default_factory=dict)  # of kept counts per row
     row_length: int | None = None
+    blocks: dict[str, list[Moments | None]] = field(default_factory=dict)  # of kept counts per full block of m
+    block_size: int | None = None  # m, the configured block_size (also with balanced: false)
     pairs: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)  # (i, j, inter, union)
     shared: dict[str, int] = field(default_factory=dict)
     position_sq: dict[str, list[float]] = field(default_factory=dict)  # "first"/"last": kept squares (cabs)
@@ -119,7 +121,7 @@ class TensorRecord:
         for rule in RULES:
             per_model = {}
             for i, label in enumerate(self.models):
-                rows = self.rows[rule][i]
+                rows, blocks = self.rows[rule][i], self.blocks[rule][i]
                 per_model[label] = {
                     "kept": self.kept[rule][i],
                     "kept_changed": self.kept_changed[rule][i],
@@ -128,6 +130,9 @@ class TensorRecord:
                     "norm_ratio": sqrt_ratio(self.kept_sq[rule][i], self.tau_sq[i]),
                     "rows": None if rows is None else {
                         "rows": rows.n, "cv": rows.cv, "min": int(rows.lo), "max": int(rows.hi),
+                    },
+                    "blocks": None if blocks is None else {
+                        "blocks": blocks.n, "cv": blocks.cv, "min": int(blocks.lo), "max": int(blocks.hi),
                     },
                 }
             rules[rule] = {
@@ -141,7 +146,7 @@ class TensorRecord:
         return {
             "name": self.name, "shape": self.shape, "numel": self.numel, "layer": self.layer,
             "models": self.models, "quotas": self.quotas, "block_length": self.block_length,
-            "row_length": self.row_length,
+            "row_length": self.row_length, "block_size": self.block_size,
             "tau_sq_sum": dict(zip(self.models, self.tau_sq)),
             "unavoidable_overlap": self.unavoidable, "rules": rules,
             "order": {label: self._order_json(i) for i, label in enumerate(self.models)},
@@ -175,15 +180,15 @@ def measure_tensor(
     )
     if base.dim() >= 2 and base.numel():
         record.row_length = base.numel() // base.shape[0]
+    record.block_size = resolved.block_size
+    rows, full_blocks = (base.shape[0] if record.row_length else 0), base.numel() // resolved.block_size
     for rule, rule_mask in masks.items():
         kept_places = [m & c for m, c in zip(rule_mask, changed)]
         record.kept[rule] = [int(m.sum()) for m in rule_mask]
         record.kept_changed[rule] = [int(k.sum()) for k in kept_places]
         record.kept_sq[rule] = [kept_sq_sum(m, tau) for m, tau in zip(rule_mask, taus)]
-        if record.row_length:
-            record.rows[rule] = [Moments.of(m.reshape(base.shape[0], -1).sum(1)) for m in rule_mask]
-        else:
-            record.rows[rule] = [None] * len(models)
+        record.rows[rule] = [part_counts(m, rows, record.row_length) for m in rule_mask]
+        record.blocks[rule] = [part_counts(m, full_blocks, resolved.block_size) for m in rule_mask]
         record.pairs[rule] = [
             (i, j, int((kept_places[i] & kept_places[j]).sum()), int((kept_places[i] | kept_places[j]).sum()))
             for i in range(len(models)) for j in range(i + 1, len(models))

@@ -17,6 +17,8 @@ RULE_LABELS = {
 OTHER_TICK = "other:\nembeddings,\nnorms, head"
 OVERLAP_NOTE = ("Lines may lie on each other: each has its own marker and is shifted a little sideways. 'other' = "
                 "tensors outside .layers.N. (embeddings, final norm, output head), shown apart, not joined to a line.")
+BALANCE_NOTE = ("Right: CABS keeps n of every block of m consecutive weights of the flattened tensor (short last "
+                "block left out), so its spread is 0 there; rows need not be whole blocks (report.md: row CV).")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LINESTYLES = ("-", "--", ":", "-.")
 _SHIFT = 0.07  # sideways offset between series, in layers
@@ -44,13 +46,21 @@ def layer_figures(report: dict) -> dict:
     names = report["short_names"]
     _plot_layers(left, list(layers), {names[m]: [layers[k]["density"][m]["cabs"] for k in layers]
                                       for m in report["models"]})
-    _plot_layers(right, list(layers), _rule_series(layers, "row_cv"))
+    _plot_layers(right, list(layers), _rule_series(layers, "block_cv"))
     left.set_title("share of each layer's weights cabs keeps", fontsize=10)
     left.set_ylabel("kept share of the layer's weights")
-    right.set_title("how evenly the rows keep weights (0 = all alike)", fontsize=10)
-    right.set_ylabel("share of each row kept:\nspread across rows (std / mean)")
-    _finish_figure(fig, [(left, left, "model (cabs keep)", 4), (right, right, "keep rule", 1)])
+    right.set_title(f"how evenly blocks of {block_size_text(report)} keep weights\n"
+                    "(cabs promises n in each: 0)", fontsize=10)
+    right.set_ylabel("kept count per block of m weights:\nspread across blocks (std / mean)")
+    _finish_figure(fig, [(left, left, "model (cabs keep)", 4), (right, right, "keep rule", 1)],
+                   notes=(BALANCE_NOTE, OVERLAP_NOTE))
     return {"overlap-by-layer.png": overlap, "kept-by-layer.png": fig}
+
+
+def block_size_text(report: dict) -> str:
+    """'m = 256' when every tensor has that block_size, else 'm = block_size (16, 256)'."""
+    sizes = report["summary"]["block_sizes"]
+    return f"m = {sizes[0]}" if len(sizes) == 1 else f"m = block_size ({', '.join(map(str, sizes))})"
 
 
 def _rule_series(layers: dict, key: str, scale: float = 1.0) -> dict:
@@ -98,17 +108,18 @@ def _nan(x: float | None) -> float:
     return math.nan if x is None else x
 
 
-def _finish_figure(fig, legends, bottom: float = 0.22) -> None:
+def _finish_figure(fig, legends, bottom: float = 0.22, notes: Sequence[str] = (OVERLAP_NOTE,)) -> None:
     """Panels above `bottom` (a share of the height); below them the legends, each
     (under this axes or None: centred, of the series of this axes, title, columns);
-    the note at the foot."""
+    the notes at the foot, one a line, the last lowest."""
     fig.tight_layout(rect=(0, bottom, 1, 1))
     for under, source, title, ncol in legends:
         box = under.get_position() if under is not None else None
         x = 0.5 if box is None else box.x0 + box.width / 2
         fig.legend(*source.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(x, bottom),
                    ncol=ncol, fontsize=8, frameon=False, title=title, title_fontsize=8)
-    fig.text(0.5, 0.012, OVERLAP_NOTE, ha="center", fontsize=7.5)
+    for i, note in enumerate(reversed(notes)):
+        fig.text(0.5, 0.012 + 0.03 * i, note, ha="center", fontsize=7.5)
 
 
 def make_plots(report: dict, directory: Path) -> list[str]:

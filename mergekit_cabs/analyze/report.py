@@ -17,7 +17,7 @@ from pathlib import Path
 from mergekit_cabs._output import PLOTS_HINT, WriteError, fmt, pct, publish
 from mergekit_cabs.analyze.measure import RULES, AnalyzeError
 from mergekit_cabs.analyze.order import ORDER_TOLERANCE
-from mergekit_cabs.analyze.plots import make_plots
+from mergekit_cabs.analyze.plots import block_size_text, make_plots
 
 REPORT_FILES = ("report.json", "report.md", "overlap-by-layer.png", "kept-by-layer.png")
 
@@ -59,11 +59,11 @@ def format_table(report: dict) -> str:
         (f"cabs analyze: {s['tensors']} tensors, {s['weights']:,} weights, "
          f"{len(report['models'])} models, seed {report['seed']}"),
         "",
-        f"{'model':<{width}}  density  kept-norm  row CV cabs / ties / dare",
+        f"{'model':<{width}}  density  kept-norm  block CV cabs / ties / dare",
     ]
     for m in report["models"]:
         r = s["models"][m]
-        cvs = " / ".join(fmt(r[rule]["row_cv"], ".3f") for rule in RULES)
+        cvs = " / ".join(fmt(r[rule]["block_cv"], ".3f") for rule in RULES)
         density, norm = fmt(r["cabs"]["density"]), fmt(r["cabs"]["norm_ratio"], ".3f")
         lines.append(f"{names[m]:<{width}}  {density}   {norm}      {cvs}")
     if s["pairs"]:
@@ -89,15 +89,17 @@ def _md_models(report: dict) -> list[str]:
     s, names = report["summary"], report["short_names"]
     out = [
         "## Models", "",
-        "| model | rule | density | kept-norm ratio | row CV | row density min / max | layer CV "
+        _balance_text(report), "",
+        "| model | rule | density | kept-norm ratio | block CV | row CV | row density min / max | layer CV "
         "| layer density min / max |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in report["models"]:
         for rule in RULES:
             r = s["models"][m][rule]
             out.append(
-                f"| {names[m]} | {rule} | {fmt(r['density'])} | {fmt(r['norm_ratio'])} | {fmt(r['row_cv'])} | "
+                f"| {names[m]} | {rule} | {fmt(r['density'])} | {fmt(r['norm_ratio'])} | {fmt(r['block_cv'])} | "
+                f"{fmt(r['row_cv'])} | "
                 f"{fmt(r['row_density_min'])} / {fmt(r['row_density_max'])} | {fmt(r['layer_cv'])} | "
                 f"{fmt(r['layer_density_min'])} / {fmt(r['layer_density_max'])} |"
             )
@@ -107,6 +109,16 @@ def _md_models(report: dict) -> list[str]:
         out.append(f"| {names[a]} & {names[b]} | " + " | ".join(fmt(p[rule]["overlap"]) for rule in RULES) + " |")
     shares = " | ".join(pct(s["shared"][rule]["share"]) for rule in RULES)
     return out + [f"| kept by 2+ models (share of weights) | {shares} |"]
+
+
+def _balance_text(report: dict) -> str:
+    """What balance CABS promises and how report.md measures it (block CV, row CV)."""
+    return (f"Balance: CABS keeps n of every block of {block_size_text(report)} consecutive weights of the "
+            "flattened tensor, the same n in every full block of a tensor (with balanced: true; the short last "
+            "block is left out). **Block CV** measures that promise: the spread of each model's kept count per "
+            "full block around its tensor's mean (std / mean, pooled over tensors), 0 where it is kept. "
+            "**Row CV** is the spread of the kept share per row (dim 0): rows that are not a whole number of "
+            "blocks hold parts of several blocks, so it can be above 0 for cabs too.")
 
 
 def _md_order(report: dict) -> list[str]:
@@ -135,15 +147,17 @@ def _md_order(report: dict) -> list[str]:
 def _md_layers(report: dict) -> list[str]:
     out = [
         "## Per layer", "",
-        "Row CV pools the rows of every model's tensors in the layer (kept share per row).", "",
+        ("Block CV and row CV pool the blocks and the rows of every model's tensors in the layer "
+         "(kept share per block or row; blocks around each tensor's mean)."), "",
         "| layer | weights | kept by 2+ cabs / ties / dare | pair overlap cabs / ties / dare "
-        "| row CV cabs / ties / dare |",
-        "|---|---|---|---|---|",
+        "| block CV cabs / ties / dare | row CV cabs / ties / dare |",
+        "|---|---|---|---|---|---|",
     ]
     for layer, lt in report["layers"].items():
         out.append(
             f"| {layer} | {lt['numel']:,} | " + " / ".join(pct(lt["shared"][rule]) for rule in RULES)
             + " | " + " / ".join(fmt(lt["pair_overlap"][rule]) for rule in RULES)
+            + " | " + " / ".join(fmt(lt["block_cv"][rule]) for rule in RULES)
             + " | " + " / ".join(fmt(lt["row_cv"][rule]) for rule in RULES) + " |"
         )
     out += ["", "## Unavoidable overlap", ""]

@@ -1,6 +1,7 @@
 """Numbers the analysis is built from: pooled moments and ratios (float64).
 
-`Moments` pools counts, means and spreads without keeping the values;
+`Moments` pools counts, means and spreads without keeping the values
+(`part_counts`: of the kept counts per row or per block);
 `kept_sq_sum` is the sum of squares of a task vector's kept entries; the
 ratio helpers give None where a ratio has no denominator (the reports print
 it as '-')."""
@@ -43,6 +44,20 @@ class Moments:
         m2 = self.m2 + other.m2 + delta * delta * self.n * other.n / n
         return Moments(n, mean, m2, min(self.lo, other.lo), max(self.hi, other.hi))
 
+    def merge_within(self, other: Moments) -> Moments:
+        """Pooled as `merge`, but the spread only within each part, around its own
+        mean (no term for the parts' different means): for values that should be
+        alike within a tensor and may differ across tensors, as a density gradient
+        makes them. Its `cv` is then the root mean square deviation from each
+        part's mean over the mean of all values."""
+        if not other.n:
+            return self
+        if not self.n:
+            return other
+        n = self.n + other.n
+        mean = self.mean + (other.mean - self.mean) * other.n / n
+        return Moments(n, mean, self.m2 + other.m2, min(self.lo, other.lo), max(self.hi, other.hi))
+
     def scaled(self, factor: float) -> Moments:
         """The moments of the values times `factor` (> 0)."""
         return Moments(self.n, self.mean * factor, self.m2 * factor * factor, self.lo * factor, self.hi * factor)
@@ -53,6 +68,14 @@ class Moments:
         if not self.n or self.mean == 0:
             return None
         return math.sqrt(max(self.m2, 0.0) / self.n) / self.mean
+
+
+def part_counts(mask: torch.Tensor, parts: int, length: int) -> Moments | None:
+    """Moments of how many places the flat boolean `mask` keeps in each of its
+    first `parts` runs of `length` consecutive places; None for no parts."""
+    if not parts:
+        return None
+    return Moments.of(mask[: parts * length].reshape(parts, length).sum(1))
 
 
 def kept_sq_sum(mask: torch.Tensor, tau: torch.Tensor) -> float:

@@ -37,6 +37,7 @@ class _Totals:
             layer: {"numel": 0, "shared": {rule: 0 for rule in RULES},
                     "pairs": {rule: [0, 0] for rule in RULES},
                     "rows": {rule: Moments() for rule in RULES},
+                    "blocks": {rule: Moments() for rule in RULES},
                     "models": {m: {rule: [0, 0] for rule in RULES} for m in self.models}}
             for layer in self.layers
         }
@@ -70,6 +71,10 @@ class _Totals:
             rows = r.rows[rule][i].scaled(1 / r.row_length)
             t.rows = t.rows.merge(rows)
             lt["rows"][rule] = lt["rows"][rule].merge(rows)
+        if r.blocks[rule][i] is not None:  # as block densities, spread within each tensor
+            blocks = r.blocks[rule][i].scaled(1 / r.block_size)
+            t.blocks = t.blocks.merge_within(blocks)
+            lt["blocks"][rule] = lt["blocks"][rule].merge_within(blocks)
         lt["models"][m][rule][0] += r.kept[rule][i]
         lt["models"][m][rule][1] += r.numel
 
@@ -86,6 +91,7 @@ class _Totals:
             "norm_ratio": sqrt_ratio(t.kept_sq, t.tau_sq),
             "row_cv": t.rows.cv, "row_density_min": finite(t.rows.lo), "row_density_max": finite(t.rows.hi),
             "rows": t.rows.n,
+            "block_cv": t.blocks.cv, "blocks": t.blocks.n,
             "layer_cv": spread.cv, "layer_density_min": finite(spread.lo), "layer_density_max": finite(spread.hi),
         }
 
@@ -105,6 +111,7 @@ class _Totals:
             "shared": {rule: ratio(lt["shared"][rule], lt["numel"]) for rule in RULES},
             "pair_overlap": {rule: ratio(*lt["pairs"][rule]) for rule in RULES},
             "row_cv": {rule: lt["rows"][rule].cv for rule in RULES},
+            "block_cv": {rule: lt["blocks"][rule].cv for rule in RULES},
             "density": {m: {rule: ratio(*lt["models"][m][rule]) for rule in RULES} for m in self.models},
         }
 
@@ -140,6 +147,7 @@ def build_report(
             "shared": {rule: {"places": totals.shared[rule], "share": ratio(totals.shared[rule], total)}
                        for rule in RULES},
             "unavoidable_overlap_tensors": len(unavoidable),
+            "block_sizes": sorted({r.block_size for r in records}),
             "order": totals.order_summary(),
         },
         "layers": {layer: totals.layer_summary(layer) for layer in totals.layers},
@@ -157,6 +165,7 @@ class _ModelTotals:
     kept_sq: float = 0.0
     tau_sq: float = 0.0
     rows: Moments = field(default_factory=Moments)
+    blocks: Moments = field(default_factory=Moments)
 
 
 def _layer_sort_key(layer: str):
