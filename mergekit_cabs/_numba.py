@@ -46,7 +46,8 @@ blocks are independent, so the result does not depend on the split.
 
 The compiled code is cached on disk (where ``NUMBA_CACHE_DIR`` says, else in
 the ``__pycache__`` next to this file, else in a per-user cache directory),
-so only the first process after an install compiles it (about 4 s).  Where
+so only the first process after an install compiles it (about 4 s; it says
+so in one line on stderr, `COMPILING`, when the cache cannot serve it).  Where
 numba can keep no cache (no writable place for one), or reading or writing
 the cache fails, `_jit` compiles without it and says so once: merges work,
 and each process compiles again.
@@ -346,16 +347,33 @@ def _finish(acc, acc_bits, base, base_bf16, bv, bv_bits, lam, out_bf16, to_bf16)
 
 _cache_said = False  # the no-cache line is said once per process
 _repair_said = False  # and so is the damaged-cache line
+_compile_said = False  # and the line that the kernel is being compiled
+COMPILING = "mergekit-cabs: compiling the CPU kernel once (a few seconds; numba caches it for later runs)"
+
+
+def _say(line: str) -> None:
+    """One line on stderr, clear of any tqdm progress bar there (mergekit's)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def _no_cache(reason: BaseException) -> None:
     global _cache_said
     if not _cache_said:
         _cache_said = True
-        sys.stderr.write(
-            f"mergekit-cabs: numba cannot cache compiled code here ({reason}); compiling without a "
-            "cache, so every process compiles again (~4 s)\n"
-        )
+        _say(f"mergekit-cabs: numba cannot cache compiled code here ({reason}); compiling without a "
+             "cache, so every process compiles again (~4 s)")
+
+
+def _compiling() -> None:
+    """Say once per process that the kernel is being compiled, when numba's
+    cache could not serve it (the merge then pauses for a few seconds); not
+    again after the no-cache or damaged-cache line, which say it already."""
+    global _compile_said
+    if not (_compile_said or _cache_said or _repair_said):
+        _compile_said = True
+        _say(COMPILING)
 
 
 class _GuardedCache:
@@ -377,11 +395,15 @@ class _GuardedCache:
         _no_cache(reason)
 
     def load_overload(self, sig, target_context):
+        """What the cache holds for `sig`, or None: numba then compiles it (said once)."""
         try:
-            return self._cache.load_overload(sig, target_context)
+            found = self._cache.load_overload(sig, target_context)
         except Exception as err:  # unreadable or damaged: compile instead
             self._repair(err)
             return None
+        if found is None:
+            _compiling()
+        return found
 
     def _repair(self, reason: BaseException) -> None:
         """Empty a damaged cache index, so that what is compiled now replaces
@@ -394,10 +416,8 @@ class _GuardedCache:
             return
         if not _repair_said:
             _repair_said = True
-            sys.stderr.write(
-                f"mergekit-cabs: numba's cache of compiled code in {self._cache.cache_path} could not be read "
-                f"({reason}); compiling again and replacing it\n"
-            )
+            _say(f"mergekit-cabs: numba's cache of compiled code in {self._cache.cache_path} could not be read "
+                 f"({reason}); compiling again and replacing it")
 
     def save_overload(self, sig, data):
         try:

@@ -110,10 +110,10 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
         check_out_dir(out_dir, force, an.REPORT_FILES)
         planning.check_models(merge_config)
         report = an.analyze(merge_config, seed=seed, progress=not quiet, source=str(config))
+        click.echo(an.format_table(report))  # before writing: a full disk loses no analysis
         written, plotted = an.write_report(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(an.format_table(report))
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
     if not plotted:
         click.echo(f"No plots: {PLOTS_HINT}")

@@ -20,19 +20,18 @@ temporary memory does not grow with the number of models.
 Two code paths compute this: the pure torch one below (any device) and, for
 CPU tensors when numba is installed, the compiled one in `_numba.py`.  They
 give the same bits; `backend=` (or the environment variable
-``MERGEKIT_CABS_BACKEND``: ``auto``, ``torch`` or ``numba``) picks one.
+``MERGEKIT_CABS_BACKEND``: ``auto``, ``torch`` or ``numba``; see `backend.py`)
+picks one.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 
+from mergekit_cabs.backend import BACKENDS, backend_setting
 from mergekit_cabs.params import OVERLAP_RULES, block_quota
-
-BACKENDS = ("auto", "torch", "numba")
 
 # Elements per chunk of blocks; a chunk always holds at least one whole block.
 _CHUNK_ELEMENTS = 1 << 18
@@ -55,22 +54,6 @@ class NonFiniteInputError(ValueError):
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def backend_setting() -> str:
-    """MERGEKIT_CABS_BACKEND, checked: 'auto' (the default), 'torch' or 'numba'."""
-    backend = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"MERGEKIT_CABS_BACKEND is {backend!r}; it must be one of {', '.join(BACKENDS)}, or unset"
-        )
-    if backend == "numba":
-        from mergekit_cabs import _numba
-
-        if not _numba.available():
-            raise ValueError('MERGEKIT_CABS_BACKEND is "numba", but numba is not installed: '
-                             "pip install numba, or unset it")
-    return backend
 
 
 def pick_backend(backend: str | None, tensors: Sequence[torch.Tensor]) -> str:

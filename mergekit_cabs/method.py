@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from mergekit.merge_methods import (
 )
 
 from mergekit_cabs import _mergekit
+from mergekit_cabs.backend import requested_backend
 from mergekit_cabs.kernel import NonFiniteInputError, cabs_merge
 from mergekit_cabs.params import (
     ALT_NAME,
@@ -73,8 +73,7 @@ def resolve_group(group: TensorGroup, parameters: Mapping[str, Any]) -> Resolved
 def _advise_compiled_path(base: torch.Tensor) -> None:
     """Say once per merge when a CPU merge runs the slower pure torch path
     only because numba is missing (not when the user asked for torch)."""
-    asked = os.environ.get("MERGEKIT_CABS_BACKEND", "auto").strip().lower() or "auto"
-    if base.device.type != "cpu" or asked != "auto":
+    if base.device.type != "cpu" or requested_backend() != "auto":
         return
     from mergekit_cabs import _numba
 

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 from pydantic import PlainValidator
 
+from mergekit_cabs.backend import backend_setting
+
 LOG = logging.getLogger("mergekit_cabs")
 
 NAME = "cabs"
@@ -174,8 +176,6 @@ def _is_whole(value: Any) -> bool:
 
 
 def _shared_problems(shared: Mapping[str, Any], where: str) -> list[str]:
-    from mergekit_cabs.kernel import backend_setting
-
     problems = []
     try:
         backend_setting()  # a bad environment setting stops the plan, not the merge

@@ -1,7 +1,7 @@
 """`mergekit-cabs analyze`: every reported number against an independent computation.
 
 The expected numbers are worked out here from the documented definitions
-(mergekit_cabs/analyze.py's module doc, README) with plain Python: CABS masks
+(the doc of the mergekit_cabs.analyze package, README) with plain Python: CABS masks
 from the scalar SPEC reference (tests/reference.py), per-tensor quotas from
 the test's own reading of the YAML (filters, gradients), a sort-based top-k
 for the TIES-style rule, set arithmetic for overlaps, math.fsum for norms and
@@ -92,7 +92,8 @@ def _unbalanced_strict(base, tunes):
 
     def params(name, numel):
         quotas = [math.floor(d * numel + 0.5) for d in (0.6, 0.5)]
-        return {"quotas": quotas, "length": numel, "overlap": "strict", "conflict_aware": True}
+        return {"quotas": quotas, "length": numel, "overlap": "strict", "conflict_aware": True,
+                "block_size": 256}  # the default m: blocks are measured, though nothing is promised there
 
     return config, params
 
@@ -196,8 +197,9 @@ def expected_tensor(name, base_t, model_ts, p, seed):
         ties.append([q in top for q in range(numel)])
     dare = [_dare_keep(numel, k, seed, name, i) for i, k in enumerate(counts)]
     rows = base_t.shape[0] if base_t.dim() >= 2 else None
+    block = p.get("block_size", p["length"])  # m as configured; the length cabs works on when balanced
     out = {"numel": numel, "layer": _layer(name), "tau_sq": [math.fsum(t * t for t in tau) for tau in taus],
-           "unavoidable": None, "rules": {}}
+           "unavoidable": None, "rules": {}, "block_size": block}
     if p["length"] == numel:  # balanced: false
         if sum(p["quotas"]) > numel:
             out["unavoidable"] = {"quotas": p["quotas"], "room": numel, "excess": sum(p["quotas"]) - numel,
@@ -213,12 +215,15 @@ def expected_tensor(name, base_t, model_ts, p, seed):
         if rows:
             length = numel // rows
             row_counts = [[sum(m[r * length:(r + 1) * length]) for r in range(rows)] for m in masks]
+        full = numel // block  # whole blocks of m only: the short last one is left out
+        block_counts = [[sum(m[b * block:(b + 1) * block]) for b in range(full)] for m in masks] if full else None
         out["rules"][rule] = {
             "kept": [len(s) for s in kept],
             "kept_changed": [len(s) for s in changed],
             "kept_sq": [math.fsum(tau[q] ** 2 for q in s) for s, tau in zip(kept, taus)],
             "rows": row_counts,
             "row_length": numel // rows if rows else None,
+            "blocks": block_counts,
             "pairs": {(i, j): (len(changed[i] & changed[j]), len(changed[i] | changed[j]))
                       for i in range(len(masks)) for j in range(i + 1, len(masks))},
             "shared": sum(1 for c in holders.values() if c >= 2),
@@ -256,6 +261,16 @@ def _cv(values):
     return statistics.pstdev(values) / mean if mean else None
 
 
+def _within_cv(parts):
+    """Spread of the values around the mean of their own part (a tensor's blocks),
+    pooled over parts, over the mean of all values; None without values."""
+    values = [v for part in parts for v in part]
+    if not values or not statistics.fmean(values):
+        return None
+    squares = math.fsum(statistics.pvariance(part) * len(part) for part in parts)
+    return math.sqrt(squares / len(values)) / statistics.fmean(values)
+
+
 def approx(x):
     return pytest.approx(x, rel=1e-9, abs=1e-12)
 
@@ -278,6 +293,7 @@ def test_per_tensor_numbers(scenario):
     for t in report["tensors"]:
         want = expected[t["name"]]
         assert t["numel"] == want["numel"] and t["layer"] == want["layer"], t["name"]
+        assert t["block_size"] == want["block_size"], t["name"]
         assert t["tau_sq_sum"] == {m: approx(x) for m, x in zip(labels, want["tau_sq"])}
         got_u = t["unavoidable_overlap"]
         assert (got_u is None) == (want["unavoidable"] is None), t["name"]
@@ -297,6 +313,12 @@ def test_per_tensor_numbers(scenario):
                     counts = w["rows"][i]
                     assert g["rows"] == {"rows": len(counts), "cv": approx(_cv(counts)),
                                          "min": min(counts), "max": max(counts)}, (t["name"], rule, m)
+                if w["blocks"] is None:
+                    assert g["blocks"] is None, (t["name"], rule, m)
+                else:
+                    counts = w["blocks"][i]
+                    assert g["blocks"] == {"blocks": len(counts), "cv": approx(_cv(counts)),
+                                           "min": min(counts), "max": max(counts)}, (t["name"], rule, m)
             pairs = {(labels.index(p["models"][0]), labels.index(p["models"][1])): p for p in got["pairs"]}
             assert set(pairs) == set(w["pairs"])
             for key, (inter, union) in w["pairs"].items():
@@ -336,6 +358,10 @@ def test_overall_and_per_layer_numbers(scenario):
             assert got["row_cv"] == approx(_cv(row_density))
             assert got["row_density_min"] == approx(min(row_density))
             assert got["row_density_max"] == approx(max(row_density))
+            blocks = [[c / w["block_size"] for c in w["rules"][rule]["blocks"][i]] for w in expected.values()
+                      if w["rules"][rule]["blocks"]]
+            assert got["blocks"] == sum(map(len, blocks))
+            assert got["block_cv"] == approx(_within_cv(blocks))
             per_layer = []
             for layer in layers:
                 in_layer = [w for w in expected.values() if w["layer"] == layer]
@@ -358,6 +384,9 @@ def test_overall_and_per_layer_numbers(scenario):
             rows = [c / w["rules"][rule]["row_length"] for w in in_layer if w["rules"][rule]["rows"]
                     for counts in w["rules"][rule]["rows"] for c in counts]
             assert got["row_cv"][rule] == approx(_cv(rows))
+            blocks = [[c / w["block_size"] for c in counts] for w in in_layer if w["rules"][rule]["blocks"]
+                      for counts in w["rules"][rule]["blocks"]]
+            assert got["block_cv"][rule] == approx(_within_cv(blocks))
     unavoidable = sorted(name for name, w in expected.items() if w["unavoidable"])
     assert sorted(u["tensor"] for u in report["unavoidable_overlap"]) == unavoidable
     assert s["unavoidable_overlap_tensors"] == len(unavoidable)
@@ -381,6 +410,22 @@ def test_what_each_scenario_shows(scenario):
         for m in report["models"]:  # rows are whole blocks: n:m gives every row the same share
             assert s["models"][m]["cabs"]["row_cv"] == 0
             assert s["models"][m]["ties"]["row_cv"] > 0
+    if scenario["name"] in ("gradient_and_filter", "short_tails", "over_subscribed"):
+        # the balance cabs promises: its quota n in every full block of m (fill meets every quota)
+        for t in report["tensors"]:
+            for i, m in enumerate(t["models"]):
+                blocks = t["rules"]["cabs"]["models"][m]["blocks"]
+                assert blocks is None or blocks["min"] == blocks["max"] == t["quotas"][i], (t["name"], m)
+        for m in report["models"]:
+            assert s["models"][m]["cabs"]["block_cv"] == 0
+            assert s["models"][m]["ties"]["block_cv"] > 0 and s["models"][m]["dare"]["block_cv"] > 0
+            assert all(layer["block_cv"]["cabs"] == 0 for layer in report["layers"].values())
+    if scenario["name"] == "gradient_and_filter":
+        # rows of 40 and 72 are not whole blocks of 16: kept counts per row vary under cabs too,
+        # across a density gradient, while every block holds its tensor's n (above)
+        assert all(s["models"][m]["cabs"]["row_cv"] > 0 for m in report["models"])
+    if scenario["name"] == "unbalanced_strict":  # balanced: false promises nothing per block
+        assert all(s["models"][m]["cabs"]["block_cv"] > 0 for m in report["models"])
     if scenario["name"] == "short_tails":
         where = {u["tensor"]: (u["where"], u["excess"], u["places"]) for u in report["unavoidable_overlap"]}
         assert where["model.norm.weight"] == ("blocks", 2, 2 * 2 + 2)
@@ -401,7 +446,7 @@ def test_terminal_table_and_markdown(scenario):
         line = next(x for x in output.splitlines() if x.startswith(names[m] + " "))
         r = s["models"][m]
         assert f"{r['cabs']['density']:.4f}" in line and f"{r['cabs']['norm_ratio']:.3f}" in line
-        assert " / ".join(f"{r[rule]['row_cv']:.3f}" for rule in RULES) in line
+        assert " / ".join(f"{r[rule]['block_cv']:.3f}" for rule in RULES) in line
         assert f"| {names[m]} | cabs | {r['cabs']['density']:.4f} | {r['cabs']['norm_ratio']:.4f} |" in md
     for p in s["pairs"]:
         a, b = (names[m] for m in p["models"])
@@ -426,7 +471,7 @@ def test_report_json_schema(scenario):
     assert report["base_model"] == str(scenario["base"].path)
     tensor = report["tensors"][0]
     assert set(tensor) == {"name", "shape", "numel", "layer", "models", "quotas", "block_length",
-                           "row_length", "tau_sq_sum", "unavoidable_overlap", "rules", "order"}
+                           "row_length", "block_size", "tau_sq_sum", "unavoidable_overlap", "rules", "order"}
     assert set(tensor["order"][report["models"][0]]) == {"first_kept_sq_sum", "first_norm_ratio",
                                                          "last_kept_sq_sum", "last_norm_ratio"}
     order = report["summary"]["order"]
@@ -437,7 +482,7 @@ def test_report_json_schema(scenario):
     model = next(iter(report["summary"]["models"].values()))
     assert set(model) == set(RULES)
     assert set(model["cabs"]) == {"numel", "kept", "kept_changed", "density", "norm_ratio", "row_cv",
-                                  "row_density_min", "row_density_max", "rows", "layer_cv",
+                                  "row_density_min", "row_density_max", "rows", "block_cv", "blocks", "layer_cv",
                                   "layer_density_min", "layer_density_max"}
 
 
@@ -622,7 +667,11 @@ def test_plots_name_the_config_and_say_what_the_rules_are(scenario, figures):
         for ax in fig.axes:
             assert ax.get_xlabel() == "layer" and ax.get_ylabel() and "CV" not in ax.get_ylabel()
     kept = figures["kept-by-layer.png"]
-    assert kept.axes[1].get_ylabel() == "share of each row kept:\nspread across rows (std / mean)"
+    assert kept.axes[1].get_ylabel() == "kept count per block of m weights:\nspread across blocks (std / mean)"
+    sizes = sorted({t["block_size"] for t in scenario["report"]["tensors"]})
+    m = f"m = {sizes[0]}" if len(sizes) == 1 else f"m = block_size ({', '.join(map(str, sizes))})"
+    assert kept.axes[1].get_title().startswith(f"how evenly blocks of {m} keep weights")
+    assert "CABS keeps n of every block of m consecutive weights" in " ".join(t.get_text() for t in kept.texts)
     names = scenario["report"]["short_names"]
     assert [t.get_text() for t in kept.legends[0].get_texts()] == [names[m] for m in scenario["report"]["models"]]
 
@@ -681,10 +730,10 @@ def test_reads_one_tensor_at_a_time(fp32_family, tmp_path, monkeypatch):
 
     from mergekit.io.tasks import LoadTensor
 
-    from mergekit_cabs import analyze
+    from mergekit_cabs.analyze import run as analyze_run
 
     loaded = []
-    original_execute, original_measure = LoadTensor.execute, analyze.measure_tensor
+    original_execute, original_measure = LoadTensor.execute, analyze_run.measure_tensor
 
     def execute(self):
         tensor = original_execute(self)
@@ -698,7 +747,7 @@ def test_reads_one_tensor_at_a_time(fp32_family, tmp_path, monkeypatch):
         return original_measure(name, base, models, *args, **kwargs)
 
     monkeypatch.setattr(LoadTensor, "execute", execute)
-    monkeypatch.setattr(analyze, "measure_tensor", measure)
+    monkeypatch.setattr(analyze_run, "measure_tensor", measure)
     base, tunes = fp32_family
     config, _ = _gradient_and_filter(base, tunes)
     result = _run([_write(config, tmp_path / "c.yml"), "--out", tmp_path / "r", "--quiet"])
@@ -723,6 +772,36 @@ def test_refuses_a_used_out_dir_unless_forced(fp32_family, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "report.md").read_text().startswith("# CABS analysis")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_full_disk_prints_the_summary_then_one_line_and_exits_1(fp32_family, tmp_path, monkeypatch):
+    """The staged write of report.md fails with ENOSPC (in-process, deterministic):
+    the summary is printed first, then one line naming --out and the reason;
+    exit 1, no traceback, no report file and no staging directory left."""
+    import errno
+
+    from mergekit_cabs._output import STAGING
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.parent.name.startswith(STAGING):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    base, tunes = fp32_family
+    config, _ = _gradient_and_filter(base, tunes)
+    path = _write(config, tmp_path / "c.yml")
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "r"
+    result = _run([path, "--out", out, "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert lines[0].startswith("cabs analyze: ") and "kept by 2+ models: cabs" in result.output, result.output
+    assert lines[-1] == (f"Error: analyze: could not write {out}: No space left on device; the summary is printed "
+                         "above, the report files were not written"), result.output
+    assert "Traceback" not in result.output and "Wrote" not in result.output
+    assert not out.exists() and not [p for p in tmp_path.rglob(".*")]  # no staging folder anywhere
 
 
 # --- errors: clear, before any work, nothing written ---------------------------------

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from mergekit_cabs import _mergekit
+from mergekit_cabs._numba import COMPILING
 
 from tiny_models import load_output, run_in_process
 
@@ -243,7 +244,8 @@ def test_a_cabs_registered_first_by_someone_else_is_left_alone(fp32_family, tmp_
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("mergekit-cabs:")]
+    lines = [line for line in proc.stderr.splitlines()  # (a cold numba cache adds its compiling line)
+             if line.startswith("mergekit-cabs:") and line != COMPILING]
     assert len(lines) == 1
     assert "already has a merge method called 'cabs' (__main__.TheirCabs)" in lines[0]
     assert "merge_method: mergekit_cabs" in lines[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 
 import pytest
@@ -305,6 +306,26 @@ def test_a_bad_backend_setting_is_refused_naming_the_variable(monkeypatch, value
 def test_a_good_backend_setting_does_not_change_the_result(monkeypatch, value):
     monkeypatch.setenv("MERGEKIT_CABS_BACKEND", value)
     assert resolve(S(), [("a", {})], None).n == (64,)
+
+
+def test_params_imports_neither_the_kernel_nor_torch():
+    """The backend setting lives below params and kernel (mergekit_cabs.backend):
+    params checks it (in `resolve`) without importing the kernel, so the two no
+    longer import each other, and resolving parameters needs no torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom mergekit_cabs.params import resolve\n"
+            "shared = {'block_size': 256, 'overlap': 'fill', 'conflict_aware': True, 'balanced': True, "
+            "'lambda': 1.0}\n"
+            "assert resolve(shared, [('a', {})], None).n == (64,)\n"  # checks the backend setting
+            "print(sorted(m for m in sys.modules if m.startswith(('mergekit_cabs.', 'torch', 'mergekit.'))))")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['mergekit_cabs._autoload', 'mergekit_cabs.backend', 'mergekit_cabs.params']"
 
 
 # --- lenient scalar coercions of the parameter types ---------------------------

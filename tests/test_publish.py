@@ -195,5 +195,8 @@ def test_a_real_full_disk_in_analyze_is_one_line_and_leaves_no_staging(fp32_fami
     with small_tmpfs(tmp_path / "full", "8k") as out:
         result = CliRunner().invoke(main, ["analyze", str(path), "--out", str(out), "--quiet"])
         assert result.exit_code == 1, result.output
-        assert result.output.strip().splitlines()[-1] == f"Error: could not write {out}: No space left on device"
+        lines = result.output.strip().splitlines()
+        assert lines[0].startswith("cabs analyze: "), result.output  # the summary, printed before the write
+        assert lines[-1] == (f"Error: analyze: could not write {out}: No space left on device; the summary is "
+                             "printed above, the report files were not written")
         assert "Traceback" not in result.output and list(out.iterdir()) == []
