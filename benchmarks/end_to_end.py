@@ -7,7 +7,11 @@ cabs on the same Llama-shaped models, in one run.
     python benchmarks/end_to_end.py --base B --fine-tune F1 --fine-tune F2 ...  # your own
 
 Each merge runs as its own `mergekit-yaml CONFIG OUT --no-copy-tokenizer`
-process (plus any `--mergekit-arg`), measured by a small wrapper process: wall
+process (plus any `--mergekit-arg`, e.g. `--cuda`): mergekit-yaml's own entry
+point, called in a Python process that imports mergekit_cabs first (so cabs
+is registered also where the package is only on PYTHONPATH) and, when the
+merge used CUDA, writes `torch.cuda.max_memory_allocated()` at exit (the GPU
+peak).  A small wrapper process measures it: wall
 time, the peak resident memory (RSS) of the merge process, and the peak of
 its anonymous memory (Linux's RssAnon, sampled every 20 ms).  RSS counts the
 pages of the memory-mapped model files a merge has read, which the page cache
@@ -61,14 +65,14 @@ def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def make_models(root: Path, fine_tunes: int, layers: int, hidden: int, seed: int) -> list:
+def make_models(root: Path, fine_tunes: int, layers: int, hidden: int, seed: int, vocab: int = 32000) -> list:
     """Write a base and `fine_tunes` fine-tunes under `root` (reused when present)."""
     import torch
     from safetensors.torch import save_file
 
     inter = hidden * 11 // 4
     inter -= inter % 256
-    heads, kv_heads, vocab = hidden // 128, max(1, hidden // 512), 32000
+    heads, kv_heads = max(1, hidden // 128), max(1, hidden // 512)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -149,13 +153,38 @@ def parameter_count(model: Path) -> int:
     return total
 
 
-def measure(command: list) -> dict:
-    """Run `command` in a wrapper process that reports its wall time and peak RSS."""
+def measure(arguments: list, peak_file: Path) -> dict:
+    """Run mergekit-yaml `arguments` (see `mergekit_child`) in a wrapper process
+    that reports its wall time and peak RSS; add the GPU peak (None: no CUDA used)."""
+    command = [sys.executable, __file__, "--mergekit-child", str(peak_file), *arguments]
     wrapper = [sys.executable, __file__, "--measure-child", "--", *command]
+    peak_file.unlink(missing_ok=True)
     done = subprocess.run(wrapper, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"failed: mergekit-yaml {' '.join(arguments)}\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(json.loads(peak_file.read_text()))
+    return result
+
+
+def mergekit_child(peak_file: str, arguments: list) -> None:
+    """mergekit-yaml `arguments` in this process, cabs registered first; at
+    exit, write {"gpu_peak_bytes": torch.cuda.max_memory_allocated(), "gpu":
+    the device's name} to `peak_file` (both None where CUDA was not used)."""
+    import atexit
+
+    import torch
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    import mergekit_cabs  # noqa: F401  registers cabs (the .pth hook may not run here)
+
+    def write_peak() -> None:
+        used = torch.cuda.is_initialized()
+        Path(peak_file).write_text(json.dumps({"gpu_peak_bytes": torch.cuda.max_memory_allocated() if used else None,
+                                               "gpu": torch.cuda.get_device_name() if used else None}))
+
+    atexit.register(write_peak)
+    mergekit_yaml(arguments, prog_name="mergekit-yaml")
 
 
 def anonymous_kib(pid: int) -> int:
@@ -200,10 +229,12 @@ def report(results: dict, params: int) -> dict:
         wall = statistics.median(r["wall_s"] for r in runs)
         rss = statistics.median(r["peak_rss_gb"] for r in runs)
         anon = statistics.median(r.get("peak_anon_gb", 0.0) for r in runs)
+        gpu = [r["gpu_peak_bytes"] for r in runs if r.get("gpu_peak_bytes") is not None]
         summary[method] = {"wall_s": wall, "peak_rss_gb": rss, "peak_anon_gb": anon, "runs": runs,
+                           "gpu_peak_gb": statistics.median(gpu) / 1e9 if gpu else None,
                            "wall_s_per_b": wall / (params / 1e9), "rss_bytes_per_param": rss * 1e9 / params}
     print(f"{'method':16s} {'wall s':>8s} {'peak RSS GB':>12s} {'anon GB':>8s} {'s / B':>7s} {'RSS B/param':>12s}"
-          f" {'wall / TA':>10s} {'RSS / TA':>9s}")
+          f" {'wall / TA':>10s} {'RSS / TA':>9s} {'GPU peak GB':>12s}")
     for method, row in summary.items():
         ratio = ""
         if ref:
@@ -212,19 +243,23 @@ def report(results: dict, params: int) -> dict:
             ratio = f"{wall_ratio:10.2f} {rss_ratio:9.2f}"
         print(f"{method:16s} {row['wall_s']:8.1f} {row['peak_rss_gb']:12.2f} {row['peak_anon_gb']:8.2f}"
               f" {row['wall_s_per_b']:7.1f}"
-              f" {row['rss_bytes_per_param']:12.2f} {ratio}")
+              f" {row['rss_bytes_per_param']:12.2f} {ratio}"
+              + ("" if row["gpu_peak_gb"] is None else f" {row['gpu_peak_gb']:12.2f}"))
     return summary
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--measure-child":
         return measure_child(sys.argv[3:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--mergekit-child":
+        return mergekit_child(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     ap.add_argument("--repeats", type=int, default=1, help="runs per method, interleaved (median)")
     ap.add_argument("--fine-tunes", type=int, default=3, help="fine-tunes to make")
     ap.add_argument("--layers", type=int, default=12, help="layers of the models made")
     ap.add_argument("--hidden", type=int, default=2048, help="hidden size of the models made")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the models made")
     ap.add_argument("--seed", type=int, default=0, help="seed of the models made")
     ap.add_argument("--models-dir", type=Path, help="where to make (or find) the models")
     ap.add_argument("--base", type=Path, help="use this base model instead of making one")
@@ -239,13 +274,12 @@ def main() -> None:
         base, fine_tunes = args.base, args.fine_tune
     else:
         base, *fine_tunes = make_models(args.models_dir or work / "models", args.fine_tunes,
-                                        args.layers, args.hidden, args.seed)
+                                        args.layers, args.hidden, args.seed, args.vocab)
     for path in [base, *fine_tunes]:  # into the page cache, for every method alike
         for f in Path(path).glob("*.safetensors"):
             with open(f, "rb") as handle:
                 while handle.read(1 << 24):
                     pass
-    mergekit_yaml = str(Path(sys.executable).with_name("mergekit-yaml"))
     results = {m: [] for m in args.methods}
     for rep in range(args.repeats):
         for method in args.methods:
@@ -253,7 +287,7 @@ def main() -> None:
             cfg.write_text(config_for(method, base, fine_tunes))
             out = work / f"out-{method}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            r = measure([mergekit_yaml, str(cfg), str(out), "--no-copy-tokenizer", *args.mergekit_arg])
+            r = measure([str(cfg), str(out), "--no-copy-tokenizer", *args.mergekit_arg], work / "gpu-peak.json")
             results[method].append(r)
             print(f"  run {rep + 1}: {method:16s} {r['wall_s']:7.1f} s  {r['peak_rss_gb']:5.2f} GB"
                   f" (anonymous {r['peak_anon_gb']:5.2f} GB)",
@@ -268,7 +302,8 @@ def main() -> None:
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; median of {args.repeats}")
     summary = report(results, params)
     if args.json:
-        args.json.write_text(json.dumps({"fine_tunes": len(fine_tunes), "parameters": params,
+        gpu = next((r["gpu"] for runs in results.values() for r in runs if r.get("gpu")), None)
+        args.json.write_text(json.dumps({"fine_tunes": len(fine_tunes), "parameters": params, "gpu": gpu,
                                          "mergekit_args": args.mergekit_arg, "results": summary}, indent=1))
     shutil.rmtree(work)  # configs, and the models unless --models-dir kept them elsewhere
 

@@ -15,6 +15,10 @@ after a call on a small slice that loads the code (a method slower than
 measured in a fresh process per case: the peak RSS during the merge (sampled
 every millisecond) minus the RSS with the inputs loaded, in units of one
 float32 copy of the tensor; the merged bf16 result itself is 0.5 of them.
+On CUDA (`--device cuda`: the inputs are drawn on the GPU) that part is
+skipped and the device's own peak is kept instead, per method and K:
+`torch.cuda.max_memory_allocated()` over the timed calls, less what the
+inputs hold, in bf16 copies of the tensor (the result itself is 1).
 The overlap warning that K = 5 and 8 at density 0.25 give (5 * 64 > 256) is
 silenced here.
 """
@@ -33,14 +37,16 @@ METHODS = ("task_arithmetic", "ties", "dare_ties", "cabs", "cabs[torch]")
 
 
 def inputs(shape, k, device, seed=0):
+    """The base and k fine-tunes, drawn on `device` (a GPU draws its own
+    numbers: other values than the CPU's, the same distribution)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = (torch.randn(shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
     models = []
     for _ in range(k):
-        models.append(base + (torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16))
-    return [t.to(device) for t in [base, *models]]
+        models.append(base + (torch.randn(shape, generator=g, device=device) * 1e-3).to(torch.bfloat16))
+    return [base, *models]
 
 
 def merge_once(method: str, tensors, device) -> float:
@@ -107,20 +113,44 @@ def merge_once_keep(method: str, tensors):
     return merge_tensors(tensors, name, parameters=params, base_index=0)
 
 
-def time_ks(args, shape) -> dict:
+def device_peak(method, tensors, args, device_memory: dict, k: int) -> float | None:
+    """`timed`, and on CUDA the peak of `torch.cuda.max_memory_allocated` over
+    its calls, kept in device_memory[k][method]: the peak and the peak less
+    what was allocated before (the inputs), in bytes.  A method that runs out
+    of device memory is kept as {"error": ...} and timed None; the next runs."""
+    import torch
+
+    if not args.device.startswith("cuda"):
+        return timed(method, tensors, args.device, args.repeats)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        seconds = timed(method, tensors, args.device, args.repeats)
+    except torch.OutOfMemoryError as error:
+        device_memory.setdefault(k, {})[method] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
+        torch.cuda.empty_cache()
+        return None
+    peak = torch.cuda.max_memory_allocated()
+    device_memory.setdefault(k, {})[method] = {"peak_bytes": peak, "extra_bytes": peak - held}
+    return seconds
+
+
+def time_ks(args, shape, device_memory: dict) -> dict:
     """Each method's median time for each number of fine-tunes, printed as a table."""
     times = {}
     print(f"\n{'K':>3s} " + " ".join(f"{m:>16s}" for m in args.methods) + "   cabs/TA  ties/cabs")
     for k in args.ks:
         tensors = inputs(shape, k, args.device)
-        row = {m: timed(m, tensors, args.device, args.repeats) for m in args.methods}
+        row = {m: device_peak(m, tensors, args, device_memory, k) for m in args.methods}
         times[k] = row
         ratios = ""
-        if "cabs" in row and "task_arithmetic" in row:
+        if row.get("cabs") and row.get("task_arithmetic"):
             ratios += f"{row['cabs'] / row['task_arithmetic']:9.2f}"
-        if "cabs" in row and "ties" in row:
+        if row.get("cabs") and row.get("ties"):
             ratios += f"{row['ties'] / row['cabs']:10.1f}"
-        print(f"{k:3d} " + " ".join(f"{row[m]:15.3f}s" for m in args.methods) + "  " + ratios, flush=True)
+        cells = [f"{row[m]:15.3f}s" if row[m] is not None else f"{'out of memory':>16s}" for m in args.methods]
+        print(f"{k:3d} " + " ".join(cells) + "  " + ratios, flush=True)
         del tensors
     return times
 
@@ -157,6 +187,19 @@ def measure_memory(args, shape) -> dict:
     return memory
 
 
+def print_device_memory(device_memory: dict, shape) -> None:
+    """The CUDA peaks `device_peak` kept, in bf16 copies of the tensor."""
+    if not device_memory:
+        return
+    copy = shape[0] * shape[1] * 2
+    print("\npeak device memory (torch.cuda.max_memory_allocated) during the calls, "
+          "over the inputs, in bf16 copies of the tensor:")
+    for k, row in device_memory.items():
+        cells = "  ".join(f"{m}: {v['extra_bytes'] / copy:5.2f} ({v['peak_bytes'] / 2**30:.2f} GiB peak)"
+                          if "error" not in v else f"{m}: {v['error']}" for m, v in row.items())
+        print(f"  K={k}: {cells}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
         method, rows, cols, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -180,7 +223,11 @@ def main() -> None:
     shape = tuple(args.shape)
     print(f"tensor {shape[0]}x{shape[1]} bf16 on {args.device}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats}")
-    report = {"shape": shape, "device": args.device, "times": time_ks(args, shape), "sizes": {}, "memory": {}}
+    report = {"shape": shape, "device": args.device, "sizes": {}, "memory": {}, "device_memory": {}}
+    if args.device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
+    report["times"] = time_ks(args, shape, report["device_memory"])
+    print_device_memory(report["device_memory"], shape)
     if not args.no_sizes and "cabs" in args.methods:
         report["sizes"] = time_sizes(args, shape)
     if not args.no_memory and args.device == "cpu":

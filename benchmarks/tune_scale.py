@@ -21,6 +21,14 @@ path (only the moved model's places), which `tune` leaves off.
 
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 220m,1b --out benchmarks/results/tune_scale.json
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 1b --cuda      # on a GPU machine
+    python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 1b --cuda --store-on-device --check-exact
+
+With --cuda the models are drawn on the GPU (other random numbers, the same
+distributions; `--build-only` stops there).  `--check-exact` merges the
+tuned configuration with mergekit afterwards (on the GPU with --cuda, as
+`mergekit-yaml tuned.yml --cuda` does), scores every fit and held-out window
+with the written model and counts those that equal tune's report for the
+chosen point; any difference exits 1 after the results line.
 """
 
 from __future__ import annotations
@@ -28,19 +36,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-SHAPES = {  # name: (hidden, layers); vocab 32000, intermediate 2.75 x hidden, untied embeddings
-    "220m": (1024, 12),
-    "1b": (2048, 16),
+SHAPES = {  # name: (hidden, layers, vocab); intermediate 2.75 x hidden, untied embeddings
+    "tiny": (64, 2, 512),  # the CPU dry run of benchmarks/gpu/run.sh
+    "220m": (1024, 12, 32000),
+    "1b": (2048, 16, 32000),
 }
 
 
-def build(work: Path, hidden: int, layers: int, vocab: int = 32000) -> Path:
+def build(work: Path, hidden: int, layers: int, vocab: int = 32000, device: str = "cpu") -> Path:
+    """The family, drawn on `device` (a GPU draws other numbers than the CPU, from
+    the same distributions, in a fraction of the time), written to `work`."""
     import torch
     import yaml
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -54,15 +66,16 @@ def build(work: Path, hidden: int, layers: int, vocab: int = 32000) -> Path:
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                          max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     names = ["base", "ft1", "ft2", "ft3"]
     for i, name in enumerate(names):
         if i:
-            gen = torch.Generator().manual_seed(i)
+            gen = torch.Generator(device=device).manual_seed(i)
             with torch.no_grad():
                 for key, param in model.state_dict().items():
-                    noise = torch.randn(param.shape, generator=gen) * 0.002
+                    noise = torch.randn(param.shape, generator=gen, device=device) * 0.002
                     param.copy_((base_state[key].float() + noise).to(torch.bfloat16))
         model.save_pretrained(work / name, safe_serialization=True)
         fast.save_pretrained(work / name)
@@ -158,7 +171,41 @@ def measure(args) -> dict:
         out["peak_device_bytes_by_phase_per_parameter"] = {k: round(v / places, 2) for k, v in memory.device.items()}
         out["peak_device_bytes_per_parameter"] = max(memory.device.values()) / places
         out["gpu"] = torch.cuda.get_device_name()
+    if args.check_exact:
+        out["tuned_merge"] = check_exact(args, prep, report)
     return out
+
+
+def check_exact(args, prep, report: dict) -> dict:
+    """mergekit's merge of the tuned configuration (on the GPU with --cuda,
+    as `mergekit-yaml tuned.yml --cuda` does), loaded in the scoring dtype on
+    tune's device, scored window by window: how many of the per-window losses
+    equal those tune reported for the chosen point (all of them, or tune's
+    scores are not the written model's)."""
+    import torch
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_cabs import tune as tn
+    from mergekit_cabs.tune import run
+
+    device = report["device"]
+    out = args.work / "tuned-merge"
+    shutil.rmtree(out, ignore_errors=True)  # a merge of an earlier run
+    started = time.perf_counter()
+    run_merge(MergeConfiguration.model_validate(report["tuned_config"]), str(out),
+              MergeOptions(quiet=True, copy_tokenizer=False, cuda=device.startswith("cuda")))
+    merge_s = time.perf_counter() - started
+    model = run.load_model(str(out), device, getattr(torch, report["score_dtype"]))
+    windows = equal = 0
+    for task in prep.tasks:
+        for split in tn.SPLITS:
+            got = tn.window_losses(model, getattr(task, split), args.batch_size).tolist()
+            want = report["best"][split]["window_losses"][task.name]
+            windows += len(want)
+            equal += sum(a == b for a, b in zip(got, want)) if len(got) == len(want) else 0
+    return {"merge_s": round(merge_s, 1), "windows": windows, "windows_equal": equal, "exact": equal == windows}
 
 
 def measure_settings(args) -> dict:
@@ -208,6 +255,10 @@ def main() -> None:
     parser.add_argument("--score-dtype", default="merge", choices=["merge", "float32"])
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--store-on-device", action="store_true")
+    parser.add_argument("--check-exact", action="store_true",
+                        help="merge the tuned configuration with mergekit (on the GPU with --cuda) and check that "
+                             "every window scores exactly what tune reported; exit 1 if not")
+    parser.add_argument("--build-only", action="store_true", help="build the shapes' models and data, and stop")
     parser.add_argument("--out", type=Path, default=None, help="append the results (JSON lines) to this file")
     parser.add_argument("--settings", action="store_true",
                         help="also time full against incremental weight settings (one more process per shape)")
@@ -217,19 +268,27 @@ def main() -> None:
     if args.measure or args.measure_settings:
         args.shape = args.measure or args.measure_settings
         args.work = args.work / args.shape
-        print(json.dumps(measure(args) if args.measure else measure_settings(args)), flush=True)
+        result = measure(args) if args.measure else measure_settings(args)
+        print(json.dumps(result), flush=True)
+        if not result.get("tuned_merge", {"exact": True})["exact"]:
+            sys.exit(f"tune_scale: the merge of the tuned configuration scores {result['tuned_merge']['windows_equal']}"
+                     f" of {result['tuned_merge']['windows']} windows as tune reported; all must match")
         return
     for shape in args.shapes.split(","):
         work = args.work / shape
         if not (work / "cabs.yml").exists():
             work.mkdir(parents=True, exist_ok=True)
-            hidden, layers = SHAPES[shape]
+            hidden, layers, vocab = SHAPES[shape]
+            device = "cuda" if args.cuda else "cpu"
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                             f"import tune_scale as t; from pathlib import Path; "
-                            f"t.build(Path({str(work)!r}), {hidden}, {layers})"], check=True)
+                            f"t.build(Path({str(work)!r}), {hidden}, {layers}, {vocab}, {device!r})"], check=True)
+        if args.build_only:
+            continue
         argv = ["--work", str(args.work), "--budget", str(args.budget), "--max-windows", str(args.max_windows),
                 "--window", str(args.window), "--batch-size", str(args.batch_size), "--score-dtype", args.score_dtype,
-                *(["--cuda"] if args.cuda else []), *(["--store-on-device"] if args.store_on_device else [])]
+                *(["--cuda"] if args.cuda else []), *(["--store-on-device"] if args.store_on_device else []),
+                *(["--check-exact"] if args.check_exact else [])]
         for flag in ["--measure"] + (["--measure-settings"] if args.settings else []):
             done = subprocess.run([sys.executable, __file__, *argv, flag, shape], check=True,
                                   stdout=subprocess.PIPE, text=True)

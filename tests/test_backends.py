@@ -19,7 +19,7 @@ from mergekit_cabs.kernel import (
     pick_backend,
 )
 
-from tiny_models import FULL_TESTS
+from tiny_models import CUDA_TEST_DEVICE, FULL_TESTS
 
 # Under MERGEKIT_CABS_FULL_TESTS=1 these run, and fail, without numba.
 needs_numba = pytest.mark.skipif(
@@ -182,12 +182,14 @@ def test_non_finite_input_names_the_same_input_on_both_paths(where, want, backen
     assert error.value.model == want
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.skipif(CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available(),
+                    reason="no CUDA device on this machine")
 def test_cuda_gives_the_same_bits_as_cpu():
     base, models = family((256, 4096), 3, torch.bfloat16, seed=11, coarse=True)
     cpu = cabs_merge(base, models, [1.0, 0.8, 0.6], [64] * 3, 256, backend="torch")
-    gpu = cabs_merge(base.cuda(), [m.cuda() for m in models], [1.0, 0.8, 0.6], [64] * 3, 256)
-    assert gpu.device.type == "cuda"
+    device = torch.device(CUDA_TEST_DEVICE)
+    gpu = cabs_merge(base.to(device), [m.to(device) for m in models], [1.0, 0.8, 0.6], [64] * 3, 256)
+    assert gpu.device.type == device.type
     assert torch.equal(bits(gpu.cpu()), bits(cpu))
 
 

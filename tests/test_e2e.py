@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tiny_models import (
+    CUDA_TEST_DEVICE,
     aligned_vocab_rows,
     assert_matches,
     cabs_is_installed,
@@ -154,6 +155,30 @@ def assert_same_bits(got: dict, want: dict) -> None:
 def test_mergekit_cpu_options_give_the_same_bits(cli_two, option, tmp_path):
     config, out, _ = cli_two
     proc = run_cli(config, tmp_path / "c.yml", tmp_path / "out", CPU_OPTIONS[option])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_bits(load_output(tmp_path / "out"), load_output(out))
+
+
+# mergekit's options for one GPU; --multi-gpu and --gpu-rich (which sets it) are left out.
+GPU_OPTIONS = {
+    "cuda": ["--cuda"],
+    "device-cuda": ["--device", "cuda"],
+    "read-to-gpu": ["--cuda", "--read-to-gpu"],
+    "cuda-low-cpu-memory": ["--cuda", "--low-cpu-memory"],
+}
+
+
+@pytest.mark.skipif(CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available(),
+                    reason="no CUDA device on this machine")
+@pytest.mark.parametrize("option", sorted(GPU_OPTIONS) if CUDA_TEST_DEVICE == "cuda" else [CUDA_TEST_DEVICE])
+def test_mergekit_cuda_options_give_the_same_bits_as_the_cpu_merge(cli_two, option, tmp_path):
+    """On a GPU, mergekit-yaml with each single-GPU option writes the bits of
+    the CPU merge (itself checked against the reference above).  In the CPU
+    dry run of benchmarks/gpu/run.sh (MERGEKIT_CABS_CUDA_TEST_DEVICE=cpu) the
+    one case is `--device cpu`: the same test's code, not a CUDA check."""
+    config, out, _ = cli_two
+    args = GPU_OPTIONS[option] if CUDA_TEST_DEVICE == "cuda" else ["--device", CUDA_TEST_DEVICE]
+    proc = run_cli(config, tmp_path / "c.yml", tmp_path / "out", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_bits(load_output(tmp_path / "out"), load_output(out))
 

@@ -37,6 +37,13 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 # tests that need it instead of skipping them.
 FULL_TESTS = os.environ.get("MERGEKIT_CABS_FULL_TESTS") == "1"
 
+# The device of the tests that check a CUDA path against the CPU (named with
+# "cuda"; benchmarks/gpu/run.sh runs them on the first GPU): "cuda", where they
+# skip without one.  The CPU dry run of that script sets "cpu" so that they run
+# their code there too: then the "device" side is the CPU's default path
+# (numba where installed) against the torch path, not a CUDA check.
+CUDA_TEST_DEVICE = os.environ.get("MERGEKIT_CABS_CUDA_TEST_DEVICE", "cuda")
+
 
 def optional(module: str, install: str):
     """Import an optional package, or skip the test saying `pip install
