@@ -1,0 +1,190 @@
+"""Write every sample output and figure the docs show, from the demo.
+
+    python docs/generate.py            # rewrite docs/samples/*.txt and the PNGs in docs/
+    python docs/generate.py --check    # regenerate into a temporary directory, compare, exit 1 on a difference
+
+It runs, in a new temporary directory and exactly as the docs print them, the
+commands of `COMMANDS`: `mergekit-cabs demo`, then check, analyze and tune
+on the demo, tune with layer groups, and the merge of tune's result. Each
+command's standard output (not the progress bars on stderr) goes to
+`docs/samples/NAME.txt`, its first line the command itself (`$ ...`), so a
+page that includes a sample shows the command that produced it. The
+temporary directory's path is written as `/home/me/project`, and anything
+that varies with the machine's speed (times) is masked. The figures of
+`FIGURES` are copied into docs/ (not compared by --check: PNG bytes vary with
+matplotlib's version), and so are the benchmark figures of `COPIES`.
+
+The console scripts are the ones beside this Python (`sys.executable`), with
+the repository first on PYTHONPATH, so the checkout's code is what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+SAMPLES = DOCS / "samples"
+BIN = Path(sys.executable).parent
+HOME = "/home/me/project"  # what the temporary directory is shown as
+
+_DATA = "--data math=cabs-demo/math.txt --data code=cabs-demo/code.txt --data chat=cabs-demo/chat.txt"
+
+# name -> (command, as the docs show it and run from the demo's parent directory; keep its output?)
+COMMANDS = {
+    "demo": ("mergekit-cabs demo", True),
+    "check": ("mergekit-cabs check cabs-demo/cabs.yml", True),
+    "analyze": ("mergekit-cabs analyze cabs-demo/cabs.yml --out cabs-demo/analysis", True),
+    "tune": (f"mergekit-cabs tune cabs-demo/cabs.yml {_DATA} --out cabs-demo/tune", True),
+    "tune-groups": (f"mergekit-cabs tune cabs-demo/cabs.yml {_DATA} --layer-groups 2 --out cabs-demo/tune-groups",
+                    True),
+    "merge": ("mergekit-yaml cabs-demo/tune/tuned.yml cabs-demo/merged-tuned", False),
+}
+
+# file the commands wrote (relative to their directory) -> its name in docs/
+FIGURES = {
+    "cabs-demo/analysis/overlap-by-layer.png": "analyze-overlap.png",
+    "cabs-demo/analysis/kept-by-layer.png": "analyze-kept.png",
+    "cabs-demo/tune/tune.png": "tune.png",
+}
+
+# Figures of a benchmark run (too long to rerun here), copied so the site can show them:
+# repository file -> its name in docs/ (--check compares the bytes)
+COPIES = {
+    "benchmarks/results/tune/tune_compare.png": "tune-compare.png",
+    "benchmarks/results/tune/tune_compare_search.png": "tune-compare-search.png",
+}
+
+# Lines whose presence depends on the machine's state, not on the code (the
+# numba kernel is compiled only where no cached copy exists).
+_DROP = re.compile(r"compil\w* the CPU kernel", re.I)
+# Durations: "10.3 s", "82.4 ms", "2 min".
+_TIME = re.compile(r"\b\d+(?:\.\d+)?(?= ?(?:s|ms|min)\b)")
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+def mask(text: str, directory: Path) -> str:
+    """`text` with the run's directory shown as HOME, times as 'N', machine-state lines dropped."""
+    text = text.replace(str(directory), HOME)
+    lines = [_TIME.sub("N", line).rstrip() for line in text.splitlines() if not _DROP.search(line)]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def run_all(directory: Path) -> dict[str, str]:
+    """Run COMMANDS in `directory`; the masked sample text of each command kept."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    samples = {}
+    for name, (command, keep) in COMMANDS.items():
+        args = shlex.split(command)
+        print(f"$ {command}", file=sys.stderr, flush=True)
+        result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=directory, env=env,
+                                capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise CommandFailed(f"{command!r} failed ({result.returncode}):\n{result.stdout[-2000:]}"
+                                f"\n{result.stderr[-3000:]}")
+        if keep:
+            samples[name] = f"$ {command}\n" + mask(result.stdout, directory)
+    return samples
+
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?%?")
+
+
+def _value(token: str) -> float:
+    return float(token.replace(",", "").rstrip("%"))
+
+
+def _close(old: str, new: str) -> bool:
+    """Two printed numbers agree: equal, or within 2 units of the last printed
+    digit or 1% of the value, whichever is larger."""
+    if old == new:
+        return True
+    a, b = _value(old), _value(new)
+    relative = 0.01 * max(abs(a), abs(b))
+    if "e" in old:  # 0.00e+00: the scale is in the exponent
+        return abs(a - b) <= relative
+    digits = len(old.rstrip("%").split(".")[1]) if "." in old else 0
+    return abs(a - b) <= max(2 * 10.0 ** -digits, relative)
+
+
+def differences(old: str, new: str) -> list[str]:
+    """Lines where `new` differs from `old` in its words, or in a number beyond `_close`."""
+    old_lines, new_lines = old.splitlines(), new.splitlines()
+    if len(old_lines) != len(new_lines):
+        return [f"{len(old_lines)} lines committed, {len(new_lines)} printed now"]
+    out = []
+    for i, (a, b) in enumerate(zip(old_lines, new_lines), 1):
+        numbers_a, numbers_b = _NUMBER.findall(a), _NUMBER.findall(b)
+        same_words = _NUMBER.sub("#", a) == _NUMBER.sub("#", b) and len(numbers_a) == len(numbers_b)
+        if not (same_words and all(_close(x, y) for x, y in zip(numbers_a, numbers_b))):
+            out.append(f"line {i}:\n  committed: {a}\n  now:       {b}")
+    return out
+
+
+def check(samples: dict[str, str]) -> list[str]:
+    """What differs between the committed samples and `samples` (a missing or extra file included)."""
+    problems = []
+    committed = {p.stem for p in SAMPLES.glob("*.txt")}
+    for name in sorted(committed - set(samples)):
+        problems.append(f"docs/samples/{name}.txt: no command writes it any more")
+    for name, text in samples.items():
+        path = SAMPLES / f"{name}.txt"
+        if not path.exists():
+            problems.append(f"{path.relative_to(REPO)}: missing")
+            continue
+        problems += [f"{path.relative_to(REPO)}: {d}" for d in differences(path.read_text(), text)]
+    for source, target in COPIES.items():
+        copy = DOCS / target
+        if not copy.exists() or copy.read_bytes() != (REPO / source).read_bytes():
+            problems.append(f"docs/{target}: not a copy of {source}")
+    return problems
+
+
+def write(samples: dict[str, str], directory: Path) -> None:
+    SAMPLES.mkdir(exist_ok=True)
+    for stale in SAMPLES.glob("*.txt"):
+        if stale.stem not in samples:
+            stale.unlink()
+    for name, text in samples.items():
+        (SAMPLES / f"{name}.txt").write_text(text)
+    for source, target in FIGURES.items():
+        shutil.copyfile(directory / source, DOCS / target)
+    for source, target in COPIES.items():
+        shutil.copyfile(REPO / source, DOCS / target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed samples instead of writing them; exit 1 on a difference")
+    options = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cabs-docs-") as tmp:
+        directory = Path(tmp)
+        samples = run_all(directory)
+        if options.check:
+            problems = check(samples)
+            for problem in problems:
+                print(problem)
+            if problems:
+                print("The docs' samples are stale: run `python docs/generate.py` and commit what it writes.")
+                return 1
+            print(f"docs/samples: {len(samples)} samples as committed")
+            return 0
+        write(samples, directory)
+    print(f"Wrote {len(samples)} samples to docs/samples and {len(FIGURES)} figures to docs/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
