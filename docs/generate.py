@@ -3,10 +3,11 @@
     python docs/generate.py            # rewrite docs/samples/*.txt and the PNGs in docs/
     python docs/generate.py --check    # regenerate into a temporary directory, compare, exit 1 on a difference
 
-It runs, in a new temporary directory and exactly as the docs print them, the
-commands of `COMMANDS`: `mergekit-cabs demo`, then check, analyze and tune
-on the demo, tune with layer groups, and the merge of tune's result. Each
-command's standard output (not the progress bars on stderr) goes to
+It runs, in a new temporary directory and exactly as the docs print them,
+`mergekit-cabs demo`, then check on the demo, analyze, tune and the merge of
+tune's result as the demo prints them, and tune with layer groups (see
+`commands_after_demo`). Each command's standard output (not the progress
+bars on stderr) goes to
 `docs/samples/NAME.txt`, its first line the command itself (`$ ...`), so a
 page that includes a sample shows the command that produced it. The
 temporary directory's path is written as `/home/me/project`, and anything
@@ -36,18 +37,35 @@ SAMPLES = DOCS / "samples"
 BIN = Path(sys.executable).parent
 HOME = "/home/me/project"  # what the temporary directory is shown as
 
-_DATA = "--data math=cabs-demo/math.txt --data code=cabs-demo/code.txt --data chat=cabs-demo/chat.txt"
+DEMO = "mergekit-cabs demo"
+CHECK = "mergekit-cabs check cabs-demo/cabs.yml"
+GROUPS = "--layer-groups 2"  # the tune run with layer groups: the demo's tune command with this and an --out of its own
 
-# name -> (command, as the docs show it and run from the demo's parent directory; keep its output?)
-COMMANDS = {
-    "demo": ("mergekit-cabs demo", True),
-    "check": ("mergekit-cabs check cabs-demo/cabs.yml", True),
-    "analyze": ("mergekit-cabs analyze cabs-demo/cabs.yml --out cabs-demo/analysis", True),
-    "tune": (f"mergekit-cabs tune cabs-demo/cabs.yml {_DATA} --out cabs-demo/tune", True),
-    "tune-groups": (f"mergekit-cabs tune cabs-demo/cabs.yml {_DATA} --layer-groups 2 --out cabs-demo/tune-groups",
-                    True),
-    "merge": ("mergekit-yaml cabs-demo/tune/tuned.yml cabs-demo/merged-tuned", False),
-}
+
+def commands_after_demo(demo_output: str) -> dict[str, str]:
+    """name -> command, as the docs show them and run from the demo's parent
+    directory: check, then analyze, tune and the merge exactly as the demo
+    printed them, and tune again with layer groups into an --out of its own
+    (the first run's --out already holds files)."""
+    printed = [line.strip() for line in demo_output.splitlines()]
+
+    def the(prefix: str) -> str:
+        found = [line for line in printed if line.startswith(prefix + " ")]
+        if len(found) != 1:
+            raise CommandFailed(f"the demo printed {len(found)} lines starting with {prefix!r}, not 1")
+        return found[0]
+
+    tune = the("mergekit-cabs tune")
+    if not tune.endswith(" --out cabs-demo/tune"):
+        raise CommandFailed(f"the demo's tune command does not end with --out cabs-demo/tune: {tune}")
+    return {
+        "check": CHECK,
+        "analyze": the("mergekit-cabs analyze"),
+        "tune": tune,
+        "tune-groups": tune.replace(" --out cabs-demo/tune", f" {GROUPS} --out cabs-demo/tune-groups"),
+        "merge": the("mergekit-yaml cabs-demo/tune/tuned.yml"),
+    }
+
 
 # file the commands wrote (relative to their directory) -> its name in docs/
 FIGURES = {
@@ -81,21 +99,30 @@ def mask(text: str, directory: Path) -> str:
     return "\n".join(lines).strip("\n") + "\n"
 
 
-def run_all(directory: Path) -> dict[str, str]:
-    """Run COMMANDS in `directory`; the masked sample text of each command kept."""
+def run(command: str, directory: Path) -> str:
+    """`command`'s sample: the command line, then its masked standard output."""
+    args = shlex.split(command)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    samples = {}
-    for name, (command, keep) in COMMANDS.items():
-        args = shlex.split(command)
-        print(f"$ {command}", file=sys.stderr, flush=True)
-        result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=directory, env=env,
-                                capture_output=True, text=True, timeout=1800)
-        if result.returncode != 0:
-            raise CommandFailed(f"{command!r} failed ({result.returncode}):\n{result.stdout[-2000:]}"
-                                f"\n{result.stderr[-3000:]}")
-        if keep:
-            samples[name] = f"$ {command}\n" + mask(result.stdout, directory)
+    print(f"$ {command}", file=sys.stderr, flush=True)
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=directory, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise CommandFailed(f"{command!r} failed ({result.returncode}):\n{result.stdout[-2000:]}"
+                            f"\n{result.stderr[-3000:]}")
+    return f"$ {command}\n" + mask(result.stdout, directory)
+
+
+def run_all(directory: Path) -> dict[str, str]:
+    """The demo, then `commands_after_demo`, in `directory`: name -> sample text."""
+    samples = {"demo": run(DEMO, directory)}
+    for name, command in commands_after_demo(samples["demo"]).items():
+        samples[name] = run(command, directory)
     return samples
+
+
+def command_of(sample: str) -> str:
+    """The command a sample shows (its first line, less the prompt)."""
+    return sample.splitlines()[0].removeprefix("$ ")
 
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?%?")

@@ -55,20 +55,23 @@ def _shown_demo_commands(text: str) -> list[str]:
     return lines
 
 
-def test_every_demo_command_the_readme_and_docs_show_is_one_generate_runs():
-    run = {command for command, _ in generate.COMMANDS.values()}
+def test_every_demo_command_the_readme_and_docs_show_is_one_generate_ran(samples):
+    ran = {generate.command_of(text) for text in samples.values()}
     readme = _shown_demo_commands((REPO / "README.md").read_text())
-    assert set(readme) >= {generate.COMMANDS[name][0] for name in ("demo", "analyze", "tune", "merge")}, readme
+    assert set(readme) >= {generate.command_of(samples[name]) for name in ("demo", "analyze", "tune", "merge")}, (
+        "README's demo block is not the demo's commands as it prints them now", readme)
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for line in _shown_demo_commands(page.read_text()):
-            assert line in run, f"{page.name} shows a command docs/generate.py does not run: {line}"
+            assert line in ran, f"{page.name} shows a command docs/generate.py did not run: {line}"
 
 
-def test_the_demo_prints_the_commands_the_readme_shows(samples):
-    printed = {line.strip() for line in samples["demo"].splitlines()}
-    for line in _shown_demo_commands((REPO / "README.md").read_text()):
-        if line != "mergekit-cabs demo":
-            assert line in printed, line
+def test_the_layer_groups_run_has_an_out_of_its_own_and_the_demo_prints_the_rest(samples):
+    demo = {line.strip() for line in samples["demo"].splitlines()}
+    for name in ("analyze", "tune", "merge"):
+        assert generate.command_of(samples[name]) in demo, name
+    groups = generate.command_of(samples["tune-groups"])
+    assert "--layer-groups 2 --out cabs-demo/tune-groups" in groups
+    assert "layer groups (2 of consecutive decoder layers" in samples["tune-groups"]
 
 
 def test_a_changed_word_or_a_number_off_by_more_than_the_tolerance_is_a_difference():
