@@ -8,7 +8,7 @@ is first used, or when mergekit itself is imported.
 
 from mergekit_cabs import _autoload
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "CabsError", "cabs_merge", "cabs_masks", "cabs_method", "install"]
 

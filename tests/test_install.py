@@ -48,8 +48,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PTH_NAME = "mergekit_cabs_autoload.pth"
 # What a build needs from the project tree (the sdist's own list).
 BUILD_FILES = ["pyproject.toml", "hatch_build.py", PTH_NAME, "README.md", "LICENSE"]
-# and what else the sdist carries
-SDIST_DIRS = ["tests", "example_configs"]
+# and what else the sdist carries (the docs, which tests/test_docs_*.py read)
+SDIST_DIRS = ["tests", "example_configs", "docs"]
+SDIST_FILES = ["mkdocs.yml", "CHANGELOG.md"]
 # the one place the version is written
 VERSION = re.search(
     r'^__version__ = "([^"]+)"$', (REPO_ROOT / "mergekit_cabs" / "__init__.py").read_text(), re.M
@@ -192,6 +193,8 @@ def sdist(tmp_path_factory):
     copy of everything the sdist is to carry."""
     root = tmp_path_factory.mktemp("sdist")
     project = _copy_project(root / "project", dirs=("mergekit_cabs", *SDIST_DIRS))
+    for name in SDIST_FILES:
+        shutil.copy2(REPO_ROOT / name, project / name)
     venv = Venv.create(root / "venv", borrow_parent=False)
     venv.pip("install", "-q", "hatchling>=1.27")
     out = root / "dist"
@@ -338,7 +341,7 @@ def test_sdist_carries_licence_and_builds(sdist, tmp_path):
         names = [n.split("/", 1)[1] for n in tf.getnames() if "/" in n]
         (pkg_info,) = [m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")]
         meta = _metadata(tf.extractfile(pkg_info).read().decode())
-    for name in [*BUILD_FILES, "mergekit_cabs/__init__.py", "tests/conftest.py"]:
+    for name in [*BUILD_FILES, *SDIST_FILES, "mergekit_cabs/__init__.py", "tests/conftest.py", "docs/generate.py"]:
         assert name in names, (name, sorted(names))
     assert any(n.startswith("example_configs/") for n in names)
     assert not [n for n in names if "__pycache__" in n]

@@ -1,0 +1,217 @@
+"""Write every sample output and figure the docs show, from the demo.
+
+    python docs/generate.py            # rewrite docs/samples/*.txt and the PNGs in docs/
+    python docs/generate.py --check    # regenerate into a temporary directory, compare, exit 1 on a difference
+
+It runs, in a new temporary directory and exactly as the docs print them,
+`mergekit-cabs demo`, then check on the demo, analyze, tune and the merge of
+tune's result as the demo prints them, and tune with layer groups (see
+`commands_after_demo`). Each command's standard output (not the progress
+bars on stderr) goes to
+`docs/samples/NAME.txt`, its first line the command itself (`$ ...`), so a
+page that includes a sample shows the command that produced it. The
+temporary directory's path is written as `/home/me/project`, and anything
+that varies with the machine's speed (times) is masked. The figures of
+`FIGURES` are copied into docs/ (not compared by --check: PNG bytes vary with
+matplotlib's version), and so are the benchmark figures of `COPIES`.
+
+The console scripts are the ones beside this Python (`sys.executable`), with
+the repository first on PYTHONPATH, so the checkout's code is what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+SAMPLES = DOCS / "samples"
+BIN = Path(sys.executable).parent
+HOME = "/home/me/project"  # what the temporary directory is shown as
+
+DEMO = "mergekit-cabs demo"
+CHECK = "mergekit-cabs check cabs-demo/cabs.yml"
+GROUPS = "--layer-groups 2"  # the tune run with layer groups: the demo's tune command with this and an --out of its own
+
+
+def commands_after_demo(demo_output: str) -> dict[str, str]:
+    """name -> command, as the docs show them and run from the demo's parent
+    directory: check, then analyze, tune and the merge exactly as the demo
+    printed them, and tune again with layer groups into an --out of its own
+    (the first run's --out already holds files)."""
+    printed = [line.strip() for line in demo_output.splitlines()]
+
+    def the(prefix: str) -> str:
+        found = [line for line in printed if line.startswith(prefix + " ")]
+        if len(found) != 1:
+            raise CommandFailed(f"the demo printed {len(found)} lines starting with {prefix!r}, not 1")
+        return found[0]
+
+    tune = the("mergekit-cabs tune")
+    if not tune.endswith(" --out cabs-demo/tune"):
+        raise CommandFailed(f"the demo's tune command does not end with --out cabs-demo/tune: {tune}")
+    return {
+        "check": CHECK,
+        "analyze": the("mergekit-cabs analyze"),
+        "tune": tune,
+        "tune-groups": tune.replace(" --out cabs-demo/tune", f" {GROUPS} --out cabs-demo/tune-groups"),
+        "merge": the("mergekit-yaml cabs-demo/tune/tuned.yml"),
+    }
+
+
+# file the commands wrote (relative to their directory) -> its name in docs/
+FIGURES = {
+    "cabs-demo/analysis/overlap-by-layer.png": "analyze-overlap.png",
+    "cabs-demo/analysis/kept-by-layer.png": "analyze-kept.png",
+    "cabs-demo/tune/tune.png": "tune.png",
+}
+
+# Figures of a benchmark run (too long to rerun here), copied so the site can show them:
+# repository file -> its name in docs/ (--check compares the bytes)
+COPIES = {
+    "benchmarks/results/tune/tune_compare.png": "tune-compare.png",
+    "benchmarks/results/tune/tune_compare_search.png": "tune-compare-search.png",
+}
+
+# Lines whose presence depends on the machine's state, not on the code (the
+# numba kernel is compiled only where no cached copy exists).
+_DROP = re.compile(r"compil\w* the CPU kernel", re.I)
+# Durations: "10.3 s", "82.4 ms", "2 min".
+_TIME = re.compile(r"\b\d+(?:\.\d+)?(?= ?(?:s|ms|min)\b)")
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+def mask(text: str, directory: Path) -> str:
+    """`text` with the run's directory shown as HOME, times as 'N', machine-state lines dropped."""
+    text = text.replace(str(directory), HOME)
+    lines = [_TIME.sub("N", line).rstrip() for line in text.splitlines() if not _DROP.search(line)]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def run(command: str, directory: Path) -> str:
+    """`command`'s sample: the command line, then its masked standard output."""
+    args = shlex.split(command)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    print(f"$ {command}", file=sys.stderr, flush=True)
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=directory, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise CommandFailed(f"{command!r} failed ({result.returncode}):\n{result.stdout[-2000:]}"
+                            f"\n{result.stderr[-3000:]}")
+    return f"$ {command}\n" + mask(result.stdout, directory)
+
+
+def run_all(directory: Path) -> dict[str, str]:
+    """The demo, then `commands_after_demo`, in `directory`: name -> sample text."""
+    samples = {"demo": run(DEMO, directory)}
+    for name, command in commands_after_demo(samples["demo"]).items():
+        samples[name] = run(command, directory)
+    return samples
+
+
+def command_of(sample: str) -> str:
+    """The command a sample shows (its first line, less the prompt)."""
+    return sample.splitlines()[0].removeprefix("$ ")
+
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?%?")
+
+
+def _value(token: str) -> float:
+    return float(token.replace(",", "").rstrip("%"))
+
+
+def _close(old: str, new: str) -> bool:
+    """Two printed numbers agree: equal, or within 2 units of the last printed
+    digit or 1% of the value, whichever is larger."""
+    if old == new:
+        return True
+    a, b = _value(old), _value(new)
+    relative = 0.01 * max(abs(a), abs(b))
+    if "e" in old:  # 0.00e+00: the scale is in the exponent
+        return abs(a - b) <= relative
+    digits = len(old.rstrip("%").split(".")[1]) if "." in old else 0
+    return abs(a - b) <= max(2 * 10.0 ** -digits, relative)
+
+
+def differences(old: str, new: str) -> list[str]:
+    """Lines where `new` differs from `old` in its words, or in a number beyond `_close`."""
+    old_lines, new_lines = old.splitlines(), new.splitlines()
+    if len(old_lines) != len(new_lines):
+        return [f"{len(old_lines)} lines committed, {len(new_lines)} printed now"]
+    out = []
+    for i, (a, b) in enumerate(zip(old_lines, new_lines), 1):
+        numbers_a, numbers_b = _NUMBER.findall(a), _NUMBER.findall(b)
+        same_words = _NUMBER.sub("#", a) == _NUMBER.sub("#", b) and len(numbers_a) == len(numbers_b)
+        if not (same_words and all(_close(x, y) for x, y in zip(numbers_a, numbers_b))):
+            out.append(f"line {i}:\n  committed: {a}\n  now:       {b}")
+    return out
+
+
+def check(samples: dict[str, str]) -> list[str]:
+    """What differs between the committed samples and `samples` (a missing or extra file included)."""
+    problems = []
+    committed = {p.stem for p in SAMPLES.glob("*.txt")}
+    for name in sorted(committed - set(samples)):
+        problems.append(f"docs/samples/{name}.txt: no command writes it any more")
+    for name, text in samples.items():
+        path = SAMPLES / f"{name}.txt"
+        if not path.exists():
+            problems.append(f"{path.relative_to(REPO)}: missing")
+            continue
+        problems += [f"{path.relative_to(REPO)}: {d}" for d in differences(path.read_text(), text)]
+    for source, target in COPIES.items():
+        copy = DOCS / target
+        if not copy.exists() or copy.read_bytes() != (REPO / source).read_bytes():
+            problems.append(f"docs/{target}: not a copy of {source}")
+    return problems
+
+
+def write(samples: dict[str, str], directory: Path) -> None:
+    SAMPLES.mkdir(exist_ok=True)
+    for stale in SAMPLES.glob("*.txt"):
+        if stale.stem not in samples:
+            stale.unlink()
+    for name, text in samples.items():
+        (SAMPLES / f"{name}.txt").write_text(text)
+    for source, target in FIGURES.items():
+        shutil.copyfile(directory / source, DOCS / target)
+    for source, target in COPIES.items():
+        shutil.copyfile(REPO / source, DOCS / target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed samples instead of writing them; exit 1 on a difference")
+    options = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cabs-docs-") as tmp:
+        directory = Path(tmp)
+        samples = run_all(directory)
+        if options.check:
+            problems = check(samples)
+            for problem in problems:
+                print(problem)
+            if problems:
+                print("The docs' samples are stale: run `python docs/generate.py` and commit what it writes.")
+                return 1
+            print(f"docs/samples: {len(samples)} samples as committed")
+            return 0
+        write(samples, directory)
+    print(f"Wrote {len(samples)} samples to docs/samples and {len(FIGURES)} figures to docs/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
