@@ -121,10 +121,16 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--data", "data", multiple=True, metavar="MODEL=FILE",
-              help="A fine-tuned model (as the YAML names it, or its directory's name) and a text or JSONL "
-                   "(a 'text' field per line) file of its task. Once per fine-tuned model, or not at all "
-                   "with --general.")
+@click.option("--data", "data", multiple=True, metavar="MODEL=FILE[@W]",
+              help="A fine-tuned model (as the YAML names it, or its directory's name) and a file of its task: "
+                   "text, or JSONL with one example per line, of one kind ({\"text\"}, {\"prompt\", \"response\"}, "
+                   "{\"messages\"} or {\"question\", \"choices\", \"answer\"}; see docs/tune-data.md). @W: the "
+                   "task's weight in the objective (default 1). Once per fine-tuned model, or not at all with "
+                   "--general.")
+@click.option("--chat-template", default=None, metavar="MODEL",
+              help="Take the chat template from this model's tokenizer (as the YAML names it) for prompt/response "
+                   "and messages rows, and put multiple-choice questions under it [default: the base's template, "
+                   "and none for multiple choice].")
 @click.option("--general", type=click.Path(path_type=Path), default=None,
               help="A text or JSONL file of general text, scored too and counted in the objective; "
                    "alone (no --data), its loss is the objective.")
@@ -152,10 +158,12 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="Seed of CMA-ES's draws (the same seed, the same points).")
 @click.option("--window", default=None, type=int,
               help="Tokens per scored window [default: 256, or the base's max_position_embeddings if smaller].")
-@click.option("--max-windows", default=64, show_default=True, help="Most windows per file and split.")
+@click.option("--max-windows", default=64, show_default=True,
+              help="Most windows (rows, questions) per file and split.")
 @click.option("--fit-fraction", default=0.5, show_default=True,
               help="Share of each file's windows to fit on, spread evenly along the file; the rest is held out.")
-@click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", default=4, show_default=True,
+              help="Windows or rows per forward pass (a question's choices always share one).")
 @click.option("--cuda", is_flag=True,
               help="Score on the GPU; the weights are rebuilt there from the store in host memory "
                    "(the masks are computed on the host).")
@@ -168,9 +176,9 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "streaming them from host memory.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
-         tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda, score_dtype,
-         store_on_device, force, quiet) -> None:
+def tune(config: Path, data, chat_template, general, general_weight, objective, out_dir, budget, weight_bounds,
+         lambda_bounds, tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda,
+         score_dtype, store_on_device, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
@@ -195,7 +203,8 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
         prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
-                          max_windows=max_windows, budget=budget, layer_groups=layer_groups)
+                          max_windows=max_windows, budget=budget, layer_groups=layer_groups,
+                          chat_template=chat_template)
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                              tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,

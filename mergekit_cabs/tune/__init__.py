@@ -32,6 +32,7 @@ from mergekit_cabs.tune.data import (
     model_names,
     read_texts,
     task_losses,
+    task_scores,
     window_losses,
 )
 from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
@@ -119,6 +120,7 @@ __all__ = [
     "split_objectives",
     "timed",
     "task_losses",
+    "task_scores",
     "tuned_config",
     "window_losses",
     "write_outputs",
