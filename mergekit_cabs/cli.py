@@ -131,6 +131,14 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="Take the chat template from this model's tokenizer (as the YAML names it) for prompt/response "
                    "and messages rows, and put multiple-choice questions under it [default: the base's template, "
                    "and none for multiple choice].")
+@click.option("--lm-eval", "lm_eval", multiple=True, metavar="TASK[:METRIC]",
+              help="An lm-eval task scored too (repeatable; METRIC default acc,none), on every model; its gain is "
+                   "against the best fine-tune on it. Needs the lm-eval extra: pip install "
+                   "\"mergekit-cabs[lm-eval]\".")
+@click.option("--lm-eval-include", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="A directory of your own lm-eval task YAMLs.")
+@click.option("--lm-eval-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Most documents of each lm-eval task per split [default: --max-windows].")
 @click.option("--general", type=click.Path(path_type=Path), default=None,
               help="A text or JSONL file of general text, scored too and counted in the objective; "
                    "alone (no --data), its loss is the objective.")
@@ -176,7 +184,8 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "streaming them from host memory.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def tune(config: Path, data, chat_template, general, general_weight, objective, out_dir, budget, weight_bounds,
+def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_limit, general, general_weight,
+         objective, out_dir, budget, weight_bounds,
          lambda_bounds, tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda,
          score_dtype, store_on_device, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
@@ -199,12 +208,13 @@ def tune(config: Path, data, chat_template, general, general_weight, objective, 
         weight_range, lambda_range, device = tn.search_settings(
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
-        objective = tn.implied_objective(objective, bool(data))
+        objective = tn.implied_objective(objective, bool(data) or bool(lm_eval))
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
         prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
                           max_windows=max_windows, budget=budget, layer_groups=layer_groups,
-                          chat_template=chat_template)
+                          chat_template=chat_template, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
+                          lm_eval_limit=lm_eval_limit)
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                              tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,

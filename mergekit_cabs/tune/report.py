@@ -112,7 +112,7 @@ def format_summary(report: dict) -> str:
     lines += ["", *held_out_lines(report)]
     if not has_tasks(report):
         lines.append("no --data: the objective is the loss on the general text")
-    lines += truncation_lines(report)
+    lines += truncation_lines(report) + shared_lines(report)
     lines.append(
         f"objective ({report['objective']}): {objective_label(report)}: "
         f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
@@ -156,6 +156,12 @@ def held_out_lines(report: dict) -> list[str]:
     if not plain_text(report) or any(line.endswith("start") for line in lines):
         lines.append("(v): lower is better, (^): higher is better; change: tuned - start")
     return lines
+
+
+def shared_lines(report: dict) -> list[str]:
+    """Which fine-tune is "own" for each task that belongs to no one model (lm-eval's)."""
+    return [f"{task}: own = the best fine-tune on it ({best['fit']} on fit, {best['heldout']} held out)"
+            for task, best in report["reference"].get("best_of", {}).items()]
 
 
 def truncation_lines(report: dict) -> list[str]:

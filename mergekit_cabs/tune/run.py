@@ -20,6 +20,7 @@ import torch
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import SPLITS, load_tasks, match_data, means, model_names, task_scores
 from mergekit_cabs.tune.groups import LayerGroups, make_groups
+from mergekit_cabs.tune.lmeval import load_lm_eval_tasks
 from mergekit_cabs.tune.options import (
     DEFAULTS,
     GENERAL,
@@ -72,21 +73,24 @@ class Prepared:
 def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = None, window: int | None = None,
             fit_fraction: float = DEFAULTS["fit_fraction"], max_windows: int = DEFAULTS["max_windows"],
             budget: int = DEFAULTS["budget"], layer_groups: int | None = None,
-            chat_template: str | None = None) -> Prepared:
+            chat_template: str | None = None, lm_eval: Sequence[str] = (), lm_eval_include: Path | None = None,
+            lm_eval_limit: int | None = None) -> Prepared:
     """Check the configuration and the data, tokenize the data; loads no model weights.
     `data` (MODEL=FILE) names a file for every fine-tune, or is empty with `general` alone;
     `layer_groups` G: one weight per model for each of G groups of consecutive
     decoder layers and one for the tensors outside them (None: one per model);
     `chat_template`: the model (as the YAML names it) whose chat template
-    chat data and multiple-choice questions go under (None: the base's, for chat data only)."""
+    chat data and multiple-choice questions go under (None: the base's, for chat data only);
+    `lm_eval`: TASK[:METRIC] lm-eval tasks (`lmeval`), from `lm_eval_include`
+    too, at most `lm_eval_limit` documents per split (None: `max_windows`)."""
     from mergekit_cabs import planning
     from mergekit_cabs._output import short_names
 
     check_data_settings(budget=budget, fit_fraction=fit_fraction, max_windows=max_windows)
     config, planned, finetunes = plan_config(config_path)
-    if not data and general is None:
-        raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --general FILE alone "
-                        "(its loss is then the objective)")
+    if not data and general is None and not lm_eval:
+        raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --lm-eval TASK, or --general FILE "
+                        "alone (its loss is then the objective)")
     files, weights = match_data(finetunes, data) if data else ([], [])
     groups = make_groups((p.name for p in planned), layer_groups)
     start_weights, start_lambda = configured_numbers(planned, finetunes, groups)
@@ -95,6 +99,9 @@ def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = No
     template, choice_template = chat_templates(config, finetunes, tokenizer, chat_template)
     tasks = load_tasks(labels, files, general, tokenizer, window=window, fit_fraction=fit_fraction,
                        max_windows=max_windows, weights=weights, template=template, choice_template=choice_template)
+    tasks[len(files):len(files)] = load_lm_eval_tasks(lm_eval, tokenizer, include=lm_eval_include,
+                                                      limit=lm_eval_limit or max_windows, fit_fraction=fit_fraction,
+                                                      taken={t.name for t in tasks})
     raw = planning.read_yaml(config_path)
     return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks,
                     groups)
@@ -268,24 +275,37 @@ def load_model(path: str, device: str, dtype: torch.dtype = torch.float32):
 
 
 def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
-    """Phase 1: each fine-tune on its own task, then the base on every data
-    set, one model in memory at a time (each freed before the next is
-    loaded), all in the scoring dtype.  Returns the base model (to become the
-    merged one) and the losses."""
+    """Phase 1: each fine-tune on its own task (and on every shared task:
+    lm-eval's), then the base on every data set, one model in memory at a
+    time (each freed before the next is loaded), all in the scoring dtype.
+    Returns the base model (to become the merged one) and the values: a
+    shared task's "own" value is the best fine-tune's (`best_of` names it)."""
     import tqdm
 
     reference: dict = {"base": {}, "models": {}}
-    measures: dict = {"base": {}, "models": {}}  # every measure (accuracy too), as reference["measures"]
+    measures: dict = {"base": {}, "models": {}, "shared": {}}  # every measure (accuracy too)
+    shared = [t for t in prep.tasks if getattr(t, "shared", False)]
     own = {t.name: t for t in prep.tasks}  # no model's own data with --general alone
-    for label, ref, task in tqdm.tqdm([(k, r, own[k]) for k, r in zip(prep.labels, prep.finetunes) if k in own],
-                                      desc="Scoring the fine-tunes", unit="model", disable=s.quiet):
+    jobs = [(k, r, ([own[k]] if k in own else []) + shared) for k, r in zip(prep.labels, prep.finetunes)]
+    for label, ref, tasks in tqdm.tqdm([job for job in jobs if job[2]], desc="Scoring the fine-tunes", unit="model",
+                                       disable=s.quiet):
         tuned = load_model(str(ref.model.path), s.device, s.score_dtype)
         check_finite(tuned, ref)
-        scored = {split: mean_measures(task.score(tuned, split, s.batch_size)) for split in SPLITS}
-        reference["models"][label] = {split: scored[split][task.measure] for split in SPLITS}
-        measures["models"][label] = scored
+        for task in tasks:
+            scored = {split: mean_measures(task.score(tuned, split, s.batch_size)) for split in SPLITS}
+            if getattr(task, "shared", False):
+                measures["shared"].setdefault(task.name, {})[label] = scored
+            else:
+                reference["models"][label] = {split: scored[split][task.measure] for split in SPLITS}
+                measures["models"][label] = scored
         del tuned
         release_memory()
+    for task in shared:
+        reference.setdefault("best_of", {})[task.name] = best_of = best_fine_tunes(task, measures["shared"][task.name])
+        reference["models"][task.name] = {split: measures["shared"][task.name][best_of[split]][split][task.measure]
+                                          for split in SPLITS}
+        measures["models"][task.name] = {split: measures["shared"][task.name][best_of[split]][split]
+                                         for split in SPLITS}
     _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
     model = load_model(str(prep.config.base_model.model.path), s.device, s.score_dtype)
     check_finite(model, prep.config.base_model, base=True)
@@ -295,6 +315,12 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
                          for split in SPLITS}
     reference["measures"] = measures
     return model, reference
+
+
+def best_fine_tunes(task, by_model: dict[str, dict]) -> dict[str, str]:
+    """Per split, the fine-tune that scores best on a shared task (the first of equals, in the YAML's order)."""
+    sign = 1 if task.lower_is_better else -1
+    return {split: min(by_model, key=lambda label: sign * by_model[label][split][task.measure]) for split in SPLITS}
 
 
 def mean_measures(scored: dict[str, torch.Tensor]) -> dict[str, float]:

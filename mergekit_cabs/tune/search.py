@@ -40,8 +40,11 @@ class Objective:
     def gains(self, losses: dict[str, float]) -> dict[str, float]:
         """Normalized gain per task, (L_base - L) / (L_base - L_own) (the same
         for a measure where higher is better); for the general set, the
-        relative loss change (L_base - L) / L_base."""
-        out = {t: (self.base[t] - losses[t]) / (self.base[t] - self.own[t]) for t in self.tasks}
+        relative loss change (L_base - L) / L_base.  NaN where the model is
+        no different from the base on its task (possible with the loss
+        objective, which does not use the gains)."""
+        out = {t: (self.base[t] - losses[t]) / (self.base[t] - self.own[t]) if self.base[t] != self.own[t]
+               else math.nan for t in self.tasks}
         if GENERAL in losses:
             out[GENERAL] = (self.base[GENERAL] - losses[GENERAL]) / self.base[GENERAL]
         return out
