@@ -68,7 +68,7 @@ def demo(directory: Path, seed: int) -> None:
     fine-tune there, merges the YAML with mergekit into DIRECTORY/merged,
     checks every merged tensor and loads the result with transformers. Then
     prints the analyze, tune and mergekit-yaml commands that go on from it."""
-    from mergekit_cabs.demo import next_steps, run_demo, shown
+    from mergekit_cabs.demo import answers_step, next_steps, run_demo, shown
 
     directory = directory.resolve()
     out = directory / "merged"
@@ -82,6 +82,9 @@ def demo(directory: Path, seed: int) -> None:
     click.echo("\nNext: see how the kept weights overlap, pick the weights from the data, merge with them:")
     for line in (analyze, tune, merge):
         click.echo(f"  {line}")
+    click.echo("\nOr tune on answers: math as multiple choice, chat's conversations scored on the bot's turns "
+               "(docs/tune-data.md):")
+    click.echo(f"  {answers_step(directory, config_path, data)}")
 
 
 @main.command()

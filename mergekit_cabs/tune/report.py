@@ -112,7 +112,7 @@ def format_summary(report: dict) -> str:
     lines += ["", *held_out_lines(report)]
     if not has_tasks(report):
         lines.append("no --data: the objective is the loss on the general text")
-    lines += truncation_lines(report) + shared_lines(report)
+    lines += accuracy_lines(report) + truncation_lines(report) + shared_lines(report)
     lines.append(
         f"objective ({report['objective']}): {objective_label(report)}: "
         f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
@@ -156,6 +156,17 @@ def held_out_lines(report: dict) -> list[str]:
     if not plain_text(report) or any(line.endswith("start") for line in lines):
         lines.append("(v): lower is better, (^): higher is better; change: tuned - start")
     return lines
+
+
+def accuracy_lines(report: dict) -> list[str]:
+    """For each task with an accuracy, in words: does the tuned point beat the start on held-out accuracy."""
+    out = []
+    for task, by in report["best"]["heldout"].get("measures", {}).items():
+        if "acc" in by:
+            was, now = report["start"]["heldout"]["measures"][task]["acc"], by["acc"]
+            verdict = "beats the start" if now > was else "does NOT beat the start"
+            out.append(f"{task}: held-out accuracy {was:.4f} -> {now:.4f}: the tuned point {verdict}")
+    return out
 
 
 def shared_lines(report: dict) -> list[str]:
