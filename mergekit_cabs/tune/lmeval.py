@@ -54,16 +54,21 @@ def parse_task(text: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def quiet_run():
-    """lm-eval's and datasets' progress bars off, for the block."""
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """For the block: lm-eval's progress bars (written to stderr, some with
+    tqdm's `disable` forced off) go nowhere, and its loggers say errors only;
+    exceptions still rise."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
-        yield
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @dataclass
@@ -99,8 +104,8 @@ class LmEvalTask:
     def score(self, model, split: str, batch_size: int) -> dict[str, torch.Tensor]:
         """lm-eval's run of the task on this split's documents: the metric per document (float64)."""
         simple_evaluate, HFLM, _, _ = lm_eval_modules()
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=batch_size)
         with quiet_run():
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=batch_size)
             result = simple_evaluate(model=lm, tasks=[self.task], task_manager=self.manager,
                                      samples={self.task: self.docs[split]}, log_samples=True, bootstrap_iters=0,
                                      verbosity="ERROR")
