@@ -197,9 +197,11 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
     holds the pruned task vectors in memory, so a new weight vector costs one
     pass over the parameters instead of a merge. A search (coordinate-wise
     or CMA-ES, --optimizer) maximises the mean normalized gain over the
-    models' tasks on the fit share of each --data file's windows
-    (--fit-fraction, spread along the file: every other window at 0.5); the
-    rest is held out and reported. With --general FILE alone, it minimises
+    models' tasks on the fit share of each --data file's items (text
+    windows, chat rows, multiple-choice questions, lm-eval documents;
+    --fit-fraction, spread along the file: every other item at 0.5); the
+    rest is held out and reported. Each task counts in its own measure
+    (docs/tune-data.md); --data MODEL=FILE@W weights it. With --general FILE alone, it minimises
     the loss on that text instead.
     Writes tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
     tune.png to --out."""

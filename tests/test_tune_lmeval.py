@@ -112,3 +112,19 @@ def test_lm_eval_bad_task_and_metric_are_one_line(lm_family, offline):
         tn.prepare(lm_family["config"], lm_family["data"], lm_eval=["tiny_mc:f1"], lm_eval_include=lm_family["tasks"])
     with pytest.raises(tn.TuneError, match="lm-eval cannot load task 'no_such_task'"):
         tn.prepare(lm_family["config"], lm_family["data"], lm_eval=["no_such_task"])
+
+
+def test_lm_eval_alone_scores_every_fine_tune_and_keeps_lm_evals_output_off_the_terminal(lm_family, offline, capfd):
+    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    prep = tn.prepare(lm_family["config"], [], lm_eval=["tiny_mc"], lm_eval_include=lm_family["tasks"],
+                      lm_eval_limit=3)
+    assert [(t.name, t.kind, t.measure) for t in prep.tasks] == [("tiny_mc", "lm-eval", "acc,none")]
+    capfd.readouterr()
+    report = tn.run_tune(prep, budget=2, objective="loss", quiet=True)
+    shared = report["reference"]["measures"]["shared"]["tiny_mc"]
+    assert set(shared) == {"ft0", "ft1"}
+    best = report["reference"]["best_of"]["tiny_mc"]["heldout"]
+    assert report["reference"]["models"]["tiny_mc"]["heldout"] == max(v["heldout"]["acc,none"] for v in shared.values())
+    assert shared[best]["heldout"]["acc,none"] == report["reference"]["models"]["tiny_mc"]["heldout"]
+    printed = capfd.readouterr()
+    assert "loglikelihood" not in printed.err and "pretrained" not in printed.err, printed.err[-500:]

@@ -54,21 +54,24 @@ def parse_task(text: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def quiet_run():
-    """For the block: lm-eval's progress bars (written to stderr, some with
-    tqdm's `disable` forced off) go nowhere, and its loggers say errors only;
-    exceptions still rise."""
-    import logging
+    """For the block, standard error (file descriptor 2, and sys.stderr where
+    something has replaced it) goes nowhere:
+    lm-eval's progress bars (some with tqdm's `disable` forced off), its
+    warnings and the `git` it runs for its environment report would
+    otherwise print at every evaluation.  Exceptions still rise."""
+    import sys
 
-    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    sys.stderr.flush()
+    saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
     try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        with open(os.devnull, "w") as python_sink, contextlib.redirect_stderr(python_sink):  # sys.stderr replaced
             yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)
 
 
 @dataclass
