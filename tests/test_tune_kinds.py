@@ -242,3 +242,22 @@ def test_mixed_kinds_report_each_kinds_values_of_the_model_mergekit_writes(kinds
             scored = task.score(model, split, tn.DEFAULTS["batch_size"])
             assert scored[task.measure].tolist() == best[split]["window_losses"][task.name], (task.name, split)
             assert {m: float(v.mean()) for m, v in scored.items()} == best[split]["measures"][task.name]
+
+
+def test_a_question_under_a_chat_template_is_the_users_message_with_no_delimiter(tokenizer):
+    from mergekit_cabs.tune.choice import make_question
+
+    row = {"question": _w(5, 6), "choices": [_w(7), _w(8, 9)], "answer": 1}
+    question, cut = make_question(tokenizer, TEMPLATE, row, 64, "x")
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ["w1", "w5", "w6", "w3", "w2", "w7", "w8", "w9"]]
+    assert question.sequences == [ids[:6], ids[:5] + ids[6:]] and question.continuation == [1, 2] and not cut
+    plain, _ = make_question(tokenizer, None, row, 4, "x")  # "w5 w6 w8 w9" fits 4; no template, no specials
+    assert plain.sequences == [ids[1:3] + ids[5:6], ids[1:3] + ids[6:]] and plain.lengths == [2, 5]
+
+
+def test_the_summary_counts_rows_cut_to_the_window():
+    from mergekit_cabs.tune.report import truncation_lines
+
+    report = {"data": {"a": {"truncated_rows": 3, "window": 64}, "b": {"truncated_questions": 0, "window": 64}}}
+    assert truncation_lines(report) == [
+        "a: 3 scored rows longer than --window 64 were cut (from the left of the prompt)"]
