@@ -64,10 +64,12 @@ def demo(directory: Path, seed: int) -> None:
 
     Trains a tiny Llama base and three fine-tunes (math, code, chat), each on
     its own synthetic text, in DIRECTORY (default: ./cabs-demo; no network,
-    well under a minute on a CPU), writes a cabs YAML and one text file per
-    fine-tune there, merges the YAML with mergekit into DIRECTORY/merged,
+    well under a minute on a CPU), writes a cabs YAML, one text file per
+    fine-tune, and answers (chat.jsonl conversations, math-choice.jsonl
+    multiple choice) there, merges the YAML with mergekit into DIRECTORY/merged,
     checks every merged tensor and loads the result with transformers. Then
-    prints the analyze, tune and mergekit-yaml commands that go on from it."""
+    prints the analyze, tune and mergekit-yaml commands that go on from it,
+    and a tune command on the answers."""
     from mergekit_cabs.demo import answers_step, next_steps, run_demo, shown
 
     directory = directory.resolve()
