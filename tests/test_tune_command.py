@@ -470,7 +470,7 @@ def test_tune_refuses_gain_with_general_alone_and_no_data_at_all(tune_family, tm
     out = _bad(tune_family, tmp_path, data=[], extra=["--general", tune_family["general"], "--objective", "gain"])
     assert "--objective gain needs --data" in out and "--general alone" in out
     out = _bad(tune_family, tmp_path, data=[])
-    assert "give --data MODEL=FILE for every fine-tuned model, or --general FILE alone" in out
+    assert "give --data MODEL=FILE for every fine-tuned model, or --lm-eval TASK, or --general FILE alone" in out
 
 
 def test_loss_objective_reports_losses_and_a_positive_mean_loss(tune_family, tmp_path):
