@@ -64,11 +64,13 @@ def demo(directory: Path, seed: int) -> None:
 
     Trains a tiny Llama base and three fine-tunes (math, code, chat), each on
     its own synthetic text, in DIRECTORY (default: ./cabs-demo; no network,
-    well under a minute on a CPU), writes a cabs YAML and one text file per
-    fine-tune there, merges the YAML with mergekit into DIRECTORY/merged,
+    well under a minute on a CPU), writes a cabs YAML, one text file per
+    fine-tune, and answers (chat.jsonl conversations, math-choice.jsonl
+    multiple choice) there, merges the YAML with mergekit into DIRECTORY/merged,
     checks every merged tensor and loads the result with transformers. Then
-    prints the analyze, tune and mergekit-yaml commands that go on from it."""
-    from mergekit_cabs.demo import next_steps, run_demo, shown
+    prints the analyze, tune and mergekit-yaml commands that go on from it,
+    and a tune command on the answers."""
+    from mergekit_cabs.demo import answers_step, next_steps, run_demo, shown
 
     directory = directory.resolve()
     out = directory / "merged"
@@ -82,6 +84,9 @@ def demo(directory: Path, seed: int) -> None:
     click.echo("\nNext: see how the kept weights overlap, pick the weights from the data, merge with them:")
     for line in (analyze, tune, merge):
         click.echo(f"  {line}")
+    click.echo("\nOr tune on answers: math as multiple choice, chat's conversations scored on the bot's turns "
+               "(docs/tune-data.md):")
+    click.echo(f"  {answers_step(directory, config_path, data)}")
 
 
 @main.command()
@@ -121,10 +126,24 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--data", "data", multiple=True, metavar="MODEL=FILE",
-              help="A fine-tuned model (as the YAML names it, or its directory's name) and a text or JSONL "
-                   "(a 'text' field per line) file of its task. Once per fine-tuned model, or not at all "
-                   "with --general.")
+@click.option("--data", "data", multiple=True, metavar="MODEL=FILE[@W]",
+              help="A fine-tuned model (as the YAML names it, or its directory's name) and a file of its task: "
+                   "text, or JSONL with one example per line, of one kind ({\"text\"}, {\"prompt\", \"response\"}, "
+                   "{\"messages\"} or {\"question\", \"choices\", \"answer\"}; see docs/tune-data.md). @W: the "
+                   "task's weight in the objective (default 1). Once per fine-tuned model, or not at all with "
+                   "--general.")
+@click.option("--chat-template", default=None, metavar="MODEL",
+              help="Take the chat template from this model's tokenizer (as the YAML names it) for prompt/response "
+                   "and messages rows, and put multiple-choice questions under it [default: the base's template, "
+                   "and none for multiple choice].")
+@click.option("--lm-eval", "lm_eval", multiple=True, metavar="TASK[:METRIC]",
+              help="An lm-eval task scored too (repeatable; METRIC default acc,none), on every model; its gain is "
+                   "against the best fine-tune on it. Needs the lm-eval extra: pip install "
+                   "\"mergekit-cabs[lm-eval]\".")
+@click.option("--lm-eval-include", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="A directory of your own lm-eval task YAMLs.")
+@click.option("--lm-eval-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Most documents of each lm-eval task per split [default: --max-windows].")
 @click.option("--general", type=click.Path(path_type=Path), default=None,
               help="A text or JSONL file of general text, scored too and counted in the objective; "
                    "alone (no --data), its loss is the objective.")
@@ -152,10 +171,12 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="Seed of CMA-ES's draws (the same seed, the same points).")
 @click.option("--window", default=None, type=int,
               help="Tokens per scored window [default: 256, or the base's max_position_embeddings if smaller].")
-@click.option("--max-windows", default=64, show_default=True, help="Most windows per file and split.")
+@click.option("--max-windows", default=64, show_default=True,
+              help="Most windows (rows, questions) per file and split.")
 @click.option("--fit-fraction", default=0.5, show_default=True,
               help="Share of each file's windows to fit on, spread evenly along the file; the rest is held out.")
-@click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", default=4, show_default=True,
+              help="Windows or rows per forward pass (a question's choices always share one).")
 @click.option("--cuda", is_flag=True,
               help="Score on the GPU; the weights are rebuilt there from the store in host memory "
                    "(the masks are computed on the host).")
@@ -168,18 +189,21 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "streaming them from host memory.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
-         tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda, score_dtype,
-         store_on_device, force, quiet) -> None:
+def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_limit, general, general_weight,
+         objective, out_dir, budget, weight_bounds,
+         lambda_bounds, tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda,
+         score_dtype, store_on_device, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
     holds the pruned task vectors in memory, so a new weight vector costs one
     pass over the parameters instead of a merge. A search (coordinate-wise
     or CMA-ES, --optimizer) maximises the mean normalized gain over the
-    models' tasks on the fit share of each --data file's windows
-    (--fit-fraction, spread along the file: every other window at 0.5); the
-    rest is held out and reported. With --general FILE alone, it minimises
+    models' tasks on the fit share of each --data file's items (text
+    windows, chat rows, multiple-choice questions, lm-eval documents;
+    --fit-fraction, spread along the file: every other item at 0.5); the
+    rest is held out and reported. Each task counts in its own measure
+    (docs/tune-data.md); --data MODEL=FILE@W weights it. With --general FILE alone, it minimises
     the loss on that text instead.
     Writes tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
     tune.png to --out."""
@@ -191,11 +215,13 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
         weight_range, lambda_range, device = tn.search_settings(
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
-        objective = tn.implied_objective(objective, bool(data))
+        objective = tn.implied_objective(objective, bool(data) or bool(lm_eval))
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
         prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
-                          max_windows=max_windows, budget=budget, layer_groups=layer_groups)
+                          max_windows=max_windows, budget=budget, layer_groups=layer_groups,
+                          chat_template=chat_template, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
+                          lm_eval_limit=lm_eval_limit)
         report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                              budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                              tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,

@@ -3,9 +3,12 @@
 Builds a tiny Llama base and three fine-tunes, each trained for a few
 seconds on the CPU on its own synthetic text ("math": arithmetic
 progressions, "code": bracket and keyword lines, "chat": dialogue turns),
-with a word-level tokenizer that encodes every word of those texts.  Writes
-a cabs YAML and one held-back text per fine-tune (math.txt, code.txt,
-chat.txt, from draws no training step saw), merges the YAML through
+with a word-level tokenizer that encodes every word of those texts (and
+carries a chat template that writes a conversation as the chat text does).
+Writes a cabs YAML and one held-back text per fine-tune (math.txt, code.txt,
+chat.txt, from draws no training step saw), and the same held-back draws as
+answers: chat.jsonl (conversations, scored on the bot's turns) and
+math-choice.jsonl (the next term of a progression among 4 choices); merges the YAML through
 mergekit, checks every merged tensor against the kernel's masks with the
 numbers the YAML gives, and loads the result.  No network; deterministic for
 a seed on one machine (one thread, torch's deterministic algorithms).
@@ -57,6 +60,10 @@ CHAT = (("hello , how are you ?", "i am fine , thanks ."), ("what is your name ?
         ("do you like {x} ?", "yes , i like {x} too ."), ("how is the weather today ?", "it is {w} today ."),
         ("thanks !", "you are welcome ."), ("bye !", "see you later , have a nice day ."))
 LIKES, WEATHER = ("tea", "coffee", "music", "books"), ("sunny", "rainy", "cold", "warm")
+# The demo tokenizer's chat template: a conversation rendered exactly as the chat text is written.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ 'user : ' if m['role'] == 'user' else 'bot : ' }}{{ m['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}bot : {% endif %}")
+ANSWER_ROWS = 64  # rows of chat.jsonl and questions of math-choice.jsonl: 32 fit, 32 held out
 
 
 def math_line(r: random.Random) -> str:
@@ -70,10 +77,36 @@ def code_line(r: random.Random) -> str:
     return r.choice(CODE).format(f=r.choice(FUNCTIONS), v=r.choice(NAMES), w=r.choice(NAMES), k=r.randrange(31))
 
 
-def chat_line(r: random.Random) -> str:
+def chat_turn(r: random.Random) -> tuple[str, str]:
     question, answer = r.choice(CHAT)
     x, w = r.choice(LIKES), r.choice(WEATHER)
-    return f"user : {question.format(x=x, w=w)} bot : {answer.format(x=x, w=w)}"
+    return question.format(x=x, w=w), answer.format(x=x, w=w)
+
+
+def chat_line(r: random.Random) -> str:
+    question, answer = chat_turn(r)
+    return f"user : {question} bot : {answer}"
+
+
+def chat_row(r: random.Random) -> dict:
+    """A conversation of one or two exchanges, as chat messages."""
+    messages = []
+    for _ in range(r.randrange(1, 3)):
+        question, answer = chat_turn(r)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def math_question(r: random.Random) -> dict:
+    """Four terms of a progression; the choices: the next term and three others (0 to 30)."""
+    step = r.randrange(1, 6)
+    first = r.randrange(0, 31 - 4 * step)
+    terms = [first + k * step for k in range(5)]
+    wrong = {terms[4] + d for d in (-3, -2, -1, 1, 2, 3, step, -step)} - {terms[4]}  # near misses, 3 or more
+    choices = [terms[4], *r.sample(sorted(v for v in wrong if 0 <= v <= 30), 3)]
+    r.shuffle(choices)
+    return {"question": f"{first} + {step} : " + " ".join(map(str, terms[:4])),
+            "choices": [str(c) for c in choices], "answer": choices.index(terms[4])}
 
 
 LINES = {"math": math_line, "code": code_line, "chat": chat_line}
@@ -137,6 +170,7 @@ def build_models(directory: Path, seed: int) -> dict[str, Path]:
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(words), hidden_size=96, intermediate_size=264, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -167,6 +201,20 @@ def write_data(directory: Path, seed: int) -> dict[str, Path]:
     for i, name in enumerate(SPECIALISTS):
         paths[name] = directory / f"{name}.txt"
         paths[name].write_text(demo_text(name, seed * 100 + 50 + i, DATA_TOKENS), encoding="utf-8")
+    return paths
+
+
+def write_answers(directory: Path, seed: int) -> dict[str, Path]:
+    """chat.jsonl (conversations) and math-choice.jsonl (multiple choice),
+    drawn with seeds no training step used; {name: path}."""
+    import json
+
+    makers = {"math": ("math-choice.jsonl", math_question), "chat": ("chat.jsonl", chat_row)}
+    paths = {}
+    for name, (file, make) in makers.items():
+        r = random.Random(seed * 100 + 70 + SPECIALISTS.index(name))
+        paths[name] = directory / file
+        paths[name].write_text("".join(json.dumps(make(r)) + "\n" for _ in range(ANSWER_ROWS)), encoding="utf-8")
     return paths
 
 
@@ -251,17 +299,26 @@ def shown(path: Path) -> str:
     return shlex.quote(path.as_posix() if relative.startswith("..") else Path(relative).as_posix())
 
 
+def tune_command(config_path: Path, data: dict[str, Path], out: Path) -> str:
+    return " ".join([f"mergekit-cabs tune {shown(config_path)}",
+                     *(f"--data {name}={shown(path)}" for name, path in data.items()), f"--out {shown(out)}"])
+
+
 def next_steps(directory: Path, config_path: Path, data: dict[str, Path]) -> list[str]:
     """The commands that go on from the demo: analyze, tune (on the data
     files beside the YAML), and mergekit-yaml on what tune writes."""
     out = directory / "tune"
-    tune = " ".join([f"mergekit-cabs tune {shown(config_path)}",
-                     *(f"--data {name}={shown(path)}" for name, path in data.items()), f"--out {shown(out)}"])
     return [
         f"mergekit-cabs analyze {shown(config_path)} --out {shown(directory / 'analysis')}",
-        tune,
+        tune_command(config_path, data, out),
         f"mergekit-yaml {shown(out / 'tuned.yml')} {shown(directory / 'merged-tuned')}",
     ]
+
+
+def answers_step(directory: Path, config_path: Path, data: dict[str, Path]) -> str:
+    """tune on answers: math as multiple choice, chat as conversations (code stays text)."""
+    answers = {**data, **{k: directory / f for k, f in (("math", "math-choice.jsonl"), ("chat", "chat.jsonl"))}}
+    return tune_command(config_path, answers, directory / "tune-answers")
 
 
 def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> tuple[Path, dict[str, Path]]:
@@ -280,7 +337,9 @@ def run_demo(directory: Path, seed: int, echo: Callable[[str], None]) -> tuple[P
          f"each on its own synthetic text, in {directory}")
     config_path = write_config(directory, build_models(directory, seed))
     data = write_data(directory, seed)
+    answers = write_answers(directory, seed)
     echo(f"Wrote {config_path} and {', '.join(p.name for p in data.values())} (held-back text of each fine-tune)")
+    echo(f"Wrote {', '.join(p.name for p in answers.values())} (held-back answers: multiple choice, conversations)")
     echo("Merging with mergekit (merge_method: cabs)")
     config = MergeConfiguration.model_validate(read_yaml(config_path))
     run_merge(config, str(out), MergeOptions(copy_tokenizer=True, quiet=False))

@@ -97,14 +97,38 @@ def test_demo_builds_merges_and_reports(demo_run):
     assert "CABS" in (merged / "README.md").read_text()
     assert yaml.safe_load((directory / "cabs.yml").read_text())["merge_method"] == "cabs"
     assert sorted(p.name for p in directory.glob("*.txt")) == ["chat.txt", "code.txt", "math.txt"]
+    assert sorted(p.name for p in directory.glob("*.jsonl")) == ["chat.jsonl", "math-choice.jsonl"]
 
 
-def _printed(result, command: str) -> list[str]:
-    """The command line the demo printed that starts with `command`, split as a shell would."""
+def _printed(result, command: str, which: int = 0) -> list[str]:
+    """The command line the demo printed that starts with `command` (the
+    first, or the `which`-th), split as a shell would."""
     import shlex
 
-    (line,) = [x.strip() for x in result.stdout.splitlines() if x.strip().startswith(command + " ")]
-    return shlex.split(line)
+    lines = [x.strip() for x in result.stdout.splitlines() if x.strip().startswith(command + " ")]
+    return shlex.split(lines[which])
+
+
+def test_demo_answers_render_as_the_chat_text_and_the_right_choice_is_the_next_term(demo_run):
+    import json
+
+    from transformers import AutoTokenizer
+
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(directory / "base")
+    for line in (directory / "chat.jsonl").read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert text == "".join(f"{'user' if m['role'] == 'user' else 'bot'} : {m['content']} " for m in messages)
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+    rows = [json.loads(x) for x in (directory / "math-choice.jsonl").read_text().splitlines()]
+    assert len(rows) == 64
+    for row in rows:
+        terms = [int(t) for t in row["question"].split(":")[1].split()]
+        step = terms[1] - terms[0]
+        assert len(row["choices"]) == len(set(row["choices"])) == 4
+        assert int(row["choices"][row["answer"]]) == terms[-1] + step
 
 
 def test_demo_texts_encode_without_unknown_words_and_each_fine_tune_beats_the_base_on_its_own(demo_run):
@@ -157,6 +181,27 @@ def test_the_demos_printed_analyze_tune_and_merge_commands_run_to_the_end(demo_r
             report = yaml.safe_load((directory / "tune" / "tune.json").read_text())
             assert report["best"]["heldout"]["score"] > 0  # the tuned merge beats the base on held-out text
     assert (directory / "merged-tuned" / "model.safetensors").is_file()
+
+
+def test_the_demos_printed_tune_on_answers_runs_and_says_whether_it_beats_the_start(demo_run):
+    """The second tune command: math as multiple choice, chat as conversations;
+    the summary says in words whether held-out accuracy beat the start."""
+    import json
+
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = _printed(result, "mergekit-cabs tune", 1)
+    assert args[2:] == ["run/cabs.yml", "--data", "math=run/math-choice.jsonl", "--data", "code=run/code.txt",
+                        "--data", "chat=run/chat.jsonl", "--out", "run/tune-answers"]
+    run = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=900,
+                         cwd=directory.parent)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
+    report = json.loads((directory / "tune-answers" / "tune.json").read_text())
+    assert {k: v["kind"] for k, v in report["data"].items()} == {"math": "choice", "code": "text", "chat": "chat"}
+    was, now = (report[p]["heldout"]["measures"]["math"]["acc"] for p in ("start", "best"))
+    verdict = "beats the start" if now > was else "does NOT beat the start"
+    assert f"math: held-out accuracy {was:.4f} -> {now:.4f}: the tuned point {verdict}" in run.stdout
+    assert "math (choice)" in run.stdout and "chat (chat)" in run.stdout and "response loss" in run.stdout
 
 
 def test_demo_refuses_a_used_directory(demo_run):

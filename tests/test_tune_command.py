@@ -377,8 +377,9 @@ def test_tune_names_model_and_tensor_of_a_nan_in_a_fine_tune_before_scoring_it(t
 
     sick = _variant(tune_family["base"], tmp_path / "sick", poison)
     scored = []
-    real = tn.run.window_losses
-    monkeypatch.setattr(tn.run, "window_losses", lambda model, *a: scored.append(model.name_or_path) or real(model, *a))
+    real = tn.data.window_losses
+    monkeypatch.setattr(tn.data, "window_losses",
+                        lambda model, *a: scored.append(model.name_or_path) or real(model, *a))
     lines = _tune_error(tune_family, tmp_path, _with_model(tune_family, tmp_path, 0, sick), ["sick", "ft1", "ft2"])
     assert lines == [f"Error: model 'sick' ({sick}): tensor {down} holds NaN or infinite values; "
                      "fix or drop that model"]
@@ -469,7 +470,7 @@ def test_tune_refuses_gain_with_general_alone_and_no_data_at_all(tune_family, tm
     out = _bad(tune_family, tmp_path, data=[], extra=["--general", tune_family["general"], "--objective", "gain"])
     assert "--objective gain needs --data" in out and "--general alone" in out
     out = _bad(tune_family, tmp_path, data=[])
-    assert "give --data MODEL=FILE for every fine-tuned model, or --general FILE alone" in out
+    assert "give --data MODEL=FILE for every fine-tuned model, or --lm-eval TASK, or --general FILE alone" in out
 
 
 def test_loss_objective_reports_losses_and_a_positive_mean_loss(tune_family, tmp_path):
@@ -480,7 +481,7 @@ def test_loss_objective_reports_losses_and_a_positive_mean_loss(tune_family, tmp
     report = json.loads((out / "tune.json").read_text())
     lines = result.output.splitlines()
     header = next(x for x in lines if x.startswith("held-out"))
-    assert header.split() == ["held-out", "loss", "of", "base", "own", "start", "tuned"]
+    assert header.split() == ["held-out", "measure", "base", "own", "start", "tuned", "change"]
     mean = sum(report["best"]["heldout"]["loss"].values()) / 3
     line = next(x for x in lines if x.startswith("objective (loss)"))
     assert line.startswith("objective (loss): mean loss over tasks (lower is better): fit ")

@@ -67,3 +67,21 @@ def test_plot_axis_says_what_is_plotted_and_legends_give_the_chosen_values(objec
         assert ys == [1.8, 1.85, 1.9, 2.0]
     finally:
         plt.close(fig)
+
+
+def test_summary_gives_each_tasks_held_out_change_and_flags_the_one_made_worse():
+    """A task made worse (here a's held-out loss 1.2196 -> 1.2631) is flagged in
+    the terminal summary, each task in its own measure and direction."""
+    report = _report("gain")
+    report["start"]["heldout"] = {**report["start"]["heldout"], "loss": {"a": 1.2196, "b": 2.0}}
+    report["best"]["heldout"] = {**report["best"]["heldout"], "loss": {"a": 1.2631, "b": 1.8}}
+    report["data"] = {"a": {"kind": "text", "measure": "loss", "lower_is_better": True, "weight": 1.0},
+                      "b": {"kind": "lm-eval", "measure": "acc,none", "lower_is_better": False, "weight": 1.0}}
+    lines = tn.format_summary(report).splitlines()
+    (a,) = [x for x in lines if x.strip().startswith("a (text)")]
+    (b,) = [x for x in lines if x.strip().startswith("b (lm-eval)")]
+    assert a.split()[4:9] == ["2.5000", "1.5000", "1.2196", "1.2631", "+0.0435"] and a.endswith("WORSE than the start")
+    assert "acc,none (^)" in b and b.endswith("0.100  WORSE than the start")  # higher is better: 2.0 -> 1.8 is worse
+    report["best"]["heldout"]["loss"]["b"] = 2.2
+    (b,) = [x for x in tn.format_summary(report).splitlines() if x.strip().startswith("b (lm-eval)")]
+    assert "WORSE" not in b and "+0.2000" in b

@@ -6,7 +6,10 @@ mergekit's own plan and execution graph (filters, gradients, slices and dtype
 settings resolve exactly as in ``mergekit-yaml``), and keeps what it needs to
 rebuild any merged tensor (`store`).  Setting a weight vector is then one pass
 over the parameters with the kernel's own arithmetic, written into a live
-transformers model that is scored on each model's own data (`data`).  A
+transformers model that is scored on each model's own data (`data`: text
+windows; `chat`: prompt/response and chat rows, loss on the response tokens;
+`choice`: multiple choice as lm-eval scores it; `lmeval`: lm-eval tasks on
+the live model; `rows` reads and batches the row kinds).  A
 search over the weights and lambda (coordinate-wise with halving steps, or
 CMA-ES) maximises the mean normalized gain over tasks, or minimises a loss
 (`search`), one weight per model or, with layer groups (`groups`), one per
@@ -32,6 +35,7 @@ from mergekit_cabs.tune.data import (
     model_names,
     read_texts,
     task_losses,
+    task_scores,
     window_losses,
 )
 from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
@@ -119,6 +123,7 @@ __all__ = [
     "split_objectives",
     "timed",
     "task_losses",
+    "task_scores",
     "tuned_config",
     "window_losses",
     "write_outputs",

@@ -1,6 +1,16 @@
-"""The data `tune` scores on: reading and tokenizing the files, cutting them
-into fit and held-out windows, matching each --data file to its model, and
-the loss of a model on a set of windows."""
+"""The data `tune` scores on: which kind each --data file is, matching each
+file to its model, and the text kind itself (a text or JSONL `text` file cut
+into fit and held-out windows, scored by each window's loss).
+
+Every kind of task (`TaskData` here; `chat.ChatTask`, `choice.ChoiceTask`,
+`lmeval.LmEvalTask`) offers the same few things, so the objective, the
+fit/held-out split, the report and the exactness check treat them alike:
+`name`, `path`, `kind`, `measure` (the name of the value the objective
+uses), `lower_is_better`, `weight` (in the objective), `count(split)`
+(items: windows, rows, questions, documents), `describe()` (for the report)
+and `score(model, split, batch_size)`: per measure, one float64 value per
+item of the split, the objective's `measure` first; the task's value is its
+items' mean."""
 
 from __future__ import annotations
 
@@ -20,13 +30,27 @@ SPLITS = ("fit", "heldout")
 
 @dataclass
 class TaskData:
-    """One data set, cut into windows of `window` tokens."""
+    """One text data set, cut into windows of `window` tokens."""
 
     name: str
     path: str
     tokens: int
     fit: torch.Tensor  # [windows, window] token ids
     heldout: torch.Tensor
+    weight: float = 1.0
+    kind: str = "text"
+    measure: str = "loss"
+    lower_is_better: bool = True
+
+    def count(self, split: str) -> int:
+        return len(getattr(self, split))
+
+    def describe(self) -> dict:
+        return {"tokens": self.tokens, "window": int(self.fit.shape[1]), "fit_windows": len(self.fit),
+                "heldout_windows": len(self.heldout)}
+
+    def score(self, model, split: str, batch_size: int) -> dict[str, torch.Tensor]:
+        return {self.measure: window_losses(model, getattr(self, split), batch_size)}
 
 
 # --- reading and cutting a file -----------------------------------------------------
@@ -100,15 +124,49 @@ def load_task_data(name: str, path: Path, tokenizer, *, window: int, fit_fractio
                     thin(windows[is_held], max_windows))
 
 
+def check_file(path: Path, name: str) -> None:
+    """A --data or --general file exists and is a file."""
+    if path.is_dir():
+        raise TuneError(f"data file {path} (for '{name}') is a directory; give one file: a text file, or a "
+                        ".jsonl file with one example per line (text, prompt/response, messages or multiple choice)")
+    if not path.is_file():
+        raise TuneError(f"data file {path} (for '{name}') does not exist")
+
+
 def load_tasks(labels: Sequence[str], files: Sequence[Path], general: Path | None, tokenizer, *, window: int,
-               fit_fraction: float, max_windows: int) -> list[TaskData]:
-    """One data set per fine-tune (under its label), then the general set if given."""
+               fit_fraction: float, max_windows: int, weights: Sequence[float] | None = None,
+               template=None, choice_template=None) -> list:
+    """One data set per fine-tune (under its label), of the kind its file
+    holds, then the general set (text) if given.  `template`: the chat
+    template for prompt/response and messages rows (`chat.Template`);
+    `choice_template`: the one multiple-choice questions go under (None:
+    none, lm-eval's default)."""
+    from mergekit_cabs.tune.chat import load_chat_task
+    from mergekit_cabs.tune.choice import load_choice_task
+    from mergekit_cabs.tune.rows import file_kind
+
     named = list(zip(labels, files)) + ([(GENERAL, Path(general))] if general is not None else [])
+    weights = list(weights or [1.0] * len(labels)) + [1.0]
     for name, path in named:
-        if not path.is_file():
-            raise TuneError(f"data file {path} (for '{name}') does not exist")
-    return [load_task_data(name, path, tokenizer, window=window, fit_fraction=fit_fraction, max_windows=max_windows)
-            for name, path in named]
+        check_file(path, name)
+    tasks = []
+    for (name, path), weight in zip(named, weights):
+        kind = file_kind(path)
+        if name == GENERAL and kind != "text":
+            raise TuneError(f"--general {path}: its first line is a {kind} row; --general takes text "
+                            "(a text file, or JSONL with a 'text' field per line)")
+        sizes = {"window": window, "fit_fraction": fit_fraction}
+        if kind == "text":
+            task = load_task_data(name, path, tokenizer, max_windows=max_windows, **sizes)
+            task.weight = weight
+        elif kind == "choice":
+            task = load_choice_task(name, path, tokenizer, choice_template, max_rows=max_windows, weight=weight,
+                                    **sizes)
+        else:
+            task = load_chat_task(name, path, kind, tokenizer, template, max_rows=max_windows, weight=weight,
+                                  **sizes)
+        tasks.append(task)
+    return tasks
 
 
 # --- which file is whose ------------------------------------------------------------
@@ -123,14 +181,28 @@ def model_names(finetunes) -> dict[str, list[int]]:
     return names
 
 
-def match_data(finetunes, data: Sequence[str]) -> list[Path]:
-    """One data file per fine-tuned model, from MODEL=FILE arguments."""
+def data_weight(item: str, file: str) -> tuple[str, float]:
+    """FILE@W: the file and its weight in the objective (FILE alone: 1)."""
+    path, sep, weight = file.rpartition("@")
+    if not sep:
+        return file, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return file, 1.0  # an @ in the file's name
+    if not (math.isfinite(value) and value > 0):
+        raise TuneError(f"--data {item!r}: the weight after @ is {weight}; it must be a number > 0")
+    return path, value
+
+
+def match_data(finetunes, data: Sequence[str]) -> tuple[list[Path], list[float]]:
+    """One data file per fine-tuned model, and its weight in the objective, from MODEL=FILE[@W] arguments."""
     names = model_names(finetunes)
-    files: dict[int, Path] = {}
+    files: dict[int, tuple[Path, float]] = {}
     for item in data:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
-            raise TuneError(f"--data {item!r}: write MODEL=FILE")
+            raise TuneError(f"--data {item!r}: write MODEL=FILE (or MODEL=FILE@WEIGHT)")
         hits = names.get(name)
         if not hits:
             known = ", ".join(sorted({os.path.basename(str(r.model.path).rstrip('/')) for r in finetunes}))
@@ -139,13 +211,14 @@ def match_data(finetunes, data: Sequence[str]) -> list[Path]:
             raise TuneError(f"--data {item!r}: '{name}' names several models; use the path the YAML writes")
         if hits[0] in files:
             raise TuneError(f"--data gives two files for model '{finetunes[hits[0]]}'")
-        files[hits[0]] = Path(file)
+        file, weight = data_weight(item, file)
+        files[hits[0]] = (Path(file), weight)
     missing = [str(finetunes[i]) for i in range(len(finetunes)) if i not in files]
     if missing:
         raise TuneError(
             f"no --data for model(s) {', '.join(missing)}; tune needs MODEL=FILE for every fine-tuned model"
         )
-    return [files[i] for i in range(len(finetunes))]
+    return [files[i][0] for i in range(len(finetunes))], [files[i][1] for i in range(len(finetunes))]
 
 
 # --- scoring ------------------------------------------------------------------------
@@ -169,11 +242,16 @@ def window_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor
     return torch.cat(out)
 
 
-def task_losses(model, tasks: Sequence[TaskData], split: str, batch_size: int) -> dict[str, torch.Tensor]:
-    """`window_losses` of every data set's `split` ("fit" or "heldout"), by name."""
-    return {t.name: window_losses(model, getattr(t, split), batch_size) for t in tasks}
+def task_scores(model, tasks: Sequence, split: str, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every task's measures on its `split` ("fit" or "heldout"): per task, per measure, one value per item."""
+    return {t.name: t.score(model, split, batch_size) for t in tasks}
+
+
+def task_losses(model, tasks: Sequence, split: str, batch_size: int) -> dict[str, torch.Tensor]:
+    """Every task's objective measure on its `split`, per item (text: `window_losses`), by name."""
+    return {t.name: t.score(model, split, batch_size)[t.measure] for t in tasks}
 
 
 def means(per_window: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The mean of each data set's window losses."""
+    """The mean of each data set's per-item values."""
     return {k: float(v.mean()) for k, v in per_window.items()}

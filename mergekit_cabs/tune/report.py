@@ -11,16 +11,53 @@ from mergekit_cabs.tune.data import SPLITS
 from mergekit_cabs.tune.options import OUT_FILES, TuneError
 
 
+def task_info(report: dict, task: str) -> dict:
+    """A task's kind, measure, direction and weight (text's loss where the report predates them)."""
+    info = report.get("data", {}).get(task, {})
+    return {"kind": info.get("kind", "text"), "measure": info.get("measure", "loss"),
+            "lower_is_better": info.get("lower_is_better", True), "weight": info.get("weight", 1.0)}
+
+
+def direction(lower: bool) -> str:
+    return "lower is better" if lower else "higher is better"
+
+
+def plain_text(report: dict) -> bool:
+    """Whether every task is text scored by its loss, with weight 1 (the words of old reports then)."""
+    return all(task_info(report, t) == task_info({}, t) for t in report["reference"]["models"])
+
+
+def measures_words(report: dict) -> str:
+    """Which measure each task contributes, and its weight, unless every task is plain text."""
+    if plain_text(report):
+        return ""
+    parts = []
+    for task in report["reference"]["models"]:
+        info = task_info(report, task)
+        weight = f" x {info['weight']:g}" if info["weight"] != 1 else ""
+        parts.append(f"{task}'s {info['measure']}{weight}")
+    return f" (of {', '.join(parts)})"
+
+
 def objective_label(report: dict) -> str:
     """What the objective is, in a few words, with its direction."""
     general = report["general_weight"]
+    which = "weighted mean" if any(task_info(report, t)["weight"] != 1 for t in report["reference"]["models"]) \
+        else "mean"
     if report["objective"] == "gain":
         extra = f" + {general:g} x general text's relative loss change" if general is not None else ""
-        return f"mean normalized gain over tasks{extra} (higher is better)"
+        return f"{which} normalized gain over tasks{measures_words(report)}{extra} (higher is better)"
     if not has_tasks(report):
         return "loss on the general text (lower is better)"
     extra = f" + {general:g} x general text's loss" if general is not None else ""
-    return f"mean loss over tasks{extra} (lower is better)"
+    noun = "loss" if plain_text(report) else "value (a higher-is-better measure counted negative)"
+    return f"{which} {noun} over tasks{measures_words(report)}{extra} (lower is better)"
+
+
+def items_word(report: dict) -> str:
+    """What the fit part of the data is made of, in a word."""
+    kinds = {task_info(report, t)["kind"] for t in report.get("data", {})} or {"text"}
+    return "windows" if kinds == {"text"} else "items"
 
 
 def has_tasks(report: dict) -> bool:
@@ -60,9 +97,11 @@ def group_line(report: dict) -> str | None:
 
 
 def format_summary(report: dict) -> str:
-    """The console table: chosen numbers and held-out losses per data set
-    (and normalized gains with the gain objective), then the objective."""
-    best, start, gain = report["best"], report["start"], report["objective"] == "gain"
+    """The console table: chosen numbers, then each data set's held-out
+    value in its own measure and direction (with the change from the start,
+    flagged when it got worse, and normalized gains with the gain
+    objective), then the objective."""
+    best, start = report["best"], report["start"]
     width = max(12, *(len(k) for k in best["weights"]))
     lines = [group_line(report)] if report["layer_groups"] else []
     lines += [f"{'':{width}s} {'start':>8s} {'tuned':>8s}",
@@ -70,18 +109,10 @@ def format_summary(report: dict) -> str:
     lines += [f"{k:{width}s} {start['weights'][k]:8.3f} {v:8.3f}" for k, v in best["weights"].items()]
     if dropped(report):
         lines.append(f"dropped: {', '.join(dropped(report))} (weight 0: the merge leaves its task vector out)")
-    head = f"held-out {'loss of':12s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s}"
-    lines += ["", head + (f" {'gain':>7s}" if gain else "")]
-    ref = report["reference"]
-    for task, loss in best["heldout"]["loss"].items():
-        own = ref["models"].get(task, {}).get("heldout")
-        lines.append(
-            f"{'':9s}{task:12s} {ref['base']['heldout'][task]:8.4f} {fmt(own, '8.4f'):>8s} "
-            f"{start['heldout']['loss'][task]:8.4f} {loss:8.4f}"
-            + (f" {best['heldout']['gain'][task]:7.3f}" if gain else "")
-        )
+    lines += ["", *held_out_lines(report)]
     if not has_tasks(report):
         lines.append("no --data: the objective is the loss on the general text")
+    lines += accuracy_lines(report) + truncation_lines(report) + shared_lines(report)
     lines.append(
         f"objective ({report['objective']}): {objective_label(report)}: "
         f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
@@ -90,12 +121,77 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def worse(lower: bool, start: float, tuned: float) -> bool:
+    """Whether `tuned` is worse than `start` in the measure's direction."""
+    return tuned > start if lower else tuned < start
+
+
+def held_out_lines(report: dict) -> list[str]:
+    """Per data set, its held-out measure for base, own model, start and
+    tuned point, the change start -> tuned (flagged "WORSE" when it got
+    worse), the gain; then any other measure (accuracy) the same way."""
+    best, start, gain, ref = report["best"], report["start"], report["objective"] == "gain", report["reference"]
+    lines = [f"held-out {'':14s} {'measure':<14s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s} "
+             f"{'change':>8s}" + (f" {'gain':>7s}" if gain else "")]
+    other = ref.get("measures", {})
+    for task, value in best["heldout"]["loss"].items():
+        info = task_info(report, task)
+        was = start["heldout"]["loss"][task]
+        flag = "  WORSE than the start" if worse(info["lower_is_better"], was, value) else ""
+        label = f"{task} ({info['kind']})"
+        lines.append(
+            f"  {label[:20]:20s} {info['measure'] + (' (v)' if info['lower_is_better'] else ' (^)'):<14s} "
+            f"{ref['base']['heldout'][task]:8.4f} {fmt(ref['models'].get(task, {}).get('heldout'), '8.4f'):>8s} "
+            f"{was:8.4f} {value:8.4f} {value - was:+8.4f}" + (f" {best['heldout']['gain'][task]:7.3f}" if gain else "")
+            + flag)
+        for measure, tuned in best["heldout"].get("measures", {}).get(task, {}).items():
+            if measure == info["measure"]:
+                continue
+            base = other.get("base", {}).get("heldout", {}).get(task, {}).get(measure)
+            own = other.get("models", {}).get(task, {}).get("heldout", {}).get(measure)
+            was = start["heldout"]["measures"][task][measure]
+            lines.append(f"  {'':20s} {measure + ' (^)':<14s} {fmt(base, '8.4f'):>8s} {fmt(own, '8.4f'):>8s} "
+                         f"{was:8.4f} {tuned:8.4f} {tuned - was:+8.4f}"
+                         + ("  WORSE than the start" if tuned < was else ""))
+    if not plain_text(report) or any(line.endswith("start") for line in lines):
+        lines.append("(v): lower is better, (^): higher is better; change: tuned - start")
+    return lines
+
+
+def accuracy_lines(report: dict) -> list[str]:
+    """For each task with an accuracy, in words: does the tuned point beat the start on held-out accuracy."""
+    out = []
+    for task, by in report["best"]["heldout"].get("measures", {}).items():
+        if "acc" in by:
+            was, now = report["start"]["heldout"]["measures"][task]["acc"], by["acc"]
+            verdict = "beats the start" if now > was else "does NOT beat the start"
+            out.append(f"{task}: held-out accuracy {was:.4f} -> {now:.4f}: the tuned point {verdict}")
+    return out
+
+
+def shared_lines(report: dict) -> list[str]:
+    """Which fine-tune is "own" for each task that belongs to no one model (lm-eval's)."""
+    return [f"{task}: own = the best fine-tune on it ({best['fit']} on fit, {best['heldout']} held out)"
+            for task, best in report["reference"].get("best_of", {}).items()]
+
+
+def truncation_lines(report: dict) -> list[str]:
+    """A line per data set whose rows or questions were cut to --window."""
+    out = []
+    for task, info in report.get("data", {}).items():
+        cut = info.get("truncated_rows", info.get("truncated_questions", 0))
+        if cut:
+            out.append(f"{task}: {cut} scored rows longer than --window {info['window']} were cut "
+                       "(from the left of the prompt)")
+    return out
+
+
 # --- tune.md ----------------------------------------------------------------------------
 
 
 def render_markdown(report: dict, plot: bool) -> str:
     """tune.md: the run, the chosen numbers, the losses, the store, every point."""
-    out = _run_lines(report) + _chosen_lines(report)
+    out = _run_lines(report) + _chosen_lines(report) + _data_lines(report)
     for split in SPLITS:
         out += _loss_lines(report, split)
     out += _store_lines(report) + _point_lines(report)
@@ -114,7 +210,7 @@ def objective_doc(report: dict) -> str:
         "the mean over tasks of the normalized gain (L_base - L_merged) / (L_base - L_model) on each model's own "
         "data (1 = as good as that model on its task, 0 = as good as the base)"
         if gain else "the mean loss over tasks"
-    )
+    ) + measures_words(report)
     if report["general_weight"] is not None:
         doc += (f", plus {report['general_weight']} x the general set's "
                 + ("relative loss change (L_base - L_merged) / L_base" if gain else "loss"))
@@ -137,7 +233,7 @@ def _run_lines(report: dict) -> list[str]:
     return [
         "# CABS weight tuning", "",
         f"- configuration: `{report['config']}`; base `{report['base_model']}`; device {report['device']}",
-        f"- objective, on the fit windows: {objective_doc(report)}",
+        f"- objective, on the fit {items_word(report)}: {objective_doc(report)}",
         (f"- search: {search['evaluations']} evaluations of budget {search['budget']} ({search['stopped']}); "
          f"{how} over {', '.join(search['names'])}; tolerance {search['tolerance']}"),
         *([f"- {group_line(report)}"] if report["layer_groups"] else []),
@@ -168,19 +264,40 @@ def _chosen_lines(report: dict) -> list[str]:
 
 def _loss_lines(report: dict, split: str) -> list[str]:
     best, start, ref, gain = report["best"], report["start"], report["reference"], report["objective"] == "gain"
-    out = [f"## Loss on the {'held-out' if split == 'heldout' else 'fit'} windows", "",
-           "| data | windows | base | own model | start | tuned |" + (" gain (start -> tuned) |" if gain else ""),
-           "|---" * (7 if gain else 6) + "|"]
+    where = "held-out" if split == "heldout" else "fit"
+    title = f"## Loss on the {where} windows" if plain_text(report) else f"## Each task on the {where} data"
+    out = [title, "",
+           "| data | kind | measure | items | base | own model | start | tuned |"
+           + (" gain (start -> tuned) |" if gain else ""), "|---" * (9 if gain else 8) + "|"]
+    other = ref.get("measures", {})
     for task, loss in best[split]["loss"].items():
+        info, data = task_info(report, task), report.get("data", {}).get(task, {})
         own = ref["models"].get(task, {}).get(split)
-        windows = report["data"][task][f"{split}_windows"]
+        items = data.get(f"{split}_items", data.get(f"{split}_windows", ""))
         out.append(
-            f"| {task} | {windows} | {ref['base'][split][task]:.4f} | {fmt(own)} | "
-            f"{start[split]['loss'][task]:.4f} | {loss:.4f} |"
+            f"| {task} | {info['kind']} | {info['measure']} ({direction(info['lower_is_better'])}) | {items} | "
+            f"{ref['base'][split][task]:.4f} | {fmt(own)} | {start[split]['loss'][task]:.4f} | {loss:.4f} |"
             + (f" {start[split]['gain'][task]:.3f} -> {best[split]['gain'][task]:.3f} |" if gain else "")
         )
+        for measure, tuned in best[split].get("measures", {}).get(task, {}).items():
+            if measure != info["measure"]:
+                base = other.get("base", {}).get(split, {}).get(task, {}).get(measure)
+                mine = other.get("models", {}).get(task, {}).get(split, {}).get(measure)
+                out.append(f"| | | {measure} (higher is better) | | {fmt(base)} | {fmt(mine)} | "
+                           f"{start[split]['measures'][task][measure]:.4f} | {tuned:.4f} |" + (" |" if gain else ""))
     return out + ["", f"Objective, {objective_label(report)}: {shown(report, start[split]['score']):.4f} -> "
                       f"{shown(report, best[split]['score']):.4f}", ""]
+
+
+def _data_lines(report: dict) -> list[str]:
+    """What each data set is: its kind, file, measure and weight, items, template, rows cut."""
+    out = ["## Data", ""]
+    for task, info in report.get("data", {}).items():
+        details = {k: v for k, v in info.items() if k not in ("file", "kind", "measure", "lower_is_better", "weight")}
+        out.append(f"- {task}: {info['kind']}, `{info['file']}`, measure {info['measure']} "
+                   f"({direction(info['lower_is_better'])}), weight {info['weight']:g}; "
+                   + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in details.items()))
+    return out + [""]
 
 
 def _store_lines(report: dict) -> list[str]:
@@ -257,7 +374,8 @@ def plot_figure(report: dict):
     for ax in axes[len(names) + 1:]:
         ax.set_visible(False)
     for row in range(rows):
-        axes[row * columns].set_ylabel(textwrap.fill(objective_label(report) + ", fit windows", 36), fontsize=8)
+        axes[row * columns].set_ylabel(textwrap.fill(f"{objective_label(report)}, fit {items_word(report)}", 36),
+                                       fontsize=8)
     fig.suptitle("What tune tried: each point's objective along each searched number", fontsize=10)
     fig.tight_layout()
     return fig

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
-from mergekit_cabs.tune.data import SPLITS, TaskData, load_tasks, match_data, means, task_losses, window_losses
+from mergekit_cabs.tune.data import SPLITS, load_tasks, match_data, means, model_names, task_scores
 from mergekit_cabs.tune.groups import LayerGroups, make_groups
+from mergekit_cabs.tune.lmeval import load_lm_eval_tasks
 from mergekit_cabs.tune.options import (
     DEFAULTS,
     GENERAL,
@@ -61,7 +62,7 @@ class Prepared:
     labels: list[str]
     start_weights: list[float]  # per model (and layer group: `groups.names`)
     start_lambda: float
-    tasks: list[TaskData]  # one per fine-tune, then the general set if given
+    tasks: list  # one per fine-tune (any kind: `data`), then the general set if given
     groups: LayerGroups  # the tensors that take their own weight per model
 
     def names(self) -> list[str]:
@@ -71,29 +72,51 @@ class Prepared:
 
 def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = None, window: int | None = None,
             fit_fraction: float = DEFAULTS["fit_fraction"], max_windows: int = DEFAULTS["max_windows"],
-            budget: int = DEFAULTS["budget"], layer_groups: int | None = None) -> Prepared:
+            budget: int = DEFAULTS["budget"], layer_groups: int | None = None,
+            chat_template: str | None = None, lm_eval: Sequence[str] = (), lm_eval_include: Path | None = None,
+            lm_eval_limit: int | None = None) -> Prepared:
     """Check the configuration and the data, tokenize the data; loads no model weights.
     `data` (MODEL=FILE) names a file for every fine-tune, or is empty with `general` alone;
     `layer_groups` G: one weight per model for each of G groups of consecutive
-    decoder layers and one for the tensors outside them (None: one per model)."""
+    decoder layers and one for the tensors outside them (None: one per model);
+    `chat_template`: the model (as the YAML names it) whose chat template
+    chat data and multiple-choice questions go under (None: the base's, for chat data only);
+    `lm_eval`: TASK[:METRIC] lm-eval tasks (`lmeval`), from `lm_eval_include`
+    too, at most `lm_eval_limit` documents per split (None: `max_windows`)."""
     from mergekit_cabs import planning
     from mergekit_cabs._output import short_names
 
     check_data_settings(budget=budget, fit_fraction=fit_fraction, max_windows=max_windows)
     config, planned, finetunes = plan_config(config_path)
-    if not data and general is None:
-        raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --general FILE alone "
-                        "(its loss is then the objective)")
-    files = match_data(finetunes, data) if data else []
+    if not data and general is None and not lm_eval:
+        raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --lm-eval TASK, or --general FILE "
+                        "alone (its loss is then the objective)")
+    files, weights = match_data(finetunes, data) if data else ([], [])
     groups = make_groups((p.name for p in planned), layer_groups)
     start_weights, start_lambda = configured_numbers(planned, finetunes, groups)
     labels = short_names([str(m.model.path) for m in finetunes])
     tokenizer, window = base_tokenizer(config, window)
+    template, choice_template = chat_templates(config, finetunes, tokenizer, chat_template)
     tasks = load_tasks(labels, files, general, tokenizer, window=window, fit_fraction=fit_fraction,
-                       max_windows=max_windows)
+                       max_windows=max_windows, weights=weights, template=template, choice_template=choice_template)
+    tasks[len(files):len(files)] = load_lm_eval_tasks(lm_eval, tokenizer, include=lm_eval_include,
+                                                      limit=lm_eval_limit or max_windows, fit_fraction=fit_fraction,
+                                                      taken={t.name for t in tasks})
     raw = planning.read_yaml(config_path)
     return Prepared(Path(config_path), config, raw, planned, finetunes, labels, start_weights, start_lambda, tasks,
                     groups)
+
+
+def chat_templates(config, finetunes, tokenizer, option: str | None):
+    """The chat template for chat data (`chat.find_template`), and the one
+    multiple-choice questions go under (only one --chat-template names)."""
+    from mergekit_cabs.tune.chat import find_template
+
+    names = {k: str(finetunes[v[0]].model.path) for k, v in model_names(finetunes).items() if len(v) == 1}
+    base = str(config.base_model.model.path)
+    names.update({str(config.base_model): base, base: base})
+    template = find_template(tokenizer, str(config.base_model), option, names)
+    return template, (template if option is not None else None)
 
 
 def plan_config(config_path: Path) -> tuple[Any, list, list]:
@@ -163,7 +186,7 @@ class Live:
 
     model: Any
     store: WeightStore
-    tasks: list[TaskData]
+    tasks: list  # any kind (`data`)
     batch_size: int
     groups: LayerGroups
     models: int
@@ -172,8 +195,13 @@ class Live:
         """Set the model to the merge at point x = (lambda, then the weights as `Prepared.names`)."""
         self.store.apply(self.groups.rows(x[1:], self.models), x[0])
 
+    def scores(self, split: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Every task's measures on `split`, per item (`data.task_scores`)."""
+        return task_scores(self.model, self.tasks, split, self.batch_size)
+
     def losses(self, split: str) -> dict[str, torch.Tensor]:
-        return task_losses(self.model, self.tasks, split, self.batch_size)
+        """Every task's objective measure on `split`, per item."""
+        return {t.name: scored[t.measure] for t, scored in zip(self.tasks, self.scores(split).values())}
 
 
 def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = None,
@@ -196,7 +224,9 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
             model, reference = score_references(prep, s)
-        objectives = split_objectives(objective, list(reference["models"]), reference, general_weight)
+        objectives = split_objectives(objective, list(reference["models"]), reference, general_weight,
+                                      {t.name: t.weight for t in prep.tasks},
+                                      {t.name: t.lower_is_better for t in prep.tasks})
         with timed(clock, "masks_s"):
             live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size, prep.groups, len(prep.labels))
         with timed(clock, "search_s"):
@@ -245,27 +275,57 @@ def load_model(path: str, device: str, dtype: torch.dtype = torch.float32):
 
 
 def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
-    """Phase 1: each fine-tune on its own task, then the base on every data
-    set, one model in memory at a time (each freed before the next is
-    loaded), all in the scoring dtype.  Returns the base model (to become the
-    merged one) and the losses."""
+    """Phase 1: each fine-tune on its own task (and on every shared task:
+    lm-eval's), then the base on every data set, one model in memory at a
+    time (each freed before the next is loaded), all in the scoring dtype.
+    Returns the base model (to become the merged one) and the values: a
+    shared task's "own" value is the best fine-tune's (`best_of` names it)."""
     import tqdm
 
     reference: dict = {"base": {}, "models": {}}
+    measures: dict = {"base": {}, "models": {}, "shared": {}}  # every measure (accuracy too)
+    shared = [t for t in prep.tasks if getattr(t, "shared", False)]
     own = {t.name: t for t in prep.tasks}  # no model's own data with --general alone
-    for label, ref, task in tqdm.tqdm([(k, r, own[k]) for k, r in zip(prep.labels, prep.finetunes) if k in own],
-                                      desc="Scoring the fine-tunes", unit="model", disable=s.quiet):
+    jobs = [(k, r, ([own[k]] if k in own else []) + shared) for k, r in zip(prep.labels, prep.finetunes)]
+    for label, ref, tasks in tqdm.tqdm([job for job in jobs if job[2]], desc="Scoring the fine-tunes", unit="model",
+                                       disable=s.quiet):
         tuned = load_model(str(ref.model.path), s.device, s.score_dtype)
         check_finite(tuned, ref)
-        reference["models"][label] = {split: float(window_losses(tuned, getattr(task, split), s.batch_size).mean())
-                                      for split in SPLITS}
+        for task in tasks:
+            scored = {split: mean_measures(task.score(tuned, split, s.batch_size)) for split in SPLITS}
+            if getattr(task, "shared", False):
+                measures["shared"].setdefault(task.name, {})[label] = scored
+            else:
+                reference["models"][label] = {split: scored[split][task.measure] for split in SPLITS}
+                measures["models"][label] = scored
         del tuned
         release_memory()
+    for task in shared:
+        reference.setdefault("best_of", {})[task.name] = best_of = best_fine_tunes(task, measures["shared"][task.name])
+        reference["models"][task.name] = {split: measures["shared"][task.name][best_of[split]][split][task.measure]
+                                          for split in SPLITS}
+        measures["models"][task.name] = {split: measures["shared"][task.name][best_of[split]][split]
+                                         for split in SPLITS}
     _say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
     model = load_model(str(prep.config.base_model.model.path), s.device, s.score_dtype)
     check_finite(model, prep.config.base_model, base=True)
-    reference["base"] = {split: means(task_losses(model, prep.tasks, split, s.batch_size)) for split in SPLITS}
+    measures["base"] = {split: {name: mean_measures(v) for name, v in
+                                task_scores(model, prep.tasks, split, s.batch_size).items()} for split in SPLITS}
+    reference["base"] = {split: {t.name: measures["base"][split][t.name][t.measure] for t in prep.tasks}
+                         for split in SPLITS}
+    reference["measures"] = measures
     return model, reference
+
+
+def best_fine_tunes(task, by_model: dict[str, dict]) -> dict[str, str]:
+    """Per split, the fine-tune that scores best on a shared task (the first of equals, in the YAML's order)."""
+    sign = 1 if task.lower_is_better else -1
+    return {split: min(by_model, key=lambda label: sign * by_model[label][split][task.measure]) for split in SPLITS}
+
+
+def mean_measures(scored: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each measure's mean over the items."""
+    return {m: float(v.mean()) for m, v in scored.items()}
 
 
 def check_finite(model, ref, base: bool = False) -> None:
@@ -365,10 +425,12 @@ def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]
     live.set(x)
     out = {}
     for split in SPLITS:
-        per_window = live.losses(split)
-        losses = means(per_window)
+        scored = live.scores(split)
+        per_item = {t.name: scored[t.name][t.measure] for t in live.tasks}
+        losses = means(per_item)
         out[split] = {"loss": losses, "gain": objectives[split].gains(losses), "score": objectives[split].score(losses),
-                      "window_losses": {k: v.tolist() for k, v in per_window.items()}}
+                      "window_losses": {k: v.tolist() for k, v in per_item.items()},
+                      "measures": {k: mean_measures(by) for k, by in scored.items()}}
     return out
 
 
@@ -387,8 +449,7 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
         "general_weight": s.general_weight if any(t.name == GENERAL for t in prep.tasks) else None,
         "device": s.device,
         "score_dtype": str(s.score_dtype).removeprefix("torch."),
-        "data": {t.name: {"file": t.path, "tokens": t.tokens, "window": int(t.fit.shape[1]),
-                          "fit_windows": len(t.fit), "heldout_windows": len(t.heldout)} for t in prep.tasks},
+        "data": {t.name: data_report(t) for t in prep.tasks},
         "search": {"names": names, "bounds": [list(b) for b in bounds], "start": list(start),
                    "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped,
                    "optimizer": result.optimizer, "optimizer_option": s.optimizer, "seed": s.seed,
@@ -406,6 +467,12 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
         "time": clock,
         "tuned_config": tuned,
     }
+
+
+def data_report(task) -> dict:
+    """A task in tune.json: its file, kind, measure (and direction), weight, items per split and details."""
+    return {"file": task.path, "kind": task.kind, "measure": task.measure, "lower_is_better": task.lower_is_better,
+            "weight": task.weight, **{f"{split}_items": task.count(split) for split in SPLITS}, **task.describe()}
 
 
 def layer_group_report(groups: LayerGroups) -> dict | None:
