@@ -184,7 +184,7 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
     Writes tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
     tune.png to --out."""
     from mergekit_cabs import tune as tn
-    from mergekit_cabs._output import check_out_dir
+    from mergekit_cabs._output import check_out_dir, out_lock
     from mergekit_cabs.params import CabsError
 
     try:
@@ -193,15 +193,16 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
         objective = tn.implied_objective(objective, bool(data))
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
-        check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
-        prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
-                          max_windows=max_windows, budget=budget, layer_groups=layer_groups)
-        report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
-                             budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
-                             tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
-                             seed=seed, score_dtype=score_dtype, store_on_device=store_on_device)
-        click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
-        written = tn.write_outputs(report, out_dir)
+        with out_lock(out_dir, tn.TuneError):  # held to the end: a second run into --out refuses at start
+            check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
+            prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
+                              max_windows=max_windows, budget=budget, layer_groups=layer_groups)
+            report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
+                                 budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
+                                 tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
+                                 seed=seed, score_dtype=score_dtype, store_on_device=store_on_device)
+            click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
+            written = tn.write_outputs(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")

@@ -409,7 +409,8 @@ def _summary_then_error(result, out: Path, reason: str) -> None:
     assert result.exit_code == 1, result.output
     assert lines[-1] == f"Error: tune: could not write {out}: {reason}; the result (weights, lambda, scores) is " \
                         "printed above", result.output
-    assert lines[0].split() == ["start", "tuned"] and lines[1].startswith("lambda") and "Traceback" not in result.output
+    assert lines[0].split() == ["your", "config", "tuned"] and lines[1].startswith("lambda")
+    assert "Traceback" not in result.output
     assert any(line.startswith("objective (gain)") for line in lines[:-1])
 
 
@@ -458,7 +459,7 @@ def test_tune_with_general_alone_minimises_the_general_texts_loss(tune_family, t
     assert best["fit"]["score"] == -best["fit"]["loss"]["general"] == max(p["score"] for p in report["points"])
     assert "no --data: the objective is the loss on the general text" in result.output
     line = next(x for x in result.output.splitlines() if x.startswith("objective (loss)"))
-    assert line.startswith("objective (loss): loss on the general text (lower is better): fit ")
+    assert line.startswith("objective (loss): loss on the general text (lower is better), your config -> tuned: fit ")
     numbers = re.findall(r"-?\d+\.\d+", line)
     assert len(numbers) == 4 and all(float(v) > 0 for v in numbers), line  # losses, not minus losses
     assert numbers[1] == f"{best['fit']['loss']['general']:.4f}"
@@ -480,10 +481,10 @@ def test_loss_objective_reports_losses_and_a_positive_mean_loss(tune_family, tmp
     report = json.loads((out / "tune.json").read_text())
     lines = result.output.splitlines()
     header = next(x for x in lines if x.startswith("held-out"))
-    assert header.split() == ["held-out", "loss", "of", "base", "own", "start", "tuned"]
+    assert header.split() == ["held-out", "loss", "of", "base", "own", "your", "config", "tuned"]
     mean = sum(report["best"]["heldout"]["loss"].values()) / 3
     line = next(x for x in lines if x.startswith("objective (loss)"))
-    assert line.startswith("objective (loss): mean loss over tasks (lower is better): fit ")
+    assert line.startswith("objective (loss): mean loss over tasks (lower is better), your config -> tuned: fit ")
     assert line.endswith(f" -> {mean:.4f}")
     md = (out / "tune.md").read_text()
     assert "gain" not in md and "mean loss over tasks (lower is better)" in md

@@ -59,31 +59,38 @@ def group_line(report: dict) -> str | None:
             + ", ".join(g["name"] for g in groups["groups"]))
 
 
+def notes_lines(report: dict) -> list[str]:
+    """The lines the run said about your config (bounds widened to include
+    it; tuned.yml below it on the fit windows), each once."""
+    return list(report["search"].get("notes", []))
+
+
 def format_summary(report: dict) -> str:
     """The console table: chosen numbers and held-out losses per data set
     (and normalized gains with the gain objective), then the objective."""
     best, start, gain = report["best"], report["start"], report["objective"] == "gain"
     width = max(12, *(len(k) for k in best["weights"]))
     lines = [group_line(report)] if report["layer_groups"] else []
-    lines += [f"{'':{width}s} {'start':>8s} {'tuned':>8s}",
-              f"{'lambda':{width}s} {start['lambda']:8.3f} {best['lambda']:8.3f}"]
-    lines += [f"{k:{width}s} {start['weights'][k]:8.3f} {v:8.3f}" for k, v in best["weights"].items()]
+    lines += notes_lines(report)
+    lines += [f"{'':{width}s} {'your config':>11s} {'tuned':>8s}",
+              f"{'lambda':{width}s} {start['lambda']:11.3f} {best['lambda']:8.3f}"]
+    lines += [f"{k:{width}s} {start['weights'][k]:11.3f} {v:8.3f}" for k, v in best["weights"].items()]
     if dropped(report):
         lines.append(f"dropped: {', '.join(dropped(report))} (weight 0: the merge leaves its task vector out)")
-    head = f"held-out {'loss of':12s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s}"
+    head = f"held-out {'loss of':12s} {'base':>8s} {'own':>8s} {'your config':>11s} {'tuned':>8s}"
     lines += ["", head + (f" {'gain':>7s}" if gain else "")]
     ref = report["reference"]
     for task, loss in best["heldout"]["loss"].items():
         own = ref["models"].get(task, {}).get("heldout")
         lines.append(
             f"{'':9s}{task:12s} {ref['base']['heldout'][task]:8.4f} {fmt(own, '8.4f'):>8s} "
-            f"{start['heldout']['loss'][task]:8.4f} {loss:8.4f}"
+            f"{start['heldout']['loss'][task]:11.4f} {loss:8.4f}"
             + (f" {best['heldout']['gain'][task]:7.3f}" if gain else "")
         )
     if not has_tasks(report):
         lines.append("no --data: the objective is the loss on the general text")
     lines.append(
-        f"objective ({report['objective']}): {objective_label(report)}: "
+        f"objective ({report['objective']}): {objective_label(report)}, your config -> tuned: "
         f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
         f"held-out {shown(report, start['heldout']['score']):.4f} -> {shown(report, best['heldout']['score']):.4f}"
     )
@@ -146,14 +153,15 @@ def _run_lines(report: dict) -> list[str]:
         (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit windows "
          f"{1000 * t['evaluate_mean_s']:.1f} ms"),
         ("- held out: each file's windows are split evenly along the file (every other window at --fit-fraction "
-         "0.5); the search saw only the fit windows, and the held-out ones are scored once, for the start and the "
+         "0.5); the search saw only the fit windows, and the held-out ones are scored once, for your config and the "
          "chosen point"),
     ]
 
 
 def _chosen_lines(report: dict) -> list[str]:
     best, start = report["best"], report["start"]
-    out = ["", "## Chosen", "", "| | start | tuned |", "|---|---|---|",
+    notes = notes_lines(report)
+    out = ["", "## Chosen", "", *(notes + [""] if notes else []), "| | your config | tuned |", "|---|---|---|",
            f"| lambda | {start['lambda']:.4g} | {best['lambda']:.4g} |"]
     out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g}{zero_note(report, k, v)} |"
             for k, v in best["weights"].items()]
@@ -169,7 +177,8 @@ def _chosen_lines(report: dict) -> list[str]:
 def _loss_lines(report: dict, split: str) -> list[str]:
     best, start, ref, gain = report["best"], report["start"], report["reference"], report["objective"] == "gain"
     out = [f"## Loss on the {'held-out' if split == 'heldout' else 'fit'} windows", "",
-           "| data | windows | base | own model | start | tuned |" + (" gain (start -> tuned) |" if gain else ""),
+           "| data | windows | base | own model | your config | tuned |"
+           + (" gain (your config -> tuned) |" if gain else ""),
            "|---" * (7 if gain else 6) + "|"]
     for task, loss in best[split]["loss"].items():
         own = ref["models"].get(task, {}).get(split)

@@ -192,6 +192,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
                  optimizer, seed)
+    widened = widen_to_start(prep, s)
     clock: dict[str, float] = {}
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
@@ -204,13 +205,15 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
         _say(f"Scoring the start and the chosen point on fit and held-out windows ({result.stopped} after "
              f"{len(points)} evaluations)", quiet)
         with timed(clock, "final_s"):
-            scores = {"start": score_point(live, objectives, result.history[0][0]),  # the start, clipped
+            scores = {"start": score_point(live, objectives, (prep.start_lambda, *prep.start_weights)),  # as written
                       "best": score_point(live, objectives, result.best)}  # the model is left at the chosen point
     clock["set_weights_mean_s"] = sum(p["set_s"] for p in points) / len(points)
     clock["evaluate_mean_s"] = sum(p["eval_s"] for p in points) / len(points)
     tuned = tuned_config(prep.raw, prep.finetunes, result.best[1:], result.best[0], prep.groups)
     check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups)
-    return assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
+    report = assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
+    report["search"]["notes"] = widened + below_config(scores)
+    return report
 
 
 def scoring_dtype(config, choice: str) -> torch.dtype:
@@ -318,6 +321,38 @@ def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
             False,
         )
     return store
+
+
+def widen_to_start(prep: Prepared, s: Settings) -> list[str]:
+    """Your configuration, as written, is the search's first point: a
+    configured weight or lambda outside --weight-bounds/--lambda-bounds widens
+    those bounds to include it (`s` is changed).  One line per bound widened
+    (printed, and kept for the report); none when the start is inside."""
+    notes = []
+    for what, attr, values in (("--weight-bounds", "weight_bounds", prep.start_weights),
+                               ("--lambda-bounds", "lambda_bounds", [prep.start_lambda])):
+        lo, hi = getattr(s, attr)
+        new = (min(lo, *values), max(hi, *values))
+        if new != (lo, hi):
+            setattr(s, attr, new)
+            notes.append(f"tune: your config sets {'lambda' if attr == 'lambda_bounds' else 'a weight'} "
+                         f"{min(values) if new[0] < lo else max(values):g}, outside {what} {lo:g},{hi:g}; the "
+                         f"search covers {new[0]:g},{new[1]:g} instead, so it starts from your config as written")
+            _say(notes[-1], False)
+    return notes
+
+
+def below_config(scores: dict) -> list[str]:
+    """One line when the chosen point scores below your config on the fit
+    windows (it cannot when the search started from it, barring the 10-digit
+    rounding of its points), else none."""
+    mine, best = scores["start"]["fit"]["score"], scores["best"]["fit"]["score"]
+    if best >= mine:
+        return []
+    line = (f"tune: tuned.yml scores below your config on the fit windows ({best:.6g} < {mine:.6g} on the "
+            "searched objective); your config is the better of the two there")
+    _say(line, False)
+    return [line]
 
 
 def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
