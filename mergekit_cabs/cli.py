@@ -166,11 +166,15 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="With --cuda: compute the masks on the GPU and keep the pruned task vectors there (faster; "
                    "about 5 more bytes per merged weight, and one tensor's merge, on the GPU) instead of "
                    "streaming them from host memory.")
+@click.option("--baselines", default=None, metavar="NAMES",
+              help="Besides task arithmetic tuned the same way (always, unless 'none'), the one-lambda references "
+                   "to score: task_arithmetic, ties, dare_ties (comma-separated), each merged by mergekit's own "
+                   "method with its lambda picked on the fit windows; 'none': no baseline at all.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, general, general_weight, objective, out_dir, budget, weight_bounds, lambda_bounds,
          tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda, score_dtype,
-         store_on_device, force, quiet) -> None:
+         store_on_device, baselines, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
@@ -192,6 +196,7 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
         objective = tn.implied_objective(objective, bool(data))
+        tn.parse_baselines(baselines)
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         with out_lock(out_dir, tn.TuneError):  # held to the end: a second run into --out refuses at start
             check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
@@ -200,7 +205,8 @@ def tune(config: Path, data, general, general_weight, objective, out_dir, budget
             report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                                  budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                                  tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
-                                 seed=seed, score_dtype=score_dtype, store_on_device=store_on_device)
+                                 seed=seed, score_dtype=score_dtype, store_on_device=store_on_device,
+                                 baselines=baselines)
             click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
             written = tn.write_outputs(report, out_dir)
     except CabsError as error:

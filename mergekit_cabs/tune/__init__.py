@@ -20,6 +20,8 @@ in order.
     tune.write_outputs(report, "cabs-tune")
 """
 
+from mergekit_cabs.tune.baselines import BASELINE_FILES, ONE_LAMBDA, as_method, dense_cabs, merge_into, parse_baselines
+from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import (
     SPLITS,
@@ -66,6 +68,13 @@ from mergekit_cabs.tune.search import (
 from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes, same_bits
 
 __all__ = [
+    "BASELINE_FILES",
+    "ONE_LAMBDA",
+    "as_method",
+    "comparison",
+    "dense_cabs",
+    "merge_into",
+    "parse_baselines",
     "DEFAULTS",
     "GENERAL",
     "LayerGroups",

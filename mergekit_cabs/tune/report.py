@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from mergekit_cabs._output import WriteError, fmt, publish, pyplot
+from mergekit_cabs.tune.baselines import BASELINE_FILES, FILES, LABELS
+from mergekit_cabs.tune.compare import markdown_lines, summary_lines
 from mergekit_cabs.tune.data import SPLITS
 from mergekit_cabs.tune.options import OUT_FILES, TuneError
 
@@ -94,6 +96,8 @@ def format_summary(report: dict) -> str:
         f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
         f"held-out {shown(report, start['heldout']['score']):.4f} -> {shown(report, best['heldout']['score']):.4f}"
     )
+    if report.get("baselines"):
+        lines += ["", *summary_lines(report["baselines"], objective_label(report))]
     return "\n".join(lines)
 
 
@@ -105,6 +109,8 @@ def render_markdown(report: dict, plot: bool) -> str:
     out = _run_lines(report) + _chosen_lines(report)
     for split in SPLITS:
         out += _loss_lines(report, split)
+    if report.get("baselines"):
+        out += markdown_lines(report["baselines"], objective_label(report))
     out += _store_lines(report) + _point_lines(report)
     out += ["", "## Plot", ""]
     out.append("![objective along each weight](tune.png)" if plot else
@@ -272,6 +278,21 @@ def plot_figure(report: dict):
     return fig
 
 
+def baseline_yamls(report: dict, staging: Path) -> list[str]:
+    """Each baseline's configuration, as `mergekit-yaml` merges it, into `staging`; the names written."""
+    import yaml
+
+    written = []
+    for run in (report.get("baselines") or {}).get("runs", []):
+        name = FILES[run["name"]]
+        seed = f" (its random drops: mergekit-yaml --random-seed {run['seed']})" if run["seed"] is not None else ""
+        (staging / name).write_text(
+            f"# Written by mergekit-cabs tune: the {LABELS[run['name']]} baseline it scored{seed} (see tune.md).\n"
+            + yaml.safe_dump(run["config"], sort_keys=False), encoding="utf-8")
+        written.append(name)
+    return written
+
+
 def write_outputs(report: dict, out: Path) -> list[str]:
     """tune.md, tune.png (with matplotlib), tune.json and tuned.yml, into
     `out`, tuned.yml last (there, it means every file is).  A file that cannot
@@ -290,9 +311,10 @@ def write_outputs(report: dict, out: Path) -> list[str]:
             + yaml.safe_dump(report["tuned_config"], sort_keys=False), encoding="utf-8")
         (staging / "tune.md").write_text(render_markdown(report, plotted), encoding="utf-8")
         (staging / "tune.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        return ["tune.md"] + (["tune.png"] if plotted else []) + ["tune.json", "tuned.yml"]
+        extra = baseline_yamls(report, staging)
+        return ["tune.md"] + (["tune.png"] if plotted else []) + ["tune.json", *extra, "tuned.yml"]
 
     try:
-        return publish(out, OUT_FILES, build)
+        return publish(out, OUT_FILES + BASELINE_FILES, build)
     except WriteError as error:
         raise TuneError(f"tune: {error}; the result (weights, lambda, scores) is printed above") from None

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mergekit_cabs.tune.baselines import parse_baselines, run_baselines
+from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import SPLITS, TaskData, load_tasks, match_data, means, task_losses, window_losses
 from mergekit_cabs.tune.groups import LayerGroups, make_groups
@@ -181,12 +183,16 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              weight_bounds=DEFAULTS["weight_bounds"], lambda_bounds=DEFAULTS["lambda_bounds"],
              tolerance: float = DEFAULTS["tolerance"], batch_size: int = DEFAULTS["batch_size"],
              score_dtype: str = DEFAULTS["score_dtype"], store_on_device: bool = False,
-             quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"]) -> dict:
+             quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
+             baselines: str | None = None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
+    `baselines`: as --baselines (None: task arithmetic tuned the same way;
+    "none": no baseline), scored after the search (`baselines`, `compare`).
     `objective` None: "gain" with per-model data, "loss" with the general set
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
     "float32"; `store_on_device`: keep the store on `device` instead of the host."""
     check_optimizer(optimizer, seed)
+    tuned_ta, one_lambda = parse_baselines(baselines)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
@@ -213,6 +219,12 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups)
     report = assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
     report["search"]["notes"] = widened + below_config(scores)
+    if tuned_ta or one_lambda:
+        live.store = None  # the cabs store is freed before a baseline's is built
+        release_memory()
+        with timed(clock, "baselines_s"):
+            found = run_baselines(prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
+        report["baselines"] = comparison(objectives["heldout"], report, found)
     return report
 
 
@@ -398,6 +410,11 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
 def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> dict:
     """Phase 4: losses, gains and objective of point x on both splits (the model is left at x)."""
     live.set(x)
+    return score_now(live, objectives)
+
+
+def score_now(live: Live, objectives: dict[str, Objective]) -> dict:
+    """Losses (mean and per window), gains and objective of the live model as it is, on both splits."""
     out = {}
     for split in SPLITS:
         per_window = live.losses(split)
