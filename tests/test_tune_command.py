@@ -96,7 +96,8 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
                    "--out", out, "--budget", 25, "--quiet"])
     assert result.exit_code == 0, result.output
     optional("matplotlib", '"mergekit-cabs[plot]"')
-    assert sorted(p.name for p in out.iterdir()) == ["tune.json", "tune.md", "tune.png", "tuned.yml"]
+    assert sorted(p.name for p in out.iterdir()) == ["task_arithmetic_tuned.yml", "tune.json", "tune.md", "tune.png",
+                                                     "tuned.yml"]  # task arithmetic tuned the same way: by default
     assert (out / "tune.png").read_bytes().startswith(PNG_SIGNATURE)
     report = json.loads((out / "tune.json").read_text())
     assert report["search"]["evaluations"] == len(report["points"]) <= 25
@@ -128,7 +129,8 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     md = (out / "tune.md").read_text()
     assert "held-out" in md and "disjoint" in md and "![objective along each weight](tune.png)" in md
     assert result.output.count("held-out") >= 1 and "mergekit-yaml" in result.output
-    assert f"Wrote tune.md, tune.png, tune.json, tuned.yml to {out}" in result.output  # tuned.yml last
+    assert f"Wrote tune.md, tune.png, tune.json, task_arithmetic_tuned.yml, tuned.yml to {out}" in result.output
+    # tuned.yml last
 
 
 def test_tune_with_overlapping_supports_and_float32_scoring_still_matches_mergekit(tune_family, tmp_path):

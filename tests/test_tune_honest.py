@@ -113,7 +113,8 @@ def test_a_second_run_into_a_held_out_refuses_in_one_line_naming_the_pid(tune_fa
     result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
                                        "--out", str(out), "--budget", "2", "--max-windows", "2", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["tune.json", "tune.md", "tuned.yml"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["task_arithmetic_tuned.yml", "tune.json",
+                                                                           "tune.md", "tuned.yml"]
 
 
 def test_two_tune_processes_on_one_out_end_with_one_result_and_one_refusal(tune_family, tmp_path):

@@ -274,7 +274,7 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
     merges = merge_into(live.model, chosen)
     names = prep.names()
     return {"name": TUNED, "lambda": result.best[0], "weights": dict(zip(names[1:], result.best[1:])),
-            "config": chosen, "evaluations": len(points), "merges": merges, "search_merges": 0,
+            "config": chosen, "evaluations": len(points), "merges": 1 + merges, "search_merges": 1,
             "stopped": result.stopped, "store_bytes": store_bytes,
             "points": [{"lambda": p["lambda"], "weights": p["weights"], "score": p["score"]} for p in points],
             "seed": None, **score_now(live, objectives)}

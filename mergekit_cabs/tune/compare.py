@@ -99,7 +99,9 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
             f"{r['difference']:+.4f} [{r['difference_interval'][0]:+.4f}, {r['difference_interval'][1]:+.4f}]"
         lines.append(f"{r['method']:{width}s} {r['lambda']:7.3f} {r['heldout']:9.4f} "
                      f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}] {diff:>28s}")
-    return lines + [comparison["verdict"]]
+    spent = "; ".join(f"{r['method']} {r['evaluations']}" + (f" ({r['merges']} merges)" if r["merges"] else "")
+                      for r in rows if r["method"] != YOURS)
+    return lines + [f"evaluations: {spent}", comparison["verdict"]]
 
 
 def markdown_lines(comparison: dict, label: str) -> list[str]:
