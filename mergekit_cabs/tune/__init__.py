@@ -11,8 +11,11 @@ search over the weights and lambda (coordinate-wise with halving steps, or
 CMA-ES) maximises the mean normalized gain over tasks, or minimises a loss
 (`search`), one weight per model or, with layer groups (`groups`), one per
 model and group of decoder layers; the chosen point is written as
-``tuned.yml`` (`config`) with a report (`report`).  `run` holds the phases
-in order.
+``tuned.yml`` (`config`) with a report (`report`).  Task arithmetic tuned
+the same way, and on request one-lambda task_arithmetic, ties and dare_ties
+merged by mergekit's own methods, are scored on the same held-out windows
+(`baselines`), with paired bootstrap intervals and a verdict (`compare`).
+`run` holds the phases in order.
 
     from mergekit_cabs import tune
     prep = tune.prepare("my-cabs.yml", ["math-ft=math.jsonl", "code-ft=code.txt"])

@@ -82,7 +82,7 @@ def verdict(others: Sequence[dict], objective: str) -> str:
                 "merge tuned.yml")
     tied = [r["method"] for r in others if not r["cabs_better"]]
     return (f"{CABS} and {', '.join(tied)} are not distinguishable here (difference {closest['difference']:+.4f} "
-            f"[{lo:+.4f}, {hi:+.4f}] against {closest['method']}): these held-out windows do not tell them apart")
+            f"[{lo:+.4f}, {hi:+.4f}] with {closest['method']}): these held-out windows do not tell them apart")
 
 
 # --- how the report shows it ----------------------------------------------------------------
@@ -106,7 +106,7 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
 
 def markdown_lines(comparison: dict, label: str) -> list[str]:
     """tune.md's section: the table, the verdict, what each baseline cost."""
-    out = ["## Against the baselines", "",
+    out = ["## Tuned cabs and the baselines", "",
            f"Objective: {label}. Interval: 95% paired bootstrap over the held-out windows ({comparison['draws']} "
            f"draws, seed {comparison['seed']}); difference: tuned cabs minus the row, on the same draws.", "",
            "| method | file | lambda | fit | held-out | interval | tuned cabs minus it | evaluations | merges |",
