@@ -69,12 +69,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.01, help="tune's --tolerance in every search")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--grid", type=float, nargs="+", default=GRID, help="the lambdas tried first")
+    parser.add_argument("--tune-baselines", default="none",
+                        help="tune's --baselines in every tuned arm (e.g. '' for task arithmetic tuned the same way, "
+                             "'task_arithmetic,ties,dare_ties'); its table is kept in tune_compare.json")
     return parser.parse_args()
+
+
+def family_kinds(root: Path) -> tuple[str, ...]:
+    """The specialists of a family from tune_models.py (its manifest's `specialists`; all four before those)."""
+    manifest = root / "manifest.json"
+    found = json.loads(manifest.read_text()).get("specialists") if manifest.exists() else None
+    return tuple(found or KINDS)
 
 
 def method_config(method: str, root: Path, lam: float) -> dict:
     models = []
-    for kind in KINDS:
+    for kind in family_kinds(root):
         params = {"weight": 1.0}
         if method != "task_arithmetic":
             params["density"] = DENSITY
@@ -115,6 +125,7 @@ class Bench:
     objective: dict  # split -> tune's Objective
     batch: int
     grid: tuple[float, ...]  # the lambdas every grid tries first
+    kinds: tuple[str, ...] = KINDS  # the family's specialists
 
 
 def load(path) -> torch.nn.Module:
@@ -133,20 +144,21 @@ def make_bench(args: argparse.Namespace, work: Path) -> Bench:
     tasks = {t.name: t for t in prep.tasks}
     base = {s: tn.task_losses(load(root / "base"), prep.tasks, s, batch) for s in tn.SPLITS}
     own = {}
-    for kind in KINDS:
+    kinds = family_kinds(root)
+    for kind in kinds:
         model = load(root / kind)
         own[kind] = {s: tn.window_losses(model, getattr(tasks[kind], s), batch) for s in tn.SPLITS}
     reference = {"base": {s: {k: float(v.mean()) for k, v in base[s].items()} for s in tn.SPLITS},
-                 "models": {k: {s: float(own[k][s].mean()) for s in tn.SPLITS} for k in KINDS}}
-    objective = tn.split_objectives("gain", list(KINDS), reference, tn.DEFAULTS["general_weight"])
+                 "models": {k: {s: float(own[k][s].mean()) for s in tn.SPLITS} for k in kinds}}
+    objective = tn.split_objectives("gain", list(kinds), reference, tn.DEFAULTS["general_weight"])
     for t in prep.tasks:
         print(f"data {t.name:11s} {t.tokens} tokens: {len(t.fit)} fit and {len(t.heldout)} held-out windows "
               f"of {t.fit.shape[1]} tokens", flush=True)
-    return Bench(root, prep, work, base, own, objective, batch, tuple(args.grid))
+    return Bench(root, prep, work, base, own, objective, batch, tuple(args.grid), kinds)
 
 
 def data_args(root: Path) -> list[str]:
-    return [f"{kind}={root / 'data' / f'{kind}.txt'}" for kind in KINDS]
+    return [f"{kind}={root / 'data' / f'{kind}.txt'}" for kind in family_kinds(root)]
 
 
 def score(bench: Bench, model, split: str) -> dict[str, torch.Tensor]:
@@ -220,7 +232,8 @@ def tuned_arm(args: argparse.Namespace, prep, grid: dict, optimizer: str, budget
 
     started = time.perf_counter()
     report = tn.run_tune(prep, budget=budget, optimizer=optimizer, seed=0, lambda_bounds=tuple(args.lambda_bounds),
-                         weight_bounds=tuple(args.weight_bounds), tolerance=args.tolerance, quiet=True)
+                         weight_bounds=tuple(args.weight_bounds), tolerance=args.tolerance, quiet=True,
+                         baselines=args.tune_baselines)
     wall = time.perf_counter() - started
     best = report["best"]
     heldout = {k: torch.tensor(v, dtype=torch.float64) for k, v in best["heldout"]["window_losses"].items()}
@@ -238,7 +251,7 @@ def tuned_arm(args: argparse.Namespace, prep, grid: dict, optimizer: str, budget
             "grid_evaluations": grid["evaluations"], "evaluations": report["search"]["evaluations"]
             + grid["evaluations"], "search_s": report["time"]["search_s"], "grid_s": grid["search_s"],
             "tune_s": wall, "time": report["time"], "fit_score": best["fit"]["score"], "best_so_far": scores,
-            "heldout": heldout}
+            "heldout": heldout, "tune_baselines": report.get("baselines")}
 
 
 def tuned_arms(bench: Bench, args: argparse.Namespace, grid: dict) -> dict:
@@ -272,7 +285,7 @@ def summarize(bench: Bench, results: dict, draws: int) -> tuple[dict, dict]:
     mean gain's bootstrap samples (paired across arms), for the differences."""
     from mergekit_cabs import tune as tn
 
-    names = list(KINDS) + [tn.GENERAL]
+    names = list(bench.kinds) + [tn.GENERAL]
     table, samples = {}, {}
     for label, r in results.items():
         row = {k: r[k] for k in ("kind", "lambda", "evaluations", "search_s") if k in r}
@@ -288,7 +301,7 @@ def summarize(bench: Bench, results: dict, draws: int) -> tuple[dict, dict]:
             point = (b - float(merged.mean())) / ((b - float(own.mean())) if own is not None else b)
             row["tasks"][name] = {"loss": float(merged.mean()), "gain": point, "gain_ci": interval(draw)}
         samples[label] = torch.stack(per_task).mean(0)
-        row["mean_gain"] = sum(row["tasks"][k]["gain"] for k in KINDS) / len(KINDS)
+        row["mean_gain"] = sum(row["tasks"][k]["gain"] for k in bench.kinds) / len(bench.kinds)
         row["mean_gain_ci"] = interval(samples[label])
         table[label] = row
     return table, samples
@@ -313,8 +326,9 @@ def chosen(r: dict) -> str:
 
 
 def markdown(bench: Bench, results: dict, table: dict, diffs: dict) -> str:
-    names = list(KINDS) + ["general"]
-    lines = ["| method | chosen | evaluations | search wall | " + " | ".join(names) + " | mean gain (4 tasks) |",
+    names = list(bench.kinds) + ["general"]
+    lines = ["| method | chosen | evaluations | search wall | " + " | ".join(names)
+             + f" | mean gain ({len(bench.kinds)} tasks) |",
              "|---" * (len(names) + 5) + "|"]
     for label, row in table.items():
         r = results[label]
@@ -428,7 +442,7 @@ def write_outputs(args, bench: Bench, results: dict, table: dict, diffs: dict, w
     text = markdown(bench, results, table, diffs)
     (args.out / "tune_compare.md").write_text(text)
     print(text)
-    plot(table, list(KINDS) + [tn.GENERAL], args.out / "tune_compare.png")
+    plot(table, list(bench.kinds) + [tn.GENERAL], args.out / "tune_compare.png")
     plot_search(results, args.out / "tune_compare_search.png")
 
 

@@ -3,6 +3,12 @@ weight tuning of a CABS merge: one base and four specialists fine-tuned from it.
 
     python benchmarks/tune_models.py --out /tmp/tune-bench
     python benchmarks/tune_models.py --out DIR --base-steps 1600 --spec-steps 400 --seed 0 --force
+    python benchmarks/tune_models.py --out DIR --specialists python,docs --spec-steps 100 --spec-lr 2e-4
+
+The second line is the second family (issue 23): two fine-tunes instead of
+four, whose task vectors are small next to the base (fewer steps, a lower
+learning rate), as 7B fine-tunes usually are.  The base is trained on all
+four kinds either way.
 
 Text of four clearly different kinds is gathered from this machine (sorted file
 lists shuffled with a fixed seed, 5 MB per kind; files over 100 KB, with a line
@@ -213,10 +219,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base-steps", type=int, default=1600)
     ap.add_argument("--spec-steps", type=int, default=400)
+    ap.add_argument("--spec-lr", type=float, default=LR["specialist"], help="specialists' peak learning rate")
+    ap.add_argument("--specialists", default=",".join(KINDS),
+                    help=f"comma-separated kinds to fine-tune (and merge), of {', '.join(KINDS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 if another process is busy)")
     ap.add_argument("--force", action="store_true", help="overwrite what an earlier run wrote in --out")
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.specialists = [k.strip() for k in args.specialists.split(",") if k.strip()]
+    if not args.specialists or any(k not in KINDS for k in args.specialists):
+        ap.error(f"--specialists takes kinds of {', '.join(KINDS)}")
+    return args
 
 
 def clear_out(out: Path, force: bool) -> None:
@@ -248,13 +261,13 @@ def write_data(out: Path, manifest: dict) -> dict:
     return parts
 
 
-def write_config(out: Path) -> None:
+def write_config(out: Path, kinds) -> None:
     (out / "cabs.yml").write_text(
-        "# CABS merge of the four specialists made by benchmarks/tune_models.py\n"
+        f"# CABS merge of the {len(kinds)} specialists made by benchmarks/tune_models.py\n"
         "merge_method: cabs\n"
         f"base_model: {out / 'base'}\n"
         "models:\n" + "".join(
-            f"  - model: {out / kind}\n    parameters:\n      weight: 1.0\n      density: 0.25\n" for kind in KINDS)
+            f"  - model: {out / kind}\n    parameters:\n      weight: 1.0\n      density: 0.25\n" for kind in kinds)
         + "parameters:\n  block_size: 256\n  lambda: 1.0\ndtype: float32\n")
 
 
@@ -275,11 +288,11 @@ def train_family(out: Path, args, tokenizer, streams: dict, manifest: dict, phas
     phases["base"], t = time.time() - t, time.time()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     losses = {"base": {name: eval_loss(base, s) for name, s in streams["eval"].items()}}
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(args.specialists):
         print(f"fine-tuning {kind}", flush=True)
         model = LlamaForCausalLM(config)
         model.load_state_dict(base_state)
-        final[kind] = train(model, [streams["spec"][kind]], args.spec_steps, LR["specialist"], 20, args.seed + 1 + i,
+        final[kind] = train(model, [streams["spec"][kind]], args.spec_steps, args.spec_lr, 20, args.seed + 1 + i,
                             kind)
         save(model, tokenizer, out / kind)
         losses[kind] = {name: eval_loss(model, s) for name, s in streams["eval"].items()}
@@ -309,12 +322,14 @@ def main():
     phases["tokenizer"] = time.time() - t
 
     final, losses = train_family(out, args, tokenizer, streams, manifest, phases)
-    write_config(out)
+    write_config(out, args.specialists)
     manifest.update(
-        steps={"base": args.base_steps, "specialist": args.spec_steps}, lr=dict(LR), final_train_loss=final,
+        steps={"base": args.base_steps, "specialist": args.spec_steps}, lr={**LR, "specialist": args.spec_lr},
+        specialists=args.specialists, final_train_loss=final,
         eval_loss={m: {k: round(v, 4) for k, v in by_set.items()} for m, by_set in losses.items()},
         eval_windows=EVAL_WINDOWS,
-        model_bytes={m: sum(f.stat().st_size for f in (out / m).glob("*.safetensors")) for m in ["base", *KINDS]},
+        model_bytes={m: sum(f.stat().st_size for f in (out / m).glob("*.safetensors"))
+                     for m in ["base", *args.specialists]},
         wall_s={k: round(v, 1) for k, v in phases.items()} | {"total": round(sum(phases.values()), 1)},
     )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

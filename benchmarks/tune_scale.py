@@ -150,7 +150,7 @@ def measure(args) -> dict:
     memory.watch(run)
     report = tn.run_tune(prep, device="cuda" if args.cuda else "cpu", objective="loss", budget=args.budget,
                          batch_size=args.batch_size, score_dtype=args.score_dtype,
-                         store_on_device=args.store_on_device, quiet=True)
+                         store_on_device=args.store_on_device, quiet=True, baselines=args.baselines)
     peak = resident()["VmHWM"]
     places = report["supports"]["places"]
     out = {
@@ -166,6 +166,9 @@ def measure(args) -> dict:
         "tokens_per_evaluation": sum(len(t.fit) * t.fit.shape[1] for t in prep.tasks),
         "phase_s": {k: round(v, 1) for k, v in report["time"].items() if not k.endswith("mean_s")},
         "evaluations": report["search"]["evaluations"], "torch_threads": torch.get_num_threads(),
+        "baselines": [r["name"] for r in report.get("baselines", {}).get("runs", [])],
+        "baseline_store_bytes_per_parameter": {r["name"]: r["store_bytes"] / places
+                                               for r in report.get("baselines", {}).get("runs", [])},
     }
     if args.cuda:
         out["peak_device_bytes_by_phase_per_parameter"] = {k: round(v / places, 2) for k, v in memory.device.items()}
@@ -254,6 +257,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--score-dtype", default="merge", choices=["merge", "float32"])
     parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--baselines", default=None,
+                        help="tune's --baselines (default: task arithmetic tuned the same way; none: no baseline)")
     parser.add_argument("--store-on-device", action="store_true")
     parser.add_argument("--check-exact", action="store_true",
                         help="merge the tuned configuration with mergekit (on the GPU with --cuda) and check that "
@@ -288,7 +293,8 @@ def main() -> None:
         argv = ["--work", str(args.work), "--budget", str(args.budget), "--max-windows", str(args.max_windows),
                 "--window", str(args.window), "--batch-size", str(args.batch_size), "--score-dtype", args.score_dtype,
                 *(["--cuda"] if args.cuda else []), *(["--store-on-device"] if args.store_on_device else []),
-                *(["--check-exact"] if args.check_exact else [])]
+                *(["--check-exact"] if args.check_exact else []),
+                *(["--baselines", args.baselines] if args.baselines else [])]
         for flag in ["--measure"] + (["--measure-settings"] if args.settings else []):
             done = subprocess.run([sys.executable, __file__, *argv, flag, shape], check=True,
                                   stdout=subprocess.PIPE, text=True)

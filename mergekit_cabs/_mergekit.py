@@ -31,6 +31,7 @@ What this module does with them:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -113,6 +114,9 @@ REQUIREMENTS = (
     Requirement("mergekit.io.lazy_tensor_loader", "ShardedTensorIndex", fields=("base_path", "tensor_paths")),
     Requirement("mergekit.architecture.conversion", "can_convert_checkpoint_keys",
                 params=("model_type", "source_keys", "target_key")),
+    Requirement("mergekit.merge_methods.generalized_task_arithmetic", "GeneralizedTaskArithmeticMerge.merge_group",
+                params=("self", "group")),
+    Requirement("transformers.trainer_utils", "set_seed", params=("seed",)),
 )
 
 
@@ -375,6 +379,36 @@ def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
             LoaderCache().flush_all()
     finally:
         LoaderCache().flush_all()
+
+
+@contextlib.contextmanager
+def capture_task_arithmetic(sink: Callable[[Any, Any], None]):
+    """Within the block, every merge of mergekit's task arithmetic family
+    (task_arithmetic, ties, dare_ties: `GeneralizedTaskArithmeticMerge`) also
+    hands (group, result) to `sink`; the group's ``base.tensor`` and
+    ``metadata.name`` are what `tune`'s baselines read."""
+    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+
+    original = GeneralizedTaskArithmeticMerge.merge_group
+
+    def merge_group(self, group, /, **parameters):
+        result = original(self, group, **parameters)
+        sink(group, result)
+        return result
+
+    GeneralizedTaskArithmeticMerge.merge_group = merge_group
+    try:
+        yield
+    finally:
+        GeneralizedTaskArithmeticMerge.merge_group = original
+
+
+def seed_random_merges(seed: int) -> None:
+    """Seed the draws of mergekit's random merges (dare_ties) as
+    ``mergekit-yaml --random-seed`` does before a merge."""
+    from transformers.trainer_utils import set_seed
+
+    set_seed(seed)
 
 
 def dtype_from_name(name: str | None):

@@ -7,6 +7,12 @@ end (`publish`), the result file last, so a failure never leaves a file that
 looks complete.  A staging directory is removed on any failure, on Ctrl-C and
 on SIGTERM; one a killed run left (SIGKILL, power loss) is removed by the next
 run into that directory (`clean_stale`).
+
+A run holds --out for its whole length (`out_lock`): an advisory lock
+(`fcntl.flock`) on a lock file in it, which the kernel releases when the
+process ends however it ends (kill -9 included), so a second run into the
+same directory refuses at start, naming the first one's pid, and a killed
+run never blocks the next.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from mergekit_cabs.params import CabsError
 PLOTS_HINT = 'pip install "mergekit-cabs[plot]" gets the plots (matplotlib)'
 STAGING = ".mergekit-cabs-staging-"  # + "<pid>-<random>": a staging directory of ours
 STALE_AFTER_S = 3600  # a staging directory this old is a dead run's, whatever its pid
+LOCK_NAME = ".mergekit-cabs.lock"  # in --out while a run holds it (holds the pid)
 
 
 class WriteError(CabsError):
@@ -42,7 +49,7 @@ def check_out_dir(out: Path, force: bool, names: Sequence[str], error: type[Cabs
         return
     try:
         clean_stale(out, names)
-        used = any(not entry.name.startswith(STAGING) for entry in out.iterdir())
+        used = any(not entry.name.startswith(STAGING) and entry.name != LOCK_NAME for entry in out.iterdir())
     except OSError as problem:
         raise error(f"--out {out} cannot be read: {problem.strerror or problem}") from None
     if used and not force:
@@ -142,6 +149,76 @@ def publish(out: Path, names: Sequence[str], build: Callable[[Path], list[str]])
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: nothing was moved in
     return written
+
+
+def _lock_file(path: Path):
+    """The lock file at `path`, opened and flock-ed (exclusive, not waiting):
+    (file, None), or (None, the holder's pid as written, "" when unknown) when
+    another process holds it.  Retries when the file it locked was removed or
+    replaced meanwhile (its holder was ending), so the lock is on the file
+    that is there."""
+    import fcntl
+
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip()
+            handle.close()
+            return None, pid
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle, None
+        handle.close()
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, error: type[CabsError] = CabsError):
+    """Hold --out `out` for the block: created if missing, with a lock file
+    (`LOCK_NAME`, holding this process's pid) flock-ed in it.  Another process
+    holding it is `error` at once, naming its pid; a process that died holding
+    it does not count (the kernel dropped its lock).  On leaving, the lock
+    file is removed, and `out` too when this call created it and it is
+    empty.  Where flock is missing (Windows), nothing is locked."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {out} is a file; give a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as problem:
+        raise error(f"--out {out} cannot be created: {problem.strerror or problem}") from None
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover (Windows)
+        yield
+        return
+    path = out / LOCK_NAME
+    try:
+        handle, holder = _lock_file(path)
+    except OSError as problem:
+        raise error(f"--out {out} cannot be locked: {problem.strerror or problem}") from None
+    if handle is None:
+        raise error(f"--out {out} is in use by another run (pid {holder or 'unknown'}); wait for it to end or "
+                    "give another --out")
+    try:
+        with contextlib.suppress(OSError):
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
 
 
 def fmt(x: float | None, spec: str = ".4f") -> str:

@@ -187,12 +187,16 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="With --cuda: compute the masks on the GPU and keep the pruned task vectors there (faster; "
                    "about 5 more bytes per merged weight, and one tensor's merge, on the GPU) instead of "
                    "streaming them from host memory.")
+@click.option("--baselines", default=None, metavar="NAMES",
+              help="Besides task arithmetic tuned the same way (always, unless 'none'), the one-lambda references "
+                   "to score: task_arithmetic, ties, dare_ties (comma-separated), each merged by mergekit's own "
+                   "method with its lambda picked on the fit windows; 'none': no baseline at all.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_limit, general, general_weight,
          objective, out_dir, budget, weight_bounds,
          lambda_bounds, tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda,
-         score_dtype, store_on_device, force, quiet) -> None:
+         score_dtype, store_on_device, baselines, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
@@ -208,7 +212,7 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
     Writes tuned.yml (CONFIG with the chosen numbers), tune.json, tune.md and
     tune.png to --out."""
     from mergekit_cabs import tune as tn
-    from mergekit_cabs._output import check_out_dir
+    from mergekit_cabs._output import check_out_dir, out_lock
     from mergekit_cabs.params import CabsError
 
     try:
@@ -216,18 +220,21 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
         objective = tn.implied_objective(objective, bool(data) or bool(lm_eval))
+        tn.parse_baselines(baselines)
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
-        check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
-        prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
-                          max_windows=max_windows, budget=budget, layer_groups=layer_groups,
-                          chat_template=chat_template, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
-                          lm_eval_limit=lm_eval_limit)
-        report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
-                             budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
-                             tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
-                             seed=seed, score_dtype=score_dtype, store_on_device=store_on_device)
-        click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
-        written = tn.write_outputs(report, out_dir)
+        with out_lock(out_dir, tn.TuneError):  # held to the end: a second run into --out refuses at start
+            check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
+            prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
+                              max_windows=max_windows, budget=budget, layer_groups=layer_groups,
+                              chat_template=chat_template, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
+                              lm_eval_limit=lm_eval_limit)
+            report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
+                                 budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
+                                 tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
+                                 seed=seed, score_dtype=score_dtype, store_on_device=store_on_device,
+                                 baselines=baselines)
+            click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
+            written = tn.write_outputs(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")

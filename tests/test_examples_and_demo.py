@@ -185,7 +185,7 @@ def test_the_demos_printed_analyze_tune_and_merge_commands_run_to_the_end(demo_r
 
 def test_the_demos_printed_tune_on_answers_runs_and_says_whether_it_beats_the_start(demo_run):
     """The second tune command: math as multiple choice, chat as conversations;
-    the summary says in words whether held-out accuracy beat the start."""
+    the summary says in words whether held-out accuracy beat your config."""
     import json
 
     directory, result = demo_run
@@ -199,7 +199,7 @@ def test_the_demos_printed_tune_on_answers_runs_and_says_whether_it_beats_the_st
     report = json.loads((directory / "tune-answers" / "tune.json").read_text())
     assert {k: v["kind"] for k, v in report["data"].items()} == {"math": "choice", "code": "text", "chat": "chat"}
     was, now = (report[p]["heldout"]["measures"]["math"]["acc"] for p in ("start", "best"))
-    verdict = "beats the start" if now > was else "does NOT beat the start"
+    verdict = "beats your config" if now > was else "does NOT beat your config"
     assert f"math: held-out accuracy {was:.4f} -> {now:.4f}: the tuned point {verdict}" in run.stdout
     assert "math (choice)" in run.stdout and "chat (chat)" in run.stdout and "response loss" in run.stdout
 

@@ -96,7 +96,8 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
                    "--out", out, "--budget", 25, "--quiet"])
     assert result.exit_code == 0, result.output
     optional("matplotlib", '"mergekit-cabs[plot]"')
-    assert sorted(p.name for p in out.iterdir()) == ["tune.json", "tune.md", "tune.png", "tuned.yml"]
+    assert sorted(p.name for p in out.iterdir()) == ["task_arithmetic_tuned.yml", "tune.json", "tune.md", "tune.png",
+                                                     "tuned.yml"]  # task arithmetic tuned the same way: by default
     assert (out / "tune.png").read_bytes().startswith(PNG_SIGNATURE)
     report = json.loads((out / "tune.json").read_text())
     assert report["search"]["evaluations"] == len(report["points"]) <= 25
@@ -128,7 +129,8 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     md = (out / "tune.md").read_text()
     assert "held-out" in md and "disjoint" in md and "![objective along each weight](tune.png)" in md
     assert result.output.count("held-out") >= 1 and "mergekit-yaml" in result.output
-    assert f"Wrote tune.md, tune.png, tune.json, tuned.yml to {out}" in result.output  # tuned.yml last
+    assert f"Wrote tune.md, tune.png, tune.json, task_arithmetic_tuned.yml, tuned.yml to {out}" in result.output
+    # tuned.yml last
 
 
 def test_tune_with_overlapping_supports_and_float32_scoring_still_matches_mergekit(tune_family, tmp_path):
@@ -410,7 +412,8 @@ def _summary_then_error(result, out: Path, reason: str) -> None:
     assert result.exit_code == 1, result.output
     assert lines[-1] == f"Error: tune: could not write {out}: {reason}; the result (weights, lambda, scores) is " \
                         "printed above", result.output
-    assert lines[0].split() == ["start", "tuned"] and lines[1].startswith("lambda") and "Traceback" not in result.output
+    assert lines[0].split() == ["your", "config", "tuned"] and lines[1].startswith("lambda")
+    assert "Traceback" not in result.output
     assert any(line.startswith("objective (gain)") for line in lines[:-1])
 
 
@@ -459,7 +462,7 @@ def test_tune_with_general_alone_minimises_the_general_texts_loss(tune_family, t
     assert best["fit"]["score"] == -best["fit"]["loss"]["general"] == max(p["score"] for p in report["points"])
     assert "no --data: the objective is the loss on the general text" in result.output
     line = next(x for x in result.output.splitlines() if x.startswith("objective (loss)"))
-    assert line.startswith("objective (loss): loss on the general text (lower is better): fit ")
+    assert line.startswith("objective (loss): loss on the general text (lower is better), your config -> tuned: fit ")
     numbers = re.findall(r"-?\d+\.\d+", line)
     assert len(numbers) == 4 and all(float(v) > 0 for v in numbers), line  # losses, not minus losses
     assert numbers[1] == f"{best['fit']['loss']['general']:.4f}"
@@ -481,10 +484,10 @@ def test_loss_objective_reports_losses_and_a_positive_mean_loss(tune_family, tmp
     report = json.loads((out / "tune.json").read_text())
     lines = result.output.splitlines()
     header = next(x for x in lines if x.startswith("held-out"))
-    assert header.split() == ["held-out", "measure", "base", "own", "start", "tuned", "change"]
+    assert header.split() == ["held-out", "measure", "base", "own", "config", "tuned", "change"]
     mean = sum(report["best"]["heldout"]["loss"].values()) / 3
     line = next(x for x in lines if x.startswith("objective (loss)"))
-    assert line.startswith("objective (loss): mean loss over tasks (lower is better): fit ")
+    assert line.startswith("objective (loss): mean loss over tasks (lower is better), your config -> tuned: fit ")
     assert line.endswith(f" -> {mean:.4f}")
     md = (out / "tune.md").read_text()
     assert "gain" not in md and "mean loss over tasks (lower is better)" in md

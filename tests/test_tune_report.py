@@ -36,7 +36,7 @@ def test_loss_summary_shows_losses_a_positive_mean_loss_and_the_dropped_model():
     text = tn.format_summary(_report("loss"))
     assert "gain" not in text
     assert "dropped: a (weight 0: the merge leaves its task vector out)" in text
-    assert text.splitlines()[-1] == ("objective (loss): mean loss over tasks (lower is better): "
+    assert text.splitlines()[-1] == ("objective (loss): mean loss over tasks (lower is better), your config -> tuned: "
                                      "fit 2.0000 -> 1.8000, held-out 2.0000 -> 1.8000")
 
 
@@ -80,8 +80,9 @@ def test_summary_gives_each_tasks_held_out_change_and_flags_the_one_made_worse()
     lines = tn.format_summary(report).splitlines()
     (a,) = [x for x in lines if x.strip().startswith("a (text)")]
     (b,) = [x for x in lines if x.strip().startswith("b (lm-eval)")]
-    assert a.split()[4:9] == ["2.5000", "1.5000", "1.2196", "1.2631", "+0.0435"] and a.endswith("WORSE than the start")
-    assert "acc,none (^)" in b and b.endswith("0.100  WORSE than the start")  # higher is better: 2.0 -> 1.8 is worse
+    assert a.split()[4:9] == ["2.5000", "1.5000", "1.2196", "1.2631", "+0.0435"]
+    assert a.endswith("WORSE than your config")
+    assert "acc,none (^)" in b and b.endswith("0.100  WORSE than your config")  # higher is better: 2.0 -> 1.8 is worse
     report["best"]["heldout"]["loss"]["b"] = 2.2
     (b,) = [x for x in tn.format_summary(report).splitlines() if x.strip().startswith("b (lm-eval)")]
     assert "WORSE" not in b and "+0.2000" in b

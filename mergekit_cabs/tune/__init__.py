@@ -14,8 +14,11 @@ search over the weights and lambda (coordinate-wise with halving steps, or
 CMA-ES) maximises the mean normalized gain over tasks, or minimises a loss
 (`search`), one weight per model or, with layer groups (`groups`), one per
 model and group of decoder layers; the chosen point is written as
-``tuned.yml`` (`config`) with a report (`report`).  `run` holds the phases
-in order.
+``tuned.yml`` (`config`) with a report (`report`).  Task arithmetic tuned
+the same way, and on request one-lambda task_arithmetic, ties and dare_ties
+merged by mergekit's own methods, are scored on the same held-out windows
+(`baselines`), with paired bootstrap intervals and a verdict (`compare`).
+`run` holds the phases in order.
 
     from mergekit_cabs import tune
     prep = tune.prepare("my-cabs.yml", ["math-ft=math.jsonl", "code-ft=code.txt"])
@@ -23,6 +26,8 @@ in order.
     tune.write_outputs(report, "cabs-tune")
 """
 
+from mergekit_cabs.tune.baselines import BASELINE_FILES, ONE_LAMBDA, as_method, dense_cabs, merge_into, parse_baselines
+from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import (
     SPLITS,
@@ -70,6 +75,13 @@ from mergekit_cabs.tune.search import (
 from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes, same_bits
 
 __all__ = [
+    "BASELINE_FILES",
+    "ONE_LAMBDA",
+    "as_method",
+    "comparison",
+    "dense_cabs",
+    "merge_into",
+    "parse_baselines",
     "DEFAULTS",
     "GENERAL",
     "LayerGroups",

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from mergekit_cabs._output import WriteError, fmt, publish, pyplot
+from mergekit_cabs.tune.baselines import BASELINE_FILES, FILES, LABELS
+from mergekit_cabs.tune.compare import markdown_lines, summary_lines
 from mergekit_cabs.tune.data import SPLITS
 from mergekit_cabs.tune.options import OUT_FILES, TuneError
 
@@ -96,17 +98,24 @@ def group_line(report: dict) -> str | None:
             + ", ".join(g["name"] for g in groups["groups"]))
 
 
+def notes_lines(report: dict) -> list[str]:
+    """The lines the run said about your config (bounds widened to include
+    it; tuned.yml below it on the fit windows), each once."""
+    return list(report["search"].get("notes", []))
+
+
 def format_summary(report: dict) -> str:
     """The console table: chosen numbers, then each data set's held-out
-    value in its own measure and direction (with the change from the start,
+    value in its own measure and direction (with the change from your config,
     flagged when it got worse, and normalized gains with the gain
     objective), then the objective."""
     best, start = report["best"], report["start"]
     width = max(12, *(len(k) for k in best["weights"]))
     lines = [group_line(report)] if report["layer_groups"] else []
-    lines += [f"{'':{width}s} {'start':>8s} {'tuned':>8s}",
-              f"{'lambda':{width}s} {start['lambda']:8.3f} {best['lambda']:8.3f}"]
-    lines += [f"{k:{width}s} {start['weights'][k]:8.3f} {v:8.3f}" for k, v in best["weights"].items()]
+    lines += notes_lines(report)
+    lines += [f"{'':{width}s} {'your config':>11s} {'tuned':>8s}",
+              f"{'lambda':{width}s} {start['lambda']:11.3f} {best['lambda']:8.3f}"]
+    lines += [f"{k:{width}s} {start['weights'][k]:11.3f} {v:8.3f}" for k, v in best["weights"].items()]
     if dropped(report):
         lines.append(f"dropped: {', '.join(dropped(report))} (weight 0: the merge leaves its task vector out)")
     lines += ["", *held_out_lines(report)]
@@ -114,10 +123,12 @@ def format_summary(report: dict) -> str:
         lines.append("no --data: the objective is the loss on the general text")
     lines += accuracy_lines(report) + truncation_lines(report) + shared_lines(report)
     lines.append(
-        f"objective ({report['objective']}): {objective_label(report)}: "
+        f"objective ({report['objective']}): {objective_label(report)}, your config -> tuned: "
         f"fit {shown(report, start['fit']['score']):.4f} -> {shown(report, best['fit']['score']):.4f}, "
         f"held-out {shown(report, start['heldout']['score']):.4f} -> {shown(report, best['heldout']['score']):.4f}"
     )
+    if report.get("baselines"):
+        lines += ["", *summary_lines(report["baselines"], objective_label(report))]
     return "\n".join(lines)
 
 
@@ -127,17 +138,17 @@ def worse(lower: bool, start: float, tuned: float) -> bool:
 
 
 def held_out_lines(report: dict) -> list[str]:
-    """Per data set, its held-out measure for base, own model, start and
-    tuned point, the change start -> tuned (flagged "WORSE" when it got
+    """Per data set, its held-out measure for base, own model, your config
+    (the start) and tuned point, the change config -> tuned (flagged "WORSE" when it got
     worse), the gain; then any other measure (accuracy) the same way."""
     best, start, gain, ref = report["best"], report["start"], report["objective"] == "gain", report["reference"]
-    lines = [f"held-out {'':14s} {'measure':<14s} {'base':>8s} {'own':>8s} {'start':>8s} {'tuned':>8s} "
+    lines = [f"held-out {'':14s} {'measure':<14s} {'base':>8s} {'own':>8s} {'config':>8s} {'tuned':>8s} "
              f"{'change':>8s}" + (f" {'gain':>7s}" if gain else "")]
     other = ref.get("measures", {})
     for task, value in best["heldout"]["loss"].items():
         info = task_info(report, task)
         was = start["heldout"]["loss"][task]
-        flag = "  WORSE than the start" if worse(info["lower_is_better"], was, value) else ""
+        flag = "  WORSE than your config" if worse(info["lower_is_better"], was, value) else ""
         label = f"{task} ({info['kind']})"
         lines.append(
             f"  {label[:20]:20s} {info['measure'] + (' (v)' if info['lower_is_better'] else ' (^)'):<14s} "
@@ -152,19 +163,20 @@ def held_out_lines(report: dict) -> list[str]:
             was = start["heldout"]["measures"][task][measure]
             lines.append(f"  {'':20s} {measure + ' (^)':<14s} {fmt(base, '8.4f'):>8s} {fmt(own, '8.4f'):>8s} "
                          f"{was:8.4f} {tuned:8.4f} {tuned - was:+8.4f}"
-                         + ("  WORSE than the start" if tuned < was else ""))
-    if not plain_text(report) or any(line.endswith("start") for line in lines):
-        lines.append("(v): lower is better, (^): higher is better; change: tuned - start")
+                         + ("  WORSE than your config" if tuned < was else ""))
+    if not plain_text(report) or any(line.endswith("your config") for line in lines):
+        lines.append("(v): lower is better, (^): higher is better; config: your configuration as written; "
+                     "change: tuned - config")
     return lines
 
 
 def accuracy_lines(report: dict) -> list[str]:
-    """For each task with an accuracy, in words: does the tuned point beat the start on held-out accuracy."""
+    """For each task with an accuracy, in words: does the tuned point beat your config on held-out accuracy."""
     out = []
     for task, by in report["best"]["heldout"].get("measures", {}).items():
         if "acc" in by:
             was, now = report["start"]["heldout"]["measures"][task]["acc"], by["acc"]
-            verdict = "beats the start" if now > was else "does NOT beat the start"
+            verdict = "beats your config" if now > was else "does NOT beat your config"
             out.append(f"{task}: held-out accuracy {was:.4f} -> {now:.4f}: the tuned point {verdict}")
     return out
 
@@ -194,6 +206,8 @@ def render_markdown(report: dict, plot: bool) -> str:
     out = _run_lines(report) + _chosen_lines(report) + _data_lines(report)
     for split in SPLITS:
         out += _loss_lines(report, split)
+    if report.get("baselines"):
+        out += markdown_lines(report["baselines"], objective_label(report))
     out += _store_lines(report) + _point_lines(report)
     out += ["", "## Plot", ""]
     out.append("![objective along each weight](tune.png)" if plot else
@@ -238,18 +252,20 @@ def _run_lines(report: dict) -> list[str]:
          f"{how} over {', '.join(search['names'])}; tolerance {search['tolerance']}"),
         *([f"- {group_line(report)}"] if report["layer_groups"] else []),
         (f"- time: {t['total_s']:.1f} s in all: scoring base and fine-tunes {t['reference_s']:.1f} s, masks "
-         f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"),
+         f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"
+         + (f", baselines {t['baselines_s']:.1f} s" if "baselines_s" in t else "")),
         (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit windows "
          f"{1000 * t['evaluate_mean_s']:.1f} ms"),
         ("- held out: each file's windows are split evenly along the file (every other window at --fit-fraction "
-         "0.5); the search saw only the fit windows, and the held-out ones are scored once, for the start and the "
+         "0.5); the search saw only the fit windows, and the held-out ones are scored once, for your config and the "
          "chosen point"),
     ]
 
 
 def _chosen_lines(report: dict) -> list[str]:
     best, start = report["best"], report["start"]
-    out = ["", "## Chosen", "", "| | start | tuned |", "|---|---|---|",
+    notes = notes_lines(report)
+    out = ["", "## Chosen", "", *(notes + [""] if notes else []), "| | your config | tuned |", "|---|---|---|",
            f"| lambda | {start['lambda']:.4g} | {best['lambda']:.4g} |"]
     out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g}{zero_note(report, k, v)} |"
             for k, v in best["weights"].items()]
@@ -267,8 +283,8 @@ def _loss_lines(report: dict, split: str) -> list[str]:
     where = "held-out" if split == "heldout" else "fit"
     title = f"## Loss on the {where} windows" if plain_text(report) else f"## Each task on the {where} data"
     out = [title, "",
-           "| data | kind | measure | items | base | own model | start | tuned |"
-           + (" gain (start -> tuned) |" if gain else ""), "|---" * (9 if gain else 8) + "|"]
+           "| data | kind | measure | items | base | own model | your config | tuned |"
+           + (" gain (your config -> tuned) |" if gain else ""), "|---" * (9 if gain else 8) + "|"]
     other = ref.get("measures", {})
     for task, loss in best[split]["loss"].items():
         info, data = task_info(report, task), report.get("data", {}).get(task, {})
@@ -381,6 +397,21 @@ def plot_figure(report: dict):
     return fig
 
 
+def baseline_yamls(report: dict, staging: Path) -> list[str]:
+    """Each baseline's configuration, as `mergekit-yaml` merges it, into `staging`; the names written."""
+    import yaml
+
+    written = []
+    for run in (report.get("baselines") or {}).get("runs", []):
+        name = FILES[run["name"]]
+        seed = f" (its random drops: mergekit-yaml --random-seed {run['seed']})" if run["seed"] is not None else ""
+        (staging / name).write_text(
+            f"# Written by mergekit-cabs tune: the {LABELS[run['name']]} baseline it scored{seed} (see tune.md).\n"
+            + yaml.safe_dump(run["config"], sort_keys=False), encoding="utf-8")
+        written.append(name)
+    return written
+
+
 def write_outputs(report: dict, out: Path) -> list[str]:
     """tune.md, tune.png (with matplotlib), tune.json and tuned.yml, into
     `out`, tuned.yml last (there, it means every file is).  A file that cannot
@@ -399,9 +430,10 @@ def write_outputs(report: dict, out: Path) -> list[str]:
             + yaml.safe_dump(report["tuned_config"], sort_keys=False), encoding="utf-8")
         (staging / "tune.md").write_text(render_markdown(report, plotted), encoding="utf-8")
         (staging / "tune.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        return ["tune.md"] + (["tune.png"] if plotted else []) + ["tune.json", "tuned.yml"]
+        extra = baseline_yamls(report, staging)
+        return ["tune.md"] + (["tune.png"] if plotted else []) + ["tune.json", *extra, "tuned.yml"]
 
     try:
-        return publish(out, OUT_FILES, build)
+        return publish(out, OUT_FILES + BASELINE_FILES, build)
     except WriteError as error:
         raise TuneError(f"tune: {error}; the result (weights, lambda, scores) is printed above") from None

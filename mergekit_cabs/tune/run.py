@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mergekit_cabs.tune.baselines import parse_baselines, run_baselines
+from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import SPLITS, load_tasks, match_data, means, model_names, task_scores
 from mergekit_cabs.tune.groups import LayerGroups, make_groups
@@ -209,17 +211,22 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              weight_bounds=DEFAULTS["weight_bounds"], lambda_bounds=DEFAULTS["lambda_bounds"],
              tolerance: float = DEFAULTS["tolerance"], batch_size: int = DEFAULTS["batch_size"],
              score_dtype: str = DEFAULTS["score_dtype"], store_on_device: bool = False,
-             quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"]) -> dict:
+             quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
+             baselines: str | None = None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
+    `baselines`: as --baselines (None: task arithmetic tuned the same way;
+    "none": no baseline), scored after the search (`baselines`, `compare`).
     `objective` None: "gain" with per-model data, "loss" with the general set
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
     "float32"; `store_on_device`: keep the store on `device` instead of the host."""
     check_optimizer(optimizer, seed)
+    tuned_ta, one_lambda = parse_baselines(baselines)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
                  optimizer, seed)
+    widened = widen_to_start(prep, s)
     clock: dict[str, float] = {}
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
@@ -234,13 +241,21 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
         _say(f"Scoring the start and the chosen point on fit and held-out windows ({result.stopped} after "
              f"{len(points)} evaluations)", quiet)
         with timed(clock, "final_s"):
-            scores = {"start": score_point(live, objectives, result.history[0][0]),  # the start, clipped
+            scores = {"start": score_point(live, objectives, (prep.start_lambda, *prep.start_weights)),  # as written
                       "best": score_point(live, objectives, result.best)}  # the model is left at the chosen point
     clock["set_weights_mean_s"] = sum(p["set_s"] for p in points) / len(points)
     clock["evaluate_mean_s"] = sum(p["eval_s"] for p in points) / len(points)
     tuned = tuned_config(prep.raw, prep.finetunes, result.best[1:], result.best[0], prep.groups)
     check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups)
-    return assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
+    report = assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
+    report["search"]["notes"] = widened + below_config(scores)
+    if tuned_ta or one_lambda:
+        live.store = None  # the cabs store is freed before a baseline's is built
+        release_memory()
+        with timed(clock, "baselines_s"):
+            found = run_baselines(prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
+        report["baselines"] = comparison(objectives["heldout"], report, found)
+    return report
 
 
 def scoring_dtype(config, choice: str) -> torch.dtype:
@@ -380,6 +395,38 @@ def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
     return store
 
 
+def widen_to_start(prep: Prepared, s: Settings) -> list[str]:
+    """Your configuration, as written, is the search's first point: a
+    configured weight or lambda outside --weight-bounds/--lambda-bounds widens
+    those bounds to include it (`s` is changed).  One line per bound widened
+    (printed, and kept for the report); none when the start is inside."""
+    notes = []
+    for what, attr, values in (("--weight-bounds", "weight_bounds", prep.start_weights),
+                               ("--lambda-bounds", "lambda_bounds", [prep.start_lambda])):
+        lo, hi = getattr(s, attr)
+        new = (min(lo, *values), max(hi, *values))
+        if new != (lo, hi):
+            setattr(s, attr, new)
+            notes.append(f"tune: your config sets {'lambda' if attr == 'lambda_bounds' else 'a weight'} "
+                         f"{min(values) if new[0] < lo else max(values):g}, outside {what} {lo:g},{hi:g}; the "
+                         f"search covers {new[0]:g},{new[1]:g} instead, so it starts from your config as written")
+            _say(notes[-1], False)
+    return notes
+
+
+def below_config(scores: dict) -> list[str]:
+    """One line when the chosen point scores below your config on the fit
+    windows (it cannot when the search started from it, barring the 10-digit
+    rounding of its points), else none."""
+    mine, best = scores["start"]["fit"]["score"], scores["best"]["fit"]["score"]
+    if best >= mine:
+        return []
+    line = (f"tune: tuned.yml scores below your config on the fit windows ({best:.6g} < {mine:.6g} on the "
+            "searched objective); your config is the better of the two there")
+    _say(line, False)
+    return [line]
+
+
 def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
     """The searched numbers (lambda, then each model's weight or weights): names, bounds, start."""
     names = prep.names()
@@ -423,6 +470,11 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tup
 def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> dict:
     """Phase 4: losses, gains and objective of point x on both splits (the model is left at x)."""
     live.set(x)
+    return score_now(live, objectives)
+
+
+def score_now(live: Live, objectives: dict[str, Objective]) -> dict:
+    """Losses (mean and per window), gains and objective of the live model as it is, on both splits."""
     out = {}
     for split in SPLITS:
         scored = live.scores(split)

@@ -96,7 +96,7 @@ class Slot:
     owner: torch.Tensor | None = None  # uint8: 0 = no model, j + 1 = input j
     kept: torch.Tensor | None = None  # the owner's weight where it keeps, the base elsewhere
     inputs: list[torch.Tensor] = field(default_factory=list)  # overlapping: every model's tensor
-    masks: list[torch.Tensor] = field(default_factory=list)  # ... and its keep-mask
+    masks: list[torch.Tensor | None] = field(default_factory=list)  # ... and its keep-mask (None: every place)
     shared: int = 0  # places with a non-zero kept delta from two or more models
     target: torch.Tensor | None = None  # the live model's tensor
     save_dtype: torch.dtype | None = None
@@ -116,6 +116,7 @@ class Slot:
         shared = int((count > 1).sum())
         del count
         if shared or len(inputs) > 255:
+            masks = [None if bool(mask.all()) else mask for mask in masks]  # every place kept: nothing to hold
             return cls(name, models, base, inputs=inputs, masks=masks, shared=shared)
         owner = torch.zeros(base.numel(), dtype=torch.uint8, device=base.device)
         kept = base.clone()
@@ -135,7 +136,8 @@ class Slot:
         """The slot with its tensors moved to `device`, each in memory of its own."""
         self.base = owned(self.base, device)
         self.owner, self.kept = (None if t is None else owned(t, device) for t in (self.owner, self.kept))
-        self.inputs, self.masks = [owned(t, device) for t in self.inputs], [owned(t, device) for t in self.masks]
+        self.inputs = [owned(t, device) for t in self.inputs]
+        self.masks = [None if t is None else owned(t, device) for t in self.masks]
         return self
 
     def rebuilds(self, weights: Sequence[float], lam: float, result: torch.Tensor) -> bool:
@@ -171,7 +173,11 @@ class Slot:
         else:
             acc = torch.zeros_like(base)
             for j, (t, mask) in enumerate(zip(self.inputs, self.masks)):
-                add_kept(acc, part(mask), part(t).to(dtype) - base, weights[self.models[j]])
+                tau = part(t).to(dtype) - base
+                if mask is None:  # every place kept: add_kept's sum without the mask (the same bits)
+                    acc += tau.mul_(weights[self.models[j]])
+                else:
+                    add_kept(acc, part(mask), tau, weights[self.models[j]])
         return finish(acc, base, lam, self.base.dtype)
 
     def write(self, weights: Sequence[float], lam: float, changed: Sequence[int] | None = None) -> None:

@@ -1,0 +1,297 @@
+"""The baselines `tune` scores beside tuned cabs, on the same windows.
+
+* Task arithmetic tuned the same way (on unless ``--baselines none``): the
+  same search (the optimiser the cabs search used, its layer groups, bounds,
+  budget and start) through a weight store built as for cabs, from the
+  configuration with every place kept (``density: 1.0``) and no
+  conflict-aware exclusion (``conflict_aware: false``): the kernel's sum,
+  which is task arithmetic's.  The chosen weights are then written as a
+  ``merge_method: task_arithmetic`` YAML (`task_arithmetic_tuned.yml`),
+  merged by mergekit's own method in memory, and that model is what is
+  scored and reported.
+* One-lambda references (``--baselines task_arithmetic,ties,dare_ties``):
+  the configuration's models and weights (and, for ties/dare_ties, its
+  densities) merged by mergekit's own method, in memory, through the same
+  mergekit plan and executor the store uses.  The merge is ``base + lambda *
+  delta``, so one merge at lambda 1 gives every lambda: its lambda is
+  searched on the fit windows from that one merge (base and merged tensor
+  held, rebuilt in float32 and rounded to the merge dtype), then the
+  chosen lambda is merged once more by mergekit and that model is scored
+  and reported.  dare_ties draws with a fixed seed (`--seed`), set as
+  ``mergekit-yaml --random-seed`` sets it.
+
+Each runs after the cabs search, one at a time, the previous store freed:
+the peak is the largest store plus the live model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_cabs.tune.options import TuneError
+
+ONE_LAMBDA = ("task_arithmetic", "ties", "dare_ties")
+TUNED = "task_arithmetic_tuned"
+FILES = {TUNED: "task_arithmetic_tuned.yml", **{name: f"{name}.yml" for name in ONE_LAMBDA}}
+BASELINE_FILES = tuple(FILES.values())
+LABELS = {TUNED: "task_arithmetic (tuned)", **{name: name for name in ONE_LAMBDA}}
+CABS_ONLY = ("n", "block_size", "overlap", "conflict_aware", "balanced")
+CHUNK = 1 << 22  # elements per step when a one-lambda merge is rebuilt
+
+
+def parse_baselines(text: str | None) -> tuple[bool, tuple[str, ...]]:
+    """--baselines: (tuned task arithmetic on, the one-lambda methods).
+    None or "": tuned task arithmetic alone; "none": nothing."""
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if names == ["none"]:
+        return False, ()
+    bad = [n for n in names if n not in ONE_LAMBDA]
+    if bad:
+        raise TuneError(f"--baselines names {bad[0]!r}; known: {', '.join(ONE_LAMBDA)} (comma-separated), or none "
+                        "(no baseline, tuned task arithmetic included)")
+    return True, tuple(dict.fromkeys(names))
+
+
+# --- the configurations ------------------------------------------------------------------
+
+
+def model_items(raw: dict) -> Iterator[dict]:
+    """Every model entry of a configuration that is not the base (models: and slices' sources)."""
+    from mergekit.common import ModelReference
+
+    base = ModelReference.model_validate(raw["base_model"]) if raw.get("base_model") else None
+    items = list(raw.get("models") or []) + [s for p in raw.get("slices") or [] for s in p.get("sources") or []]
+    for item in items:
+        if ModelReference.model_validate(item["model"]) != base:
+            yield item
+
+
+def shared_dicts(raw: dict) -> list[dict]:
+    """The configuration's shared parameter mappings (top level, then each slice's), created if missing."""
+    raw["parameters"] = raw.get("parameters") or {}
+    out = [raw["parameters"]]
+    for piece in raw.get("slices") or []:
+        if piece.get("parameters"):
+            out.append(piece["parameters"])
+    return out
+
+
+def dense_cabs(raw: dict) -> dict:
+    """The cabs configuration of task arithmetic: every place kept
+    (density 1.0 everywhere), no conflict-aware exclusion."""
+    out = copy.deepcopy(raw)
+    shared = shared_dicts(out)
+    for params in shared:
+        params.pop("n", None)
+        params.update({k: v for k, v in (("density", 1.0), ("conflict_aware", False)) if k in params})
+    shared[0].update(density=1.0, conflict_aware=False, overlap="fill")
+    for item in model_items(out):
+        params = item["parameters"] = item.get("parameters") or {}
+        params.pop("n", None)
+        params["density"] = 1.0
+    return out
+
+
+def as_method(raw: dict, method: str, lam: float | None = None) -> dict:
+    """The configuration merged by mergekit's `method` (task_arithmetic, ties,
+    dare_ties): the same models, weights (1.0 where none is set) and, but for
+    task_arithmetic, densities (an ``n`` becomes n / block_size); cabs-only
+    settings dropped; lambda set to `lam` when given."""
+    from mergekit_cabs.params import DEFAULT_BLOCK_SIZE
+
+    out = copy.deepcopy(raw)
+    out["merge_method"] = method
+    shared = shared_dicts(out)
+    block = shared[0].get("block_size", DEFAULT_BLOCK_SIZE)
+    for item in model_items(out):
+        params = item["parameters"] = item.get("parameters") or {}
+        if "n" in params and "density" not in params:
+            params["density"] = params["n"] / block
+        params.setdefault("weight", 1.0)
+    if "n" in shared[0] and "density" not in shared[0]:
+        shared[0]["density"] = shared[0]["n"] / block
+    for params in shared + [item["parameters"] for item in model_items(out)]:
+        for key in CABS_ONLY + (("density",) if method == "task_arithmetic" else ()):
+            params.pop(key, None)
+    if lam is not None:
+        for params in shared:
+            params["lambda"] = float(lam)
+    return out
+
+
+# --- merging with mergekit, in memory ---------------------------------------------------------
+
+
+def merge_into(model, raw: dict, *, device: str = "cpu", seed: int | None = None, sink=None) -> int:
+    """Merge `raw` with mergekit's own plan and executor, one tensor at a
+    time, writing each result into `model` (cast as mergekit-yaml saves it);
+    with `sink`, mergekit's task-arithmetic-family merges are also handed to
+    it (`_mergekit.capture_task_arithmetic`).  Returns 1: one merge."""
+    import contextlib
+
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_cabs import _mergekit, planning
+    from mergekit_cabs.tune.store import release_memory, write_result
+
+    try:
+        config = MergeConfiguration.model_validate(raw)
+    except (ValueError, TypeError) as error:
+        raise TuneError(f"tune: the {raw.get('merge_method')} baseline's configuration is not valid: {error}") from None
+    planned = planning.plan_tasks(config)
+    by_task = {t.task: types.SimpleNamespace(name=t.name, save_dtype=dtype) for t, dtype in planned}
+    state = model.state_dict()
+    if seed is not None:
+        _mergekit.seed_random_merges(seed)
+    capture = _mergekit.capture_task_arithmetic(sink) if sink else contextlib.nullcontext()
+    with capture, torch.no_grad():
+        for task, result in _mergekit.execute(list(by_task), device):
+            p = by_task[task]
+            target, save = write_result(p, result, state)
+            if sink:
+                sink.bind(p.name, target, save)
+            del result
+            release_memory(collect=False)
+    return 1
+
+
+@dataclass
+class LambdaSlot:
+    """One tensor of a one-lambda merge: the base and the merge at lambda 1
+    (flat, merge dtype), and the live tensor they rebuild for any lambda."""
+
+    base: torch.Tensor
+    merged: torch.Tensor
+    target: torch.Tensor | None = None
+    save_dtype: torch.dtype | None = None
+
+    def write(self, lam: float) -> None:
+        """target = base + lam * (merged - base), in float32 (float64 for
+        float64 tensors), rounded once to the merge dtype."""
+        dtype = torch.float64 if self.base.dtype == torch.float64 else torch.float32
+        flat = self.target.view(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            where = slice(start, start + CHUNK)
+            base = self.base[where].to(dtype)
+            value = (self.merged[where].to(dtype) - base).mul_(lam).add_(base).to(self.base.dtype)
+            flat[where].copy_(value if self.save_dtype is None else value.to(self.save_dtype))
+
+
+class LambdaStore:
+    """Handed mergekit's merges (`merge_into`'s sink): keeps each tensor's
+    base and result; `apply(lam)` sets the live model to lambda `lam`."""
+
+    def __init__(self):
+        self.pending: dict[str, LambdaSlot] = {}
+        self.slots: list[LambdaSlot] = []
+
+    def __call__(self, group, result) -> None:
+        if group.non_base and group.base.tensor.numel():
+            base = group.base.tensor
+            self.pending[group.metadata.name] = LambdaSlot(base.reshape(-1).clone(), result.reshape(-1).clone())
+
+    def bind(self, name: str, target: torch.Tensor, save_dtype) -> None:
+        slot = self.pending.pop(name, None)
+        if slot is not None:
+            slot.target, slot.save_dtype = target, save_dtype
+            self.slots.append(slot)
+
+    def apply(self, lam: float) -> None:
+        with torch.no_grad():
+            for slot in self.slots:
+                slot.write(lam)
+
+    def nbytes(self) -> int:
+        from mergekit_cabs.tune.store import held_bytes
+
+        return held_bytes(t for s in self.slots for t in (s.base, s.merged))
+
+
+# --- the runs ------------------------------------------------------------------------------
+
+
+def one_lambda(method: str, prep, s, live, objectives, seed: int) -> dict:
+    """A one-lambda baseline: one merge at lambda 1 (the search's), lambda
+    searched on the fit windows, the chosen lambda merged once more and scored."""
+    from mergekit_cabs.tune.data import means
+    from mergekit_cabs.tune.run import score_now
+    from mergekit_cabs.tune.search import optimise
+    from mergekit_cabs.tune.store import release_memory
+
+    store = LambdaStore()
+    merges = merge_into(live.model, as_method(prep.raw, method, 1.0), seed=seed, sink=store)
+    points = []
+
+    def evaluate(x: tuple[float, ...]) -> float:
+        store.apply(x[0])
+        score = objectives["fit"].score(means(live.losses("fit")))
+        points.append({"lambda": x[0], "score": score})
+        return score
+
+    start = min(max(1.0, s.lambda_bounds[0]), s.lambda_bounds[1])
+    result = optimise("coordinate", evaluate, (start,), [s.lambda_bounds], budget=s.budget, tolerance=s.tolerance,
+                      seed=s.seed)
+    store_bytes = store.nbytes()
+    store.slots.clear()  # freed before the chosen lambda is merged
+    release_memory()
+    chosen = as_method(prep.raw, method, result.best[0])
+    merges += merge_into(live.model, chosen, seed=seed)
+    return {"name": method, "lambda": result.best[0], "weights": None, "config": chosen, "evaluations": len(points),
+            "merges": merges, "search_merges": 1, "stopped": result.stopped, "store_bytes": store_bytes,
+            "points": points, "seed": seed if method == "dare_ties" else None, **score_now(live, objectives)}
+
+
+def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
+    """Task arithmetic searched as cabs is (the same optimiser, groups,
+    bounds, budget and start), through a store of the configuration with
+    every place kept; the chosen point merged by mergekit's task_arithmetic
+    and scored."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_cabs.planning import plan
+    from mergekit_cabs.tune.config import tuned_config
+    from mergekit_cabs.tune.run import score_now, search
+    from mergekit_cabs.tune.store import build_store, release_memory
+
+    planned = plan(MergeConfiguration.model_validate(dense_cabs(prep.raw)), shapes=False)
+    live.store = build_store(planned, prep.finetunes, live.model, device=s.store_device,
+                             store_device=s.store_device, progress=not s.quiet)
+    for slot in live.store.slots:
+        slot.group = prep.groups.of(slot.name)
+    release_memory()
+    store_bytes = live.store.nbytes()
+    result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, optimizer=optimizer))
+    live.store = None
+    release_memory()
+    chosen = tuned_config(as_method(prep.raw, "task_arithmetic"), prep.finetunes, result.best[1:], result.best[0],
+                          prep.groups)
+    merges = merge_into(live.model, chosen)
+    names = prep.names()
+    return {"name": TUNED, "lambda": result.best[0], "weights": dict(zip(names[1:], result.best[1:])),
+            "config": chosen, "evaluations": len(points), "merges": 1 + merges, "search_merges": 1,
+            "stopped": result.stopped, "store_bytes": store_bytes,
+            "points": [{"lambda": p["lambda"], "weights": p["weights"], "score": p["score"]} for p in points],
+            "seed": None, **score_now(live, objectives)}
+
+
+def run_baselines(prep, s, live, objectives, optimizer: str, tuned: bool, methods: Sequence[str]) -> list[dict]:
+    """Every baseline asked for, one after the other on the live model (whose
+    cabs store the caller has freed); each one's report."""
+    import sys
+
+    out = []
+    if tuned:
+        if not s.quiet:
+            print("Tuning task arithmetic the same way (every place kept)", file=sys.stderr, flush=True)
+        out.append(tuned_task_arithmetic(prep, s, live, objectives, optimizer))
+    for method in methods:
+        if not s.quiet:
+            print(f"Merging {method} with mergekit, lambda picked on the fit windows", file=sys.stderr, flush=True)
+        out.append(one_lambda(method, prep, s, live, objectives, s.seed))
+    return out

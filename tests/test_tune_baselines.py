@@ -1,0 +1,147 @@
+"""`tune`'s baselines (issue 23, part 1): task arithmetic tuned the same way,
+and the one-lambda task_arithmetic, ties and dare_ties merged by mergekit's
+own methods, scored on the same windows as tuned cabs.
+
+* every baseline's reported per-window losses are those of the model
+  `mergekit-yaml` writes from the YAML tune writes for it (tuned task
+  arithmetic with layer groups included);
+* a one-lambda baseline's lambda search costs one merge (counted);
+* the table's paired differences and the verdict line follow the intervals;
+* --baselines with an unknown name is one line listing the known ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import test_tune_command
+import torch
+import yaml
+from click.testing import CliRunner
+from test_tune_command import _data_args, _merge
+
+from mergekit_cabs import _mergekit
+from mergekit_cabs import tune as tn
+from mergekit_cabs.cli import main
+from mergekit_cabs.tune import compare
+
+tune_family = test_tune_command.tune_family  # the fixture: a bf16 base, three fine-tunes, their texts
+no_model_loading = test_tune_command.no_model_loading
+
+
+def test_every_baseline_scores_what_mergekit_yaml_writes_from_its_yaml(tune_family, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(out), "--budget", "10", "--max-windows", "4", "--layer-groups",
+                                       "2", "--baselines", "task_arithmetic,ties", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    runs = {r["name"]: r for r in report["baselines"]["runs"]}
+    assert list(runs) == ["task_arithmetic_tuned", "task_arithmetic", "ties"]
+    assert runs["task_arithmetic_tuned"]["evaluations"] == len(runs["task_arithmetic_tuned"]["points"]) <= 10
+    prep = tn.prepare(tune_family["config"], [a for a in _data_args(tune_family) if a != "--data"], max_windows=4,
+                      layer_groups=2)
+    for name, run in runs.items():
+        written = yaml.safe_load((out / f"{name}.yml").read_text())
+        assert written == run["config"] and written["merge_method"] == name.removesuffix("_tuned")
+        model = _merge(written, tmp_path / f"merged-{name}", torch.bfloat16)
+        for task in prep.tasks:
+            for split in ("fit", "heldout"):
+                got = tn.window_losses(model, getattr(task, split), tn.DEFAULTS["batch_size"]).tolist()
+                assert got == run[split]["window_losses"][task.name], (name, task.name, split)
+    tuned_weights = yaml.safe_load((out / "task_arithmetic_tuned.yml").read_text())
+    written_weight = tuned_weights["models"][0]["parameters"]["weight"]
+    assert [w.get("filter") for w in written_weight] == ["model.layers.0.", "model.layers.1.", None]  # groups
+    assert "density" not in tuned_weights["models"][0]["parameters"]
+    assert yaml.safe_load((out / "ties.yml").read_text())["models"][0]["parameters"]["density"] == 0.25
+    methods = [r["method"] for r in report["baselines"]["rows"]]
+    assert methods == ["cabs (tuned)", "your config", "task_arithmetic (tuned)", "task_arithmetic", "ties"]
+    assert report["baselines"]["verdict"] in result.output and report["baselines"]["verdict"] in \
+        (out / "tune.md").read_text()
+
+
+def test_a_one_lambda_baselines_search_costs_one_merge(tune_family, monkeypatch):
+    calls = []
+    real = _mergekit.execute
+
+    def counted(targets, device="cpu"):
+        calls.append(len(targets))
+        yield from real(targets, device)
+
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    monkeypatch.setattr(_mergekit, "execute", counted)
+    report = tn.run_tune(prep, budget=8, objective="loss", quiet=True, baselines="none")
+    assert "baselines" not in report
+    before = len(calls)  # the cabs masks: one merge
+    report = tn.run_tune(prep, budget=8, objective="loss", quiet=True, baselines="dare_ties")
+    run = report["baselines"]["runs"][1]
+    assert run["name"] == "dare_ties" and run["seed"] == 0
+    lambdas = [p["lambda"] for p in run["points"]]
+    assert run["evaluations"] == len(set(lambdas)) >= 3  # many lambdas ...
+    assert run["merges"] == 2 and run["search_merges"] == 1  # ... from one merge, then the chosen one merged
+    # the cabs masks; tuned task arithmetic's store and its chosen point; dare_ties's one merge and its chosen one
+    assert before == 1 and len(calls) - before == 5
+
+
+def test_dense_cabs_keeps_every_place_and_as_method_drops_the_cabs_settings():
+    raw = {"merge_method": "cabs", "base_model": "b", "parameters": {"block_size": 64, "lambda": 0.9,
+                                                                      "conflict_aware": True},
+           "models": [{"model": "x", "parameters": {"n": 16, "weight": 0.5}}, {"model": "y"}]}
+    dense = tn.dense_cabs(raw)
+    assert dense["parameters"] == {"block_size": 64, "lambda": 0.9, "conflict_aware": False, "density": 1.0,
+                                   "overlap": "fill"}
+    assert [m["parameters"] for m in dense["models"]] == [{"weight": 0.5, "density": 1.0}, {"density": 1.0}]
+    ties = tn.as_method(raw, "ties", 0.7)
+    assert ties["merge_method"] == "ties" and ties["parameters"] == {"lambda": 0.7}
+    assert [m["parameters"] for m in ties["models"]] == [{"weight": 0.5, "density": 0.25}, {"weight": 1.0}]
+    ta = tn.as_method(raw, "task_arithmetic")
+    assert [m["parameters"] for m in ta["models"]] == [{"weight": 0.5}, {"weight": 1.0}]
+    assert raw["models"][0]["parameters"] == {"n": 16, "weight": 0.5}  # the input is not changed
+
+
+def test_unknown_baseline_is_one_line_listing_the_known_ones(tune_family, tmp_path, no_model_loading):
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(tmp_path / "o"), "--baselines", "ties,magic"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: --baselines names 'magic'; known: task_arithmetic, ties, dare_ties (comma-separated), or none (no "
+        "baseline, tuned task arithmetic included)"]
+    assert tn.parse_baselines(None) == (True, ()) and tn.parse_baselines("none") == (False, ())
+    assert tn.parse_baselines("ties, task_arithmetic,ties") == (True, ("ties", "task_arithmetic"))
+
+
+def _rows(diffs: dict[str, list[float]]):
+    """A report and baselines whose held-out windows differ from cabs's by the given per-window amounts."""
+    cabs = [2.0] * 40
+
+    def part(windows):
+        losses = {"t": float(np.mean(windows))}
+        return {s: {"score": -losses["t"], "window_losses": {"t": windows}} for s in ("fit", "heldout")}
+
+    report = {"objective": "loss", "config": "c.yml", "search": {"evaluations": 5},
+              "best": {"lambda": 1.0, **part(cabs)}, "start": {"lambda": 1.0, **part(cabs)}}
+    report["start"]["heldout"]["window_losses"]["t"] = [2.0 + 0.5 * (-1) ** i for i in range(40)]
+    baselines = [{"name": name, "lambda": 0.5, "evaluations": 3, "merges": 2, "seed": None,
+                  **part([2.0 + d for d in amounts])} for name, amounts in diffs.items()]
+    return report, baselines
+
+
+class _Loss:
+    def score(self, losses):
+        return -losses["t"]
+
+
+@pytest.mark.parametrize("diffs, words", [
+    ({"task_arithmetic_tuned": [-0.1 + 0.01 * (i % 3) for i in range(40)]},
+     "task_arithmetic (tuned) has a lower held-out loss than cabs (tuned) by 0.09"),
+    ({"ties": [0.1 + 0.01 * (i % 3) for i in range(40)]}, "cabs (tuned) and your config are not distinguishable"),
+])
+def test_the_verdict_follows_the_paired_intervals(diffs, words):
+    report, baselines = _rows(diffs)
+    result = tn.comparison(_Loss(), report, baselines)
+    assert words in result["verdict"], result["verdict"]
+    row = result["rows"][2]
+    assert row["difference"] == pytest.approx(-np.mean(diffs[baselines[0]["name"]]))  # cabs's loss minus its
+    assert compare.summary_lines(result, "loss")[-1] == result["verdict"]
