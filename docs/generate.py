@@ -5,8 +5,10 @@
 
 It runs, in a new temporary directory and exactly as the docs print them,
 `mergekit-cabs demo`, then check on the demo, analyze, tune and the merge of
-tune's result as the demo prints them, and tune with layer groups (see
-`commands_after_demo`). Each command's standard output (not the progress
+tune's result as the demo prints them, tune with layer groups, tune on the
+demo's answers as it prints it and with math weighed 3 times, and tune with
+an lm-eval task it writes over the demo's math questions (see
+`commands_after_demo`; the lm-eval run needs the `lm-eval` extra). Each command's standard output (not the progress
 bars on stderr) goes to
 `docs/samples/NAME.txt`, its first line the command itself (`$ ...`), so a
 page that includes a sample shows the command that produced it. The
@@ -49,22 +51,57 @@ def commands_after_demo(demo_output: str) -> dict[str, str]:
     (the first run's --out already holds files)."""
     printed = [line.strip() for line in demo_output.splitlines()]
 
-    def the(prefix: str) -> str:
-        found = [line for line in printed if line.startswith(prefix + " ")]
+    def the(prefix: str, suffix: str = "") -> str:
+        found = [line for line in printed if line.startswith(prefix + " ") and line.endswith(suffix)]
         if len(found) != 1:
-            raise CommandFailed(f"the demo printed {len(found)} lines starting with {prefix!r}, not 1")
+            raise CommandFailed(f"the demo printed {len(found)} lines starting with {prefix!r}"
+                                + (f" and ending with {suffix!r}" if suffix else "") + ", not 1")
         return found[0]
 
-    tune = the("mergekit-cabs tune")
-    if not tune.endswith(" --out cabs-demo/tune"):
-        raise CommandFailed(f"the demo's tune command does not end with --out cabs-demo/tune: {tune}")
+    tune = the("mergekit-cabs tune", " --out cabs-demo/tune")
+    answers = the("mergekit-cabs tune", " --out cabs-demo/tune-answers")
+    if MATH_CHOICE not in answers:
+        raise CommandFailed(f"the demo's answers command does not name {MATH_CHOICE}: {answers}")
     return {
         "check": CHECK,
         "analyze": the("mergekit-cabs analyze"),
         "tune": tune,
         "tune-groups": tune.replace(" --out cabs-demo/tune", f" {GROUPS} --out cabs-demo/tune-groups"),
         "merge": the("mergekit-yaml cabs-demo/tune/tuned.yml"),
+        "tune-answers": answers,
+        "tune-answers-weighted": answers.replace(MATH_CHOICE, MATH_CHOICE + "@3").replace(
+            " --out cabs-demo/tune-answers", " --out cabs-demo/tune-answers-weighted"),
+        "tune-lmeval": LMEVAL,
     }
+
+
+# the demo's multiple-choice file as its answers command names it
+MATH_CHOICE = "math=cabs-demo/math-choice.jsonl"
+# an lm-eval task made of the demo's math questions (written by `write_task`)
+# beside its text and chat data: the docs' lm-eval example
+LMEVAL = ("mergekit-cabs tune cabs-demo/cabs.yml --data math=cabs-demo/math.txt --data code=cabs-demo/code.txt "
+          "--data chat=cabs-demo/chat.jsonl --lm-eval demo_math --lm-eval-include tasks --budget 20 "
+          "--out cabs-demo/tune-lmeval")
+TASK_YAML = """\
+task: demo_math
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def write_task(directory: Path) -> None:
+    """tasks/demo_math.yaml: the lm-eval task of the docs, over the demo's math questions."""
+    (directory / "tasks").mkdir(exist_ok=True)
+    data = directory / "cabs-demo" / "math-choice.jsonl"
+    (directory / "tasks" / "demo_math.yaml").write_text(TASK_YAML.format(data=data))
 
 
 # file the commands wrote (relative to their directory) -> its name in docs/
@@ -102,7 +139,8 @@ def mask(text: str, directory: Path) -> str:
 def run(command: str, directory: Path) -> str:
     """`command`'s sample: the command line, then its masked standard output."""
     args = shlex.split(command)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # the lm-eval task is local: nothing to fetch
     print(f"$ {command}", file=sys.stderr, flush=True)
     result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=directory, env=env,
                             capture_output=True, text=True, timeout=1800)
@@ -115,6 +153,7 @@ def run(command: str, directory: Path) -> str:
 def run_all(directory: Path) -> dict[str, str]:
     """The demo, then `commands_after_demo`, in `directory`: name -> sample text."""
     samples = {"demo": run(DEMO, directory)}
+    write_task(directory)
     for name, command in commands_after_demo(samples["demo"]).items():
         samples[name] = run(command, directory)
     return samples
