@@ -38,6 +38,7 @@ from mergekit_cabs.tune.options import (
     check_optimizer,
     implied_objective,
 )
+from mergekit_cabs.tune.report import items_word
 from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
 from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
@@ -277,7 +278,7 @@ def add_baselines(report: dict, prep: Prepared, s: Settings, live: Live, objecti
     if run_tuned or one_lambda:
         with timed(report["time"], "baselines_s"):
             found = run_baselines(prep, s, live, objectives, optimizer, run_tuned, one_lambda)
-        report["baselines"] = comparison(objectives["heldout"], report, found)
+        report["baselines"] = comparison(objectives["heldout"], report, found, items_word(report))
 
 
 def scoring_dtype(config, choice: str) -> torch.dtype:
