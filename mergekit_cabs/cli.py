@@ -107,16 +107,17 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
     and PNG plots (with matplotlib) to --out."""
     from mergekit_cabs import analyze as an
     from mergekit_cabs import planning
-    from mergekit_cabs._output import PLOTS_HINT, check_out_dir
+    from mergekit_cabs._output import PLOTS_HINT, check_out_dir, out_lock
     from mergekit_cabs.params import CabsError
 
     try:
         merge_config = planning.load_config(config, "analyze")
-        check_out_dir(out_dir, force, an.REPORT_FILES)
-        planning.check_models(merge_config)
-        report = an.analyze(merge_config, seed=seed, progress=not quiet, source=str(config))
-        click.echo(an.format_table(report))  # before writing: a full disk loses no analysis
-        written, plotted = an.write_report(report, out_dir)
+        with out_lock(out_dir):  # held to the end: a second run into --out refuses at start
+            check_out_dir(out_dir, force, an.REPORT_FILES)
+            planning.check_models(merge_config)
+            report = an.analyze(merge_config, seed=seed, progress=not quiet, source=str(config))
+            click.echo(an.format_table(report))  # before writing: a full disk loses no analysis
+            written, plotted = an.write_report(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
