@@ -70,8 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--grid", type=float, nargs="+", default=GRID, help="the lambdas tried first")
     parser.add_argument("--tune-baselines", default="none",
-                        help="tune's --baselines in every tuned arm (e.g. '' for task arithmetic tuned the same way, "
-                             "'task_arithmetic,ties,dare_ties'); its table is kept in tune_compare.json")
+                        help="tune's --baselines in every tuned arm (e.g. 'task_arithmetic_tuned', or "
+                             "'task_arithmetic_tuned,ties,dare_ties'); its table is kept in tune_compare.json")
     return parser.parse_args()
 
 

@@ -258,7 +258,8 @@ def main() -> None:
     parser.add_argument("--score-dtype", default="merge", choices=["merge", "float32"])
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--baselines", default=None,
-                        help="tune's --baselines (default: task arithmetic tuned the same way; none: no baseline)")
+                        help="tune's --baselines (default: task arithmetic tuned the same way when it fits in memory; "
+                             "task_arithmetic_tuned: always; none: no baseline)")
     parser.add_argument("--store-on-device", action="store_true")
     parser.add_argument("--check-exact", action="store_true",
                         help="merge the tuned configuration with mergekit (on the GPU with --cuda) and check that "

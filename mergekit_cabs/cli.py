@@ -107,16 +107,17 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
     and PNG plots (with matplotlib) to --out."""
     from mergekit_cabs import analyze as an
     from mergekit_cabs import planning
-    from mergekit_cabs._output import PLOTS_HINT, check_out_dir
+    from mergekit_cabs._output import PLOTS_HINT, check_out_dir, out_lock
     from mergekit_cabs.params import CabsError
 
     try:
         merge_config = planning.load_config(config, "analyze")
-        check_out_dir(out_dir, force, an.REPORT_FILES)
-        planning.check_models(merge_config)
-        report = an.analyze(merge_config, seed=seed, progress=not quiet, source=str(config))
-        click.echo(an.format_table(report))  # before writing: a full disk loses no analysis
-        written, plotted = an.write_report(report, out_dir)
+        with out_lock(out_dir):  # held to the end: a second run into --out refuses at start
+            check_out_dir(out_dir, force, an.REPORT_FILES)
+            planning.check_models(merge_config)
+            report = an.analyze(merge_config, seed=seed, progress=not quiet, source=str(config))
+            click.echo(an.format_table(report))  # before writing: a full disk loses no analysis
+            written, plotted = an.write_report(report, out_dir)
     except CabsError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
@@ -188,9 +189,11 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "about 5 more bytes per merged weight, and one tensor's merge, on the GPU) instead of "
                    "streaming them from host memory.")
 @click.option("--baselines", default=None, metavar="NAMES",
-              help="Besides task arithmetic tuned the same way (always, unless 'none'), the one-lambda references "
-                   "to score: task_arithmetic, ties, dare_ties (comma-separated), each merged by mergekit's own "
-                   "method with its lambda picked on the fit windows; 'none': no baseline at all.")
+              help="The baselines to score, exactly those (comma-separated): task_arithmetic_tuned (task "
+                   "arithmetic tuned the same way), and the one-lambda task_arithmetic, ties, dare_ties (each merged "
+                   "by mergekit's own method with its lambda picked on the fit windows); 'none': no baseline. "
+                   "Default: task_arithmetic_tuned when its store (about 2 x (models + 1) bytes per merged "
+                   "parameter in 16 bits) fits in the free memory, else a line says what it would cost.")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_limit, general, general_weight,

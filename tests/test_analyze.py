@@ -885,3 +885,56 @@ def test_nan_in_a_model_names_it_and_leaves_no_report(fp32_family, tmp_path):
     assert f"model '{bad.path}' has NaN or infinite values in tensor '{name}'" in result.output
     assert not (tmp_path / "r").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+PROBE = """
+import sys
+from mergekit_cabs._output import out_lock
+from mergekit_cabs.params import CabsError
+try:
+    with out_lock(sys.argv[1]):
+        print("got it")
+except CabsError as error:
+    print(error)
+"""
+
+
+def test_analyze_holds_its_out_for_the_whole_run_against_a_second_process(fp32_family, tmp_path, monkeypatch):
+    """A real analyze process refuses at start, in one line naming the other
+    process's pid, while that process holds --out, and writes nothing; and
+    analyze holds --out while it reads the models: a real second process
+    trying to take it meanwhile is refused, naming analyze's pid."""
+    import os
+    import subprocess
+
+    from test_tune_honest import REPO, _holder
+
+    from mergekit_cabs import analyze as an
+    from mergekit_cabs._output import LOCK_NAME
+
+    path = _write(_gradient_and_filter(*fp32_family)[0], tmp_path / "c.yml")
+    out = tmp_path / "r"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    in_use = "--out {} is in use by another run (pid {}); wait for it to end or give another --out"
+    holder = _holder(out)
+    try:
+        refused = subprocess.run([sys.executable, "-m", "mergekit_cabs.cli", "analyze", str(path), "--out", str(out),
+                                  "--quiet"], capture_output=True, text=True, env=env)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.strip().splitlines() == ["Error: " + in_use.format(out, holder.pid)]
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # the holder's: nothing of analyze's
+    finally:
+        holder.kill()
+        holder.wait()
+    seen, real = [], an.analyze
+
+    def probed(*args, **kwargs):
+        probe = subprocess.run([sys.executable, "-c", PROBE, str(out)], capture_output=True, text=True, env=env)
+        seen.append(probe.stdout.strip())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(an, "analyze", probed)
+    result = _run([path, "--out", out, "--quiet"])  # the killed holder's lock file is reused
+    assert result.exit_code == 0, result.output
+    assert seen == [in_use.format(out, os.getpid())]
+    assert (out / "report.json").exists() and not (out / LOCK_NAME).exists()

@@ -7,7 +7,10 @@ own methods, scored on the same windows as tuned cabs.
   arithmetic with layer groups included);
 * a one-lambda baseline's lambda search costs one merge (counted);
 * the table's paired differences and the verdict line follow the intervals;
-* --baselines with an unknown name is one line listing the known ones.
+* --baselines with an unknown name is one line listing the known ones;
+* tuned task arithmetic runs by default only where its store fits in the
+  free memory (else one line says what it would cost), runs whenever named,
+  and the one-lambda baselines run without it when named alone.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def test_every_baseline_scores_what_mergekit_yaml_writes_from_its_yaml(tune_fami
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
                                        "--out", str(out), "--budget", "10", "--max-windows", "4", "--layer-groups",
-                                       "2", "--baselines", "task_arithmetic,ties", "--quiet"])
+                                       "2", "--baselines", "task_arithmetic_tuned,task_arithmetic,ties",
+                                       "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "tune.json").read_text())
     runs = {r["name"]: r for r in report["baselines"]["runs"]}
@@ -76,13 +80,14 @@ def test_a_one_lambda_baselines_search_costs_one_merge(tune_family, monkeypatch)
     assert "baselines" not in report
     before = len(calls)  # the cabs masks: one merge
     report = tn.run_tune(prep, budget=8, objective="loss", quiet=True, baselines="dare_ties")
-    run = report["baselines"]["runs"][1]
+    assert [r["name"] for r in report["baselines"]["runs"]] == ["dare_ties"]  # named alone: no tuned one
+    run = report["baselines"]["runs"][0]
     assert run["name"] == "dare_ties" and run["seed"] == 0
     lambdas = [p["lambda"] for p in run["points"]]
     assert run["evaluations"] == len(set(lambdas)) >= 3  # many lambdas ...
     assert run["merges"] == 2 and run["search_merges"] == 1  # ... from one merge, then the chosen one merged
-    # the cabs masks; tuned task arithmetic's store and its chosen point; dare_ties's one merge and its chosen one
-    assert before == 1 and len(calls) - before == 5
+    # the cabs masks; dare_ties's one merge and its chosen one
+    assert before == 1 and len(calls) - before == 3
 
 
 def test_dense_cabs_keeps_every_place_and_as_method_drops_the_cabs_settings():
@@ -106,10 +111,12 @@ def test_unknown_baseline_is_one_line_listing_the_known_ones(tune_family, tmp_pa
                                        "--out", str(tmp_path / "o"), "--baselines", "ties,magic"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: --baselines names 'magic'; known: task_arithmetic, ties, dare_ties (comma-separated), or none (no "
-        "baseline, tuned task arithmetic included)"]
-    assert tn.parse_baselines(None) == (True, ()) and tn.parse_baselines("none") == (False, ())
-    assert tn.parse_baselines("ties, task_arithmetic,ties") == (True, ("ties", "task_arithmetic"))
+        "Error: --baselines names 'magic'; known: task_arithmetic_tuned, task_arithmetic, ties, dare_ties "
+        "(comma-separated, exactly those run), or none (no baseline); without --baselines, task_arithmetic_tuned "
+        "when it fits in memory"]
+    assert tn.parse_baselines(None) == (None, ()) and tn.parse_baselines("none") == (False, ())
+    assert tn.parse_baselines("ties, task_arithmetic,ties") == (False, ("ties", "task_arithmetic"))
+    assert tn.parse_baselines("ties,task_arithmetic_tuned") == (True, ("ties",))
 
 
 def _rows(diffs: dict[str, list[float]]):
@@ -145,3 +152,54 @@ def test_the_verdict_follows_the_paired_intervals(diffs, words):
     row = result["rows"][2]
     assert row["difference"] == pytest.approx(-np.mean(diffs[baselines[0]["name"]]))  # cabs's loss minus its
     assert compare.summary_lines(result, "loss")[-1] == result["verdict"]
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("asked, need, places, available, runs", [
+    (None, 8 * GB, GB, 20 * GB, True),  # fits: on by default
+    (None, 56 * GB, 7 * GB, 56 * GB, False),  # the store fits, the scoring on top of it does not
+    (None, 56 * GB, 7 * GB, 40 * GB, False),  # a 7B, K = 3, on a 64 GB host with a 14 GB model held
+    (None, 12 * GB, int(1.5 * GB), None, True),  # memory unknown: by size, up to 1.5B merged parameters
+    (None, 16 * GB, 2 * GB, None, False),
+    (True, 56 * GB, 7 * GB, 0, True),  # named: whatever it costs
+    (False, 8, 1, 20 * GB, False),  # none, or one-lambda baselines named alone
+])
+def test_tuned_task_arithmetic_runs_by_default_only_where_its_store_fits(asked, need, places, available, runs):
+    run, line = tn.tuned_decision(asked, need, places, available)
+    assert run is runs
+    assert (line is None) == (runs or asked is not None)
+    if line:
+        assert line.startswith(f"tune: task arithmetic tuned the same way was not run: it needs about "
+                               f"{(need + 2**30) / GB:.1f} GB more memory (its store, {need / places:.1f} bytes per "
+                               "merged parameter, and 1.1 GB to score), and ")
+        assert line.endswith("; --baselines task_arithmetic_tuned runs it anyway")
+        assert (f"and {available / GB:.1f} GB is available;" in line) if available else ("over 1.5B" in line)
+
+
+def test_above_the_free_memory_tune_says_the_cost_in_one_line_and_runs_without_it(tune_family, tmp_path,
+                                                                                   monkeypatch):
+    from mergekit_cabs.tune import run
+
+    monkeypatch.setattr(run, "available_memory", lambda device: 10**6)  # 1 MB free: nothing fits
+    args = ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)), "--budget", "3",
+            "--max-windows", "2", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "a" / "tune.json").read_text())
+    need = report["memory"]["tuned_task_arithmetic_store_bytes"]
+    assert need == 8 * report["supports"]["places"]  # bf16, three models and the base: 8 bytes per place
+    line = (f"tune: task arithmetic tuned the same way was not run: it needs about {(need + 2**30) / GB:.1f} GB "
+            "more memory (its store, 8.0 bytes per merged parameter, and 1.1 GB to score), and 0.0 GB is "
+            "available; --baselines task_arithmetic_tuned runs it anyway")
+    assert result.output.count(line) == 2  # when it happens, and in the summary
+    assert report["search"]["notes"] == [line] and "baselines" not in report
+    assert not (tmp_path / "a" / "task_arithmetic_tuned.yml").exists()
+    assert line in (tmp_path / "a" / "tune.md").read_text()
+    forced = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--baselines", "task_arithmetic_tuned"])
+    assert forced.exit_code == 0, forced.output
+    assert "was not run" not in forced.output
+    report = json.loads((tmp_path / "b" / "tune.json").read_text())
+    assert [r["name"] for r in report["baselines"]["runs"]] == ["task_arithmetic_tuned"]
+    assert (tmp_path / "b" / "task_arithmetic_tuned.yml").exists()

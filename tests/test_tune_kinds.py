@@ -261,3 +261,38 @@ def test_the_summary_counts_rows_cut_to_the_window():
     report = {"data": {"a": {"truncated_rows": 3, "window": 64}, "b": {"truncated_questions": 0, "window": 64}}}
     assert truncation_lines(report) == [
         "a: 3 scored rows longer than --window 64 were cut (from the left of the prompt)"]
+
+
+def test_baselines_on_chat_and_choice_data_are_compared_over_items_and_score_what_mergekit_writes(kinds_family,
+                                                                                                   tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    out = tmp_path / "out"
+    data = [f"ft0={kinds_family['chat']}@2", f"ft1={kinds_family['choice']}"]
+    result = CliRunner().invoke(main, ["tune", str(kinds_family["config"]), "--data", data[0], "--data", data[1],
+                                       "--general", str(kinds_family["general"]), "--chat-template", "ft0",
+                                       "--objective", "loss", "--budget", "4", "--out", str(out), "--quiet",
+                                       "--baselines", "task_arithmetic_tuned,ties"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    header = next(line for line in result.output.splitlines() if "paired bootstrap" in line)
+    assert header.endswith("95% paired bootstrap interval over items:")  # not "windows": rows and questions
+    assert "ft0's response loss x 2, ft1's choice loss" in header  # the table names the measures
+    assert "paired bootstrap over the held-out items" in (out / "tune.md").read_text()
+    assert report["baselines"]["items"] == "items"
+    runs = {r["name"]: r for r in report["baselines"]["runs"]}
+    assert list(runs) == ["task_arithmetic_tuned", "ties"]
+    prep = tn.prepare(kinds_family["config"], data, general=kinds_family["general"], chat_template="ft0")
+    for name, run in runs.items():
+        for task in prep.tasks:  # the bootstrap draws over these: one value per row, question or window
+            assert len(run["heldout"]["window_losses"][task.name]) == task.count("heldout") > 1
+        written = yaml.safe_load((out / f"{name}.yml").read_text())
+        run_merge(MergeConfiguration.model_validate(written), str(tmp_path / name), MergeOptions(quiet=True))
+        model = tn.load_model(str(tmp_path / name), "cpu")
+        for task in prep.tasks:
+            for split in tn.SPLITS:
+                scored = task.score(model, split, tn.DEFAULTS["batch_size"])
+                assert scored[task.measure].tolist() == run[split]["window_losses"][task.name], (name, task.name)
+                assert {m: float(v.mean()) for m, v in scored.items()} == run[split]["measures"][task.name]

@@ -26,7 +26,15 @@ merged by mergekit's own methods, are scored on the same held-out windows
     tune.write_outputs(report, "cabs-tune")
 """
 
-from mergekit_cabs.tune.baselines import BASELINE_FILES, ONE_LAMBDA, as_method, dense_cabs, merge_into, parse_baselines
+from mergekit_cabs.tune.baselines import (
+    BASELINE_FILES,
+    ONE_LAMBDA,
+    as_method,
+    dense_cabs,
+    merge_into,
+    parse_baselines,
+    tuned_decision,
+)
 from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import (
@@ -82,6 +90,7 @@ __all__ = [
     "dense_cabs",
     "merge_into",
     "parse_baselines",
+    "tuned_decision",
     "DEFAULTS",
     "GENERAL",
     "LayerGroups",

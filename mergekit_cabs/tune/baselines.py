@@ -1,6 +1,7 @@
 """The baselines `tune` scores beside tuned cabs, on the same windows.
 
-* Task arithmetic tuned the same way (on unless ``--baselines none``): the
+* Task arithmetic tuned the same way (``task_arithmetic_tuned``; by default
+  on when its store fits in the free memory, `tuned_decision`): the
   same search (the optimiser the cabs search used, its layer groups, bounds,
   budget and start) through a weight store built as for cabs, from the
   configuration with every place kept (``density: 1.0``) and no
@@ -9,7 +10,8 @@
   ``merge_method: task_arithmetic`` YAML (`task_arithmetic_tuned.yml`),
   merged by mergekit's own method in memory, and that model is what is
   scored and reported.
-* One-lambda references (``--baselines task_arithmetic,ties,dare_ties``):
+* One-lambda references (``--baselines task_arithmetic,ties,dare_ties``,
+  which names exactly the baselines run: add ``task_arithmetic_tuned`` to keep it):
   the configuration's models and weights (and, for ties/dare_ties, its
   densities) merged by mergekit's own method, in memory, through the same
   mergekit plan and executor the store uses.  The merge is ``base + lambda *
@@ -21,7 +23,9 @@
   ``mergekit-yaml --random-seed`` sets it.
 
 Each runs after the cabs search, one at a time, the previous store freed:
-the peak is the largest store plus the live model.
+the peak is the largest store plus the live model.  Tuned task arithmetic's
+store is (K + 1) x 2 bytes per merged parameter in 16 bits (K models): above
+cabs's 5 from K = 2 on, so it runs by default only where it fits.
 """
 
 from __future__ import annotations
@@ -45,17 +49,79 @@ CABS_ONLY = ("n", "block_size", "overlap", "conflict_aware", "balanced")
 CHUNK = 1 << 22  # elements per step when a one-lambda merge is rebuilt
 
 
-def parse_baselines(text: str | None) -> tuple[bool, tuple[str, ...]]:
-    """--baselines: (tuned task arithmetic on, the one-lambda methods).
-    None or "": tuned task arithmetic alone; "none": nothing."""
+KNOWN = (TUNED, *ONE_LAMBDA)
+SCORING_BYTES = 1 << 30  # host memory an evaluation takes besides the weights (measured about 1.0 GB at 220M)
+FALLBACK_PLACES = 1_500_000_000  # where the free memory cannot be read: tuned task arithmetic up to this size
+
+
+def parse_baselines(text: str | None) -> tuple[bool | None, tuple[str, ...]]:
+    """--baselines: (tuned task arithmetic: True = run it, False = not, None =
+    when it fits in memory (`tuned_decision`); the one-lambda methods).
+    None or "": tuned task arithmetic when it fits; "none": nothing; a list
+    of names: exactly those (``task_arithmetic_tuned`` runs it whatever its size)."""
     names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not names:
+        return None, ()
     if names == ["none"]:
         return False, ()
-    bad = [n for n in names if n not in ONE_LAMBDA]
+    bad = [n for n in names if n not in KNOWN]
     if bad:
-        raise TuneError(f"--baselines names {bad[0]!r}; known: {', '.join(ONE_LAMBDA)} (comma-separated), or none "
-                        "(no baseline, tuned task arithmetic included)")
-    return True, tuple(dict.fromkeys(names))
+        raise TuneError(f"--baselines names {bad[0]!r}; known: {', '.join(KNOWN)} (comma-separated, exactly those "
+                        "run), or none (no baseline); without --baselines, task_arithmetic_tuned when it fits in "
+                        "memory")
+    return TUNED in names, tuple(n for n in dict.fromkeys(names) if n != TUNED)
+
+
+# --- whether tuned task arithmetic fits -----------------------------------------------------
+
+
+def tuned_store_bytes(slots) -> int:
+    """Bytes the tuned task arithmetic's store holds for these merged tensors
+    (a cabs store's slots): per tensor, every model's tensor and the base, in
+    the merge dtype (no keep-mask: every place is kept)."""
+    return sum((len(s.models) + 1) * s.base.numel() * s.base.element_size() for s in slots)
+
+
+def available_memory(store_device: str = "cpu") -> int | None:
+    """Bytes free for the store where it lives: the GPU's free memory for a
+    CUDA store, else the host's MemAvailable (/proc/meminfo); None where it
+    cannot be read (not Linux)."""
+    if str(store_device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(store_device))[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def tuned_decision(asked: bool | None, need: int, places: int, available: int | None) -> tuple[bool, str | None]:
+    """Whether tuned task arithmetic runs, and the line that says why not
+    (None when it runs or was not asked for).  `asked` as `parse_baselines`
+    gives it; `need`: its store's bytes (`tuned_store_bytes`); `places`:
+    merged parameters; `available`: free bytes (None: unknown).  Run by
+    default only when the store and `SCORING_BYTES` fit in what is free (the
+    live model is already held), or, unknown, up to `FALLBACK_PLACES`."""
+    if asked is not None:
+        return asked, None
+    fits = need + SCORING_BYTES <= available if available is not None else places <= FALLBACK_PLACES
+    if fits:
+        return True, None
+    per = need / max(1, places)
+    cost = f"it needs about {gb(need + SCORING_BYTES)} more memory (its store, {per:.1f} bytes per merged parameter, " \
+           f"and {gb(SCORING_BYTES)} to score)"
+    why = (f"{gb(available)} is available" if available is not None else
+           f"the free memory cannot be read here, and {places / 1e9:.2f}B merged parameters is over "
+           f"{FALLBACK_PLACES / 1e9:.1f}B")
+    return False, (f"tune: task arithmetic tuned the same way was not run: {cost}, and {why}; "
+                   "--baselines task_arithmetic_tuned runs it anyway")
 
 
 # --- the configurations ------------------------------------------------------------------
@@ -281,8 +347,9 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
 
 
 def run_baselines(prep, s, live, objectives, optimizer: str, tuned: bool, methods: Sequence[str]) -> list[dict]:
-    """Every baseline asked for, one after the other on the live model (whose
-    cabs store the caller has freed); each one's report."""
+    """Every baseline asked for (`tuned`: tuned task arithmetic, as
+    `tuned_decision` settled it), one after the other on the live model
+    (whose cabs store the caller has freed); each one's report."""
     import sys
 
     out = []

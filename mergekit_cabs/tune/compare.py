@@ -1,9 +1,10 @@
-"""Tuned cabs against its baselines on the held-out windows: each one's
-objective with a 95% paired bootstrap interval over windows, the paired
-difference tuned cabs minus each, and one plain verdict line.
+"""Tuned cabs against its baselines on the held-out items: each one's
+objective with a 95% paired bootstrap interval over items (text windows,
+chat rows, questions, documents: whatever each data set is made of), the
+paired difference tuned cabs minus each, and one plain verdict line.
 
-The bootstrap draws, for each data set, its held-out windows with
-replacement (2000 draws, a numpy generator seeded 0: the same numbers run to
+The bootstrap draws, for each data set, its held-out items (their values in
+the task's objective measure) with replacement (2000 draws, a numpy generator seeded 0: the same numbers run to
 run); every method is scored on the same draws (paired), in float64, with
 the base's and each model's own losses (the normalized gain's references)
 held fixed.  An interval is the 2.5th to 97.5th percentile of the draws.
@@ -34,10 +35,11 @@ def interval(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def comparison(objective, report: dict, baselines: Sequence[dict]) -> dict:
+def comparison(objective, report: dict, baselines: Sequence[dict], items: str = "windows") -> dict:
     """The table (a row per method: tuned cabs, your config, each baseline),
     the paired differences and the verdict, for tune.json; values as the
-    report shows the objective (the loss itself for --objective loss)."""
+    report shows the objective (the loss itself for --objective loss).
+    `items`: what the data sets are made of, in a word (`report.items_word`)."""
     sign = -1.0 if report["objective"] == "loss" else 1.0
     rows = [{"method": CABS, "file": "tuned.yml", "lambda": report["best"]["lambda"], "evaluations":
              report["search"]["evaluations"], "merges": 0, "part": report["best"]},
@@ -60,11 +62,11 @@ def comparison(objective, report: dict, baselines: Sequence[dict]) -> dict:
                       "interval": [lo, hi], "difference": sign * (cabs_score - part["heldout"]["score"]),
                       "difference_interval": [d_lo, d_hi], "cabs_better": interval(paired)[0] > 0,
                       "baseline_better": interval(paired)[1] < 0})
-    return {"rows": table, "verdict": verdict(table[1:], report["objective"]), "draws": DRAWS, "seed": SEED,
-            "runs": list(baselines)}
+    return {"rows": table, "verdict": verdict(table[1:], report["objective"], items), "draws": DRAWS, "seed": SEED,
+            "items": items, "runs": list(baselines)}
 
 
-def verdict(others: Sequence[dict], objective: str) -> str:
+def verdict(others: Sequence[dict], objective: str, items: str = "windows") -> str:
     """One plain line: which to merge, judged on the held-out data by the
     paired differences' intervals."""
     better = [r for r in others if r["baseline_better"]]
@@ -82,7 +84,7 @@ def verdict(others: Sequence[dict], objective: str) -> str:
                 "merge tuned.yml")
     tied = [r["method"] for r in others if not r["cabs_better"]]
     return (f"{CABS} and {', '.join(tied)} are not distinguishable here (difference {closest['difference']:+.4f} "
-            f"[{lo:+.4f}, {hi:+.4f}] with {closest['method']}): these held-out windows do not tell them apart")
+            f"[{lo:+.4f}, {hi:+.4f}] with {closest['method']}): these held-out {items} do not tell them apart")
 
 
 # --- how the report shows it ----------------------------------------------------------------
@@ -92,7 +94,7 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
     """The console table and the verdict; `label` is the objective in words."""
     rows = comparison["rows"]
     width = max(len(r["method"]) for r in rows)
-    lines = [f"held-out {label}, 95% paired bootstrap interval over windows:",
+    lines = [f"held-out {label}, 95% paired bootstrap interval over {comparison.get('items', 'windows')}:",
              f"{'method':{width}s} {'lambda':>7s} {'held-out':>9s} {'interval':>19s} {'cabs minus it':>28s}"]
     for r in rows:
         diff = "" if r["method"] == CABS else \
@@ -107,7 +109,8 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
 def markdown_lines(comparison: dict, label: str) -> list[str]:
     """tune.md's section: the table, the verdict, what each baseline cost."""
     out = ["## Tuned cabs and the baselines", "",
-           f"Objective: {label}. Interval: 95% paired bootstrap over the held-out windows ({comparison['draws']} "
+           f"Objective: {label}. Interval: 95% paired bootstrap over the held-out {comparison.get('items', 'windows')} "
+           f"({comparison['draws']} "
            f"draws, seed {comparison['seed']}); difference: tuned cabs minus the row, on the same draws.", "",
            "| method | file | lambda | fit | held-out | interval | tuned cabs minus it | evaluations | merges |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -126,5 +129,5 @@ def markdown_lines(comparison: dict, label: str) -> list[str]:
             "a store with every place kept; the chosen point is merged by mergekit's task_arithmetic and scored.",
             "- one-lambda baselines: the configuration's models and weights (ties/dare_ties: its densities), merged "
             "by mergekit's own method; one merge gives every lambda (base + lambda x delta), searched on the fit "
-            "windows; the chosen lambda is merged once more by mergekit and scored.", ""]
+            f"{comparison.get('items', 'windows')}; the chosen lambda is merged once more by mergekit and scored.", ""]
     return out

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from mergekit_cabs.tune.baselines import parse_baselines, run_baselines
+from mergekit_cabs.tune.baselines import (
+    available_memory,
+    parse_baselines,
+    run_baselines,
+    tuned_decision,
+    tuned_store_bytes,
+)
 from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
 from mergekit_cabs.tune.data import SPLITS, load_tasks, match_data, means, model_names, task_scores
@@ -32,6 +38,7 @@ from mergekit_cabs.tune.options import (
     check_optimizer,
     implied_objective,
 )
+from mergekit_cabs.tune.report import items_word
 from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
 from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
@@ -214,8 +221,9 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
              baselines: str | None = None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
-    `baselines`: as --baselines (None: task arithmetic tuned the same way;
-    "none": no baseline), scored after the search (`baselines`, `compare`).
+    `baselines`: as --baselines (None: task arithmetic tuned the same way
+    when it fits in memory; "none": no baseline), scored after the search
+    (`baselines`, `compare`).
     `objective` None: "gain" with per-model data, "loss" with the general set
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
     "float32"; `store_on_device`: keep the store on `device` instead of the host."""
@@ -249,13 +257,28 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups)
     report = assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
     report["search"]["notes"] = widened + below_config(scores)
-    if tuned_ta or one_lambda:
-        live.store = None  # the cabs store is freed before a baseline's is built
-        release_memory()
-        with timed(clock, "baselines_s"):
-            found = run_baselines(prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
-        report["baselines"] = comparison(objectives["heldout"], report, found)
+    if tuned_ta is not False or one_lambda:
+        add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
     return report
+
+
+def add_baselines(report: dict, prep: Prepared, s: Settings, live: Live, objectives: dict, optimizer: str,
+                  tuned_ta: bool | None, one_lambda: Sequence[str]) -> None:
+    """Phase 6: free the cabs store, settle whether tuned task arithmetic runs
+    (`tuned_decision`: its line, when it does not, printed and kept in the
+    notes), run the baselines and put their comparison in the report."""
+    need, places = tuned_store_bytes(live.store.slots), live.store.places()
+    live.store = None  # the cabs store is freed before a baseline's is built
+    release_memory()
+    run_tuned, note = tuned_decision(tuned_ta, need, places, available_memory(s.store_device))
+    report["memory"]["tuned_task_arithmetic_store_bytes"] = need
+    if note:
+        _say(note, False)
+        report["search"]["notes"].append(note)
+    if run_tuned or one_lambda:
+        with timed(report["time"], "baselines_s"):
+            found = run_baselines(prep, s, live, objectives, optimizer, run_tuned, one_lambda)
+        report["baselines"] = comparison(objectives["heldout"], report, found, items_word(report))
 
 
 def scoring_dtype(config, choice: str) -> torch.dtype:
