@@ -359,6 +359,6 @@ def run_baselines(prep, s, live, objectives, optimizer: str, tuned: bool, method
         out.append(tuned_task_arithmetic(prep, s, live, objectives, optimizer))
     for method in methods:
         if not s.quiet:
-            print(f"Merging {method} with mergekit, lambda picked on the fit windows", file=sys.stderr, flush=True)
+            print(f"Merging {method} with mergekit, lambda picked on the fit data", file=sys.stderr, flush=True)
         out.append(one_lambda(method, prep, s, live, objectives, s.seed))
     return out

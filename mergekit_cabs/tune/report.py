@@ -142,7 +142,10 @@ def held_out_lines(report: dict) -> list[str]:
     (the start) and tuned point, the change config -> tuned (flagged "WORSE" when it got
     worse), the gain; then any other measure (accuracy) the same way."""
     best, start, gain, ref = report["best"], report["start"], report["objective"] == "gain", report["reference"]
-    lines = [f"held-out {'':14s} {'measure':<14s} {'base':>8s} {'own':>8s} {'config':>8s} {'tuned':>8s} "
+    labels = [task_info(report, t)["measure"] + " (v)" for t in best["heldout"]["loss"]]
+    labels += [m + " (^)" for by in best["heldout"].get("measures", {}).values() for m in by]
+    mw = max(14, *(len(x) for x in labels))
+    lines = [f"held-out {'':14s} {'measure':<{mw}s} {'base':>8s} {'own':>8s} {'config':>8s} {'tuned':>8s} "
              f"{'change':>8s}" + (f" {'gain':>7s}" if gain else "")]
     other = ref.get("measures", {})
     for task, value in best["heldout"]["loss"].items():
@@ -151,7 +154,7 @@ def held_out_lines(report: dict) -> list[str]:
         flag = "  WORSE than your config" if worse(info["lower_is_better"], was, value) else ""
         label = f"{task} ({info['kind']})"
         lines.append(
-            f"  {label[:20]:20s} {info['measure'] + (' (v)' if info['lower_is_better'] else ' (^)'):<14s} "
+            f"  {label[:20]:20s} {info['measure'] + (' (v)' if info['lower_is_better'] else ' (^)'):<{mw}s} "
             f"{ref['base']['heldout'][task]:8.4f} {fmt(ref['models'].get(task, {}).get('heldout'), '8.4f'):>8s} "
             f"{was:8.4f} {value:8.4f} {value - was:+8.4f}" + (f" {best['heldout']['gain'][task]:7.3f}" if gain else "")
             + flag)
@@ -161,7 +164,7 @@ def held_out_lines(report: dict) -> list[str]:
             base = other.get("base", {}).get("heldout", {}).get(task, {}).get(measure)
             own = other.get("models", {}).get(task, {}).get("heldout", {}).get(measure)
             was = start["heldout"]["measures"][task][measure]
-            lines.append(f"  {'':20s} {measure + ' (^)':<14s} {fmt(base, '8.4f'):>8s} {fmt(own, '8.4f'):>8s} "
+            lines.append(f"  {'':20s} {measure + ' (^)':<{mw}s} {fmt(base, '8.4f'):>8s} {fmt(own, '8.4f'):>8s} "
                          f"{was:8.4f} {tuned:8.4f} {tuned - was:+8.4f}"
                          + ("  WORSE than your config" if tuned < was else ""))
     if not plain_text(report) or any(line.endswith("your config") for line in lines):
@@ -254,9 +257,10 @@ def _run_lines(report: dict) -> list[str]:
         (f"- time: {t['total_s']:.1f} s in all: scoring base and fine-tunes {t['reference_s']:.1f} s, masks "
          f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"
          + (f", baselines {t['baselines_s']:.1f} s" if "baselines_s" in t else "")),
-        (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit windows "
+        (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit "
+         f"{items_word(report)} "
          f"{1000 * t['evaluate_mean_s']:.1f} ms"),
-        ("- held out: each file's windows are split evenly along the file (every other window at --fit-fraction "
+        ("- held out: each file's windows or rows are split evenly along the file (every other one at --fit-fraction "
          "0.5); the search saw only the fit windows, and the held-out ones are scored once, for your config and the "
          "chosen point"),
     ]
