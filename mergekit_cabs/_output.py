@@ -207,15 +207,15 @@ def out_lock(out: Path, error: type[CabsError] = CabsError):
         raise error(f"--out {out} is in use by another run (pid {holder or 'unknown'}); wait for it to end or "
                     "give another --out")
     try:
-        with contextlib.suppress(OSError):
-            handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+        with contextlib.suppress(OSError):  # the pid is for the refusal's message only: a full disk may lose it
+            os.ftruncate(handle.fileno(), 0)
+            os.write(handle.fileno(), f"{os.getpid()}\n".encode())  # unbuffered: close() has nothing to flush
         yield
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
-        handle.close()
+        with contextlib.suppress(OSError):
+            handle.close()
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty

@@ -70,13 +70,25 @@ def demo(directory: Path, seed: int) -> None:
     checks every merged tensor and loads the result with transformers. Then
     prints the analyze, tune and mergekit-yaml commands that go on from it,
     and a tune command on the answers."""
+    from safetensors import SafetensorError  # what the demo's model writes raise on a full disk
+
+    from mergekit_cabs._output import out_lock
     from mergekit_cabs.demo import answers_step, next_steps, run_demo, shown
+    from mergekit_cabs.params import CabsError
 
     directory = directory.resolve()
     out = directory / "merged"
     if out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty; give another DIRECTORY or remove it")
-    config_path, data = run_demo(directory, seed, click.echo)
+    try:
+        with out_lock(directory, CabsError):  # a second demo into DIRECTORY refuses at start
+            config_path, data = run_demo(directory, seed, click.echo)
+    except CabsError as error:
+        raise click.ClickException(str(error).replace("--out ", "DIRECTORY ")) from None
+    except (OSError, SafetensorError) as error:  # a full disk, a read-only directory: one line, not a traceback
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        raise click.ClickException(f"demo: could not write in {directory}: "
+                                   f"{getattr(error, 'strerror', None) or error}{where}") from None
     click.echo(f"\nThe merged model is in {out}")
     click.echo(f"The same merge with mergekit's own command:  mergekit-yaml {shown(config_path)} "
                f"{shown(directory / 'merged-again')}")

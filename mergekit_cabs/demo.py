@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_cabs.params import CabsError
+
 SPECIALISTS = ("math", "code", "chat")
 VOCABULARY_SIZE = 320  # the tokenizer's words, padded with unused ones
 TRAIN = {"window": 48, "batch": 16, "base_steps": 40, "base_lr": 3e-3, "steps": 40, "lr": 1e-3,
@@ -247,6 +249,11 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# The check recomputes the merge in float32 in the kernel's order; a difference
+# beyond float32 rounding of the demo's weights means the merge is not CABS's.
+CHECK_TOLERANCE = 1e-5
+
+
 def check_merge(config_path: Path, out: Path, echo: Callable[[str], None]) -> None:
     """Check the merged tensors against the kernel's masks with the YAML's
     numbers (weights, n per block, lambda) and print a summary."""
@@ -274,6 +281,9 @@ def check_merge(config_path: Path, out: Path, echo: Callable[[str], None]) -> No
     echo(f"  places changed by two or more models: {shared} "
          f"({'+'.join(map(str, r.n))} {'<=' if sum(r.n) <= r.block_size else '>'} {r.block_size}: {fits})")
     echo(f"  largest difference from base + sum of weighted pruned task vectors: {worst:.2e}")
+    if not worst <= CHECK_TOLERANCE:  # NaN fails too
+        raise CabsError(f"demo: the merged model in {out} is not base + lambda x the weighted pruned task vectors "
+                        f"(largest difference {worst:.2e}); was another demo writing into the same directory?")
 
 
 def check_loads(out: Path, echo: Callable[[str], None]) -> None:

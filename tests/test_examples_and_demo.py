@@ -254,3 +254,63 @@ def test_analyze_the_demo(demo_run, tmp_path):
         assert 'pip install "mergekit-cabs[plot]"' in result.stdout
     else:
         assert files == {"report.json", "report.md", "overlap-by-layer.png", "kept-by-layer.png"}
+
+
+def test_demo_check_fails_on_a_merged_tensor_that_is_not_the_cabs_merge(demo_run, tmp_path):
+    """The demo's own check is a check: a merged model changed by one weight
+    (another demo writing the same directory, say) stops the demo in one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mergekit_cabs.demo import check_merge
+    from mergekit_cabs.params import CabsError
+
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = tmp_path / "merged"
+    shutil.copytree(directory / "merged", merged)
+    check_merge(directory / "cabs.yml", merged, lambda line: None)  # as written: passes
+    (shard,) = sorted(merged.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 0.5
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CabsError, match=r"^demo: the merged model in .* is not base \+ lambda"):
+        check_merge(directory / "cabs.yml", merged, lambda line: None)
+
+
+def test_demo_into_a_directory_it_cannot_create_is_one_line(tmp_path):
+    """DIRECTORY under a file: one `Error:` line naming it, before any training, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    run = subprocess.run([str(BIN / "mergekit-cabs"), "demo", str(blocker / "demo")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    expected = f"Error: DIRECTORY {blocker / 'demo'} cannot be created: Not a directory"
+    assert run.stderr.strip().splitlines() == [expected]
+
+
+def test_demo_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """A write error while the demo trains or merges (ENOSPC) is one line with
+    the file, not a traceback; the lock on DIRECTORY is released."""
+    import errno
+
+    from click.testing import CliRunner
+
+    import mergekit_cabs.demo as demo_module
+    from mergekit_cabs.cli import main
+
+    target = tmp_path / "demo"
+
+    def full(directory, seed, echo):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "base" / "model.safetensors"))
+
+    monkeypatch.setattr(demo_module, "run_demo", full)
+    result = CliRunner().invoke(main, ["demo", str(target)])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert result.output.strip().splitlines() == [
+        f"Error: demo: could not write in {target}: No space left on device ({target / 'base' / 'model.safetensors'})"]
+    assert not (target / ".mergekit-cabs.lock").exists()

@@ -152,6 +152,25 @@ def test_the_lock_is_released_and_removed_with_what_it_created(tmp_path):
         pass
 
 
+def test_a_disk_too_full_for_the_pid_still_locks_and_leaves_nothing(tmp_path, monkeypatch):
+    """On a completely full disk the pid cannot be written: the lock holds all
+    the same, and leaving it raises nothing (the run's own error is the one
+    line the user sees) and removes what it created."""
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "write", full)
+    with out_lock(out, tn.TuneError):
+        assert (out / LOCK_NAME).exists() and (out / LOCK_NAME).read_text() == ""
+        with pytest.raises(tn.TuneError, match=r"is in use by another run \(pid unknown\)"), \
+                out_lock(out, tn.TuneError):
+            pass
+    assert not out.exists()
+
+
 def test_sigterm_releases_the_lock(tmp_path):
     out = tmp_path / "out"
     holder = _holder(out)

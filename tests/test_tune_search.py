@@ -137,3 +137,17 @@ def test_a_budget_below_one_step_each_way_per_number_is_warned_about():
     note = tn.budget_note(13, 26)
     assert note == ("tune: --budget 26 is less than one step each way along each of the 13 searched numbers "
                     "(27 evaluations), so some are never moved from the start; give --budget 135 or more")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("general_weight", float("nan"), r"^--general-weight is nan; give a finite number >= 0"),
+    ("general_weight", -1.0, r"^--general-weight is -1.0; give a finite number >= 0"),
+    ("tolerance", 0.0, r"^--tolerance is 0.0; give a number > 0$"),
+    ("tolerance", -1.0, r"^--tolerance is -1.0; give a number > 0$"),
+    ("batch_size", 0, r"^--batch-size is 0; give a whole number >= 1$"),
+])
+def test_each_bad_search_option_is_named_with_its_value(option, value, message):
+    settings = {"weight_bounds": "0,2", "lambda_bounds": "0.05,2", "general_weight": 1.0, "tolerance": 0.01,
+                "batch_size": 4, "cuda": False, option: value}
+    with pytest.raises(tn.TuneError, match=message):
+        tn.search_settings(**settings)

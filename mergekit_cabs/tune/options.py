@@ -48,8 +48,13 @@ def search_settings(*, weight_bounds: str, lambda_bounds: str, general_weight: f
                     batch_size: int, cuda: bool) -> tuple[tuple[float, float], tuple[float, float], str]:
     """The command's search options, checked: (weight bounds, lambda bounds, device)."""
     bounds = parse_bounds(weight_bounds, "--weight-bounds"), parse_bounds(lambda_bounds, "--lambda-bounds")
-    if not (math.isfinite(general_weight) and tolerance > 0 and batch_size >= 1):
-        raise TuneError("--general-weight must be finite, --tolerance > 0 and --batch-size >= 1")
+    if not (math.isfinite(general_weight) and general_weight >= 0):
+        raise TuneError(f"--general-weight is {general_weight}; give a finite number >= 0 (0: the general text "
+                        "is scored, not optimised)")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise TuneError(f"--tolerance is {tolerance}; give a number > 0")
+    if batch_size < 1:
+        raise TuneError(f"--batch-size is {batch_size}; give a whole number >= 1")
     device = "cpu"
     if cuda:
         import torch
