@@ -1,9 +1,13 @@
 """CABS (Conflict-Aware and Balanced Sparsification) merge method for mergekit.
 
 Installing this package is enough for ``mergekit-yaml`` and friends to accept
-``merge_method: cabs`` (see ``mergekit_cabs._autoload``). Importing it is
-cheap: torch and mergekit are loaded only when one of the public names below
-is first used, or when mergekit itself is imported.
+``merge_method: cabs`` (a start-up hook registers it when mergekit's merge
+methods are imported). Importing it is cheap: torch and mergekit are loaded
+only when one of its public names is first used, or when mergekit itself is
+imported. The public names: ``cabs_merge`` and ``cabs_masks`` (the kernel on
+one tensor), ``cabs_method`` and ``install`` (the mergekit method and its
+registration), ``CabsError`` (the one error type of the package's checks),
+``__version__``; and the ``tune`` and ``analyze`` subpackages.
 """
 
 from mergekit_cabs import _autoload
