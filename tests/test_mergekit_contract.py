@@ -76,6 +76,11 @@ def test_every_mergekit_internal_we_rely_on_is_there():
         ("mergekit.io.lazy_tensor_loader", "ShardedTensorIndex"): ((), ("base_path", "tensor_paths")),
         ("mergekit.architecture.conversion", "can_convert_checkpoint_keys"): (
             ("model_type", "source_keys", "target_key"), ()),
+        # tune's baselines: the merged tensor of ties/dare_ties captured once for a lambda search, and
+        # dare_ties's drops seeded as mergekit-yaml --random-seed seeds them
+        ("mergekit.merge_methods.generalized_task_arithmetic", "GeneralizedTaskArithmeticMerge.merge_group"): (
+            ("self", "group"), ()),
+        ("transformers.trainer_utils", "set_seed"): (("seed",), ()),
     }
     assert _mergekit.problems() == []
 
