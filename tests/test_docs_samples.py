@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_models import optional
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -35,6 +37,7 @@ generate = _load_generate()
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
+    optional("lm_eval", '".[lm-eval]"')  # one sample is a tune run on an lm-eval task
     return generate.run_all(tmp_path_factory.mktemp("docs-samples"))
 
 
