@@ -246,7 +246,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
             live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size, prep.groups, len(prep.labels))
         with timed(clock, "search_s"):
             result, points = search(live, objectives["fit"], prep, s)
-        _say(f"Scoring your config and the chosen point on the fit and held-out data ({result.stopped} after "
+        how = "budget spent" if result.stopped == "budget" else "converged"
+        _say(f"Scoring your config and the chosen point on the fit and held-out data ({how}: "
              f"{len(points)} evaluations)", quiet)
         with timed(clock, "final_s"):
             scores = {"start": score_point(live, objectives, (prep.start_lambda, *prep.start_weights)),  # as written
