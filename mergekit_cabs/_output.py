@@ -178,8 +178,8 @@ def _lock_file(path: Path):
 
 
 @contextlib.contextmanager
-def out_lock(out: Path, error: type[CabsError] = CabsError):
-    """Hold --out `out` for the block: created if missing, with a lock file
+def out_lock(out: Path, error: type[CabsError] = CabsError, label: str = "--out"):
+    """Hold --out `out` (named `label` in messages) for the block: created if missing, with a lock file
     (`LOCK_NAME`, holding this process's pid) flock-ed in it.  Another process
     holding it is `error` at once, naming its pid; a process that died holding
     it does not count (the kernel dropped its lock).  On leaving, the lock
@@ -187,12 +187,12 @@ def out_lock(out: Path, error: type[CabsError] = CabsError):
     empty.  Where flock is missing (Windows), nothing is locked."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise error(f"--out {out} is a file; give a directory")
+        raise error(f"{label} {out} is a file; give a directory")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as problem:
-        raise error(f"--out {out} cannot be created: {problem.strerror or problem}") from None
+        raise error(f"{label} {out} cannot be created: {problem.strerror or problem}") from None
     try:
         import fcntl  # noqa: F401
     except ImportError:  # pragma: no cover (Windows)
@@ -202,10 +202,10 @@ def out_lock(out: Path, error: type[CabsError] = CabsError):
     try:
         handle, holder = _lock_file(path)
     except OSError as problem:
-        raise error(f"--out {out} cannot be locked: {problem.strerror or problem}") from None
+        raise error(f"{label} {out} cannot be locked: {problem.strerror or problem}") from None
     if handle is None:
-        raise error(f"--out {out} is in use by another run (pid {holder or 'unknown'}); wait for it to end or "
-                    "give another --out")
+        raise error(f"{label} {out} is in use by another run (pid {holder or 'unknown'}); wait for it to end or "
+                    f"give another {label}")
     try:
         with contextlib.suppress(OSError):  # the pid is for the refusal's message only: a full disk may lose it
             os.ftruncate(handle.fileno(), 0)

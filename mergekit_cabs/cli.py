@@ -81,10 +81,10 @@ def demo(directory: Path, seed: int) -> None:
     if out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty; give another DIRECTORY or remove it")
     try:
-        with out_lock(directory, CabsError):  # a second demo into DIRECTORY refuses at start
+        with out_lock(directory, CabsError, "DIRECTORY"):  # a second demo into DIRECTORY refuses at start
             config_path, data = run_demo(directory, seed, click.echo)
     except CabsError as error:
-        raise click.ClickException(str(error).replace("--out ", "DIRECTORY ")) from None
+        raise click.ClickException(str(error)) from None
     except (OSError, SafetensorError) as error:  # a full disk, a read-only directory: one line, not a traceback
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         raise click.ClickException(f"demo: could not write in {directory}: "
