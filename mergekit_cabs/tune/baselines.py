@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_cabs.kernel import compute_dtype, finish
 from mergekit_cabs.tune.options import TuneError
+from mergekit_cabs.tune.store import APPLY_CHUNK
 
 ONE_LAMBDA = ("task_arithmetic", "ties", "dare_ties")
 TUNED = "task_arithmetic_tuned"
@@ -46,7 +48,6 @@ FILES = {TUNED: "task_arithmetic_tuned.yml", **{name: f"{name}.yml" for name in 
 BASELINE_FILES = tuple(FILES.values())
 LABELS = {TUNED: "task_arithmetic (tuned)", **{name: name for name in ONE_LAMBDA}}
 CABS_ONLY = ("n", "block_size", "overlap", "conflict_aware", "balanced")
-CHUNK = 1 << 22  # elements per step when a one-lambda merge is rebuilt
 
 
 KNOWN = (TUNED, *ONE_LAMBDA)
@@ -240,12 +241,12 @@ class LambdaSlot:
     def write(self, lam: float) -> None:
         """target = base + lam * (merged - base), in float32 (float64 for
         float64 tensors), rounded once to the merge dtype."""
-        dtype = torch.float64 if self.base.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(self.base)
         flat = self.target.view(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            where = slice(start, start + CHUNK)
-            base = self.base[where].to(dtype)
-            value = (self.merged[where].to(dtype) - base).mul_(lam).add_(base).to(self.base.dtype)
+        for start in range(0, flat.numel(), APPLY_CHUNK):
+            where = slice(start, start + APPLY_CHUNK)
+            base = self.base[where]
+            value = finish(self.merged[where].to(dtype) - base.to(dtype), base, lam, self.base.dtype)
             flat[where].copy_(value if self.save_dtype is None else value.to(self.save_dtype))
 
 

@@ -57,11 +57,12 @@ def comparison(objective, report: dict, baselines: Sequence[dict], items: str = 
         part = row.pop("part")
         paired = drawn[0] - draws  # tuned cabs minus this row, on the same draws (searched sign)
         lo, hi = sorted(sign * v for v in interval(draws))
-        d_lo, d_hi = sorted(sign * v for v in interval(paired))
+        p_lo, p_hi = interval(paired)
+        d_lo, d_hi = sorted(sign * v for v in (p_lo, p_hi))
         table.append({**row, "fit": sign * part["fit"]["score"], "heldout": sign * part["heldout"]["score"],
                       "interval": [lo, hi], "difference": sign * (cabs_score - part["heldout"]["score"]),
-                      "difference_interval": [d_lo, d_hi], "cabs_better": interval(paired)[0] > 0,
-                      "baseline_better": interval(paired)[1] < 0})
+                      "difference_interval": [d_lo, d_hi], "cabs_better": p_lo > 0,
+                      "baseline_better": p_hi < 0})
     return {"rows": table, "verdict": verdict(table[1:], report["objective"], items), "draws": DRAWS, "seed": SEED,
             "items": items, "runs": list(baselines)}
 

@@ -61,8 +61,8 @@ class Objective:
                 return -losses[GENERAL]
             value = -self.mean({t: self.sign(t) * losses[t] for t in self.tasks})
             return value - (self.general_weight * losses[GENERAL] if general else 0.0)
-        value = self.mean(self.gains(losses))
-        return value + (self.general_weight * self.gains(losses)[GENERAL] if general else 0.0)
+        gains = self.gains(losses)
+        return self.mean(gains) + (self.general_weight * gains[GENERAL] if general else 0.0)
 
 
 def split_objectives(kind: str, tasks: Sequence[str], reference: dict, general_weight: float,
