@@ -71,7 +71,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grid", type=float, nargs="+", default=GRID, help="the lambdas tried first")
     parser.add_argument("--tune-baselines", default="none",
                         help="tune's --baselines in every tuned arm (e.g. 'task_arithmetic_tuned', or "
-                             "'task_arithmetic_tuned,ties,dare_ties'); its table is kept in tune_compare.json")
+                             "'task_arithmetic_tuned,ties,dare_ties'); its table is kept in tune_compare.json, "
+                             "and task arithmetic tuned in each arm is a row of the table")
+    parser.add_argument("--tune-densities", default=None, help="tune's --densities in every tuned arm")
+    parser.add_argument("--tune-orders", default=None, help="tune's --orders in every tuned arm")
+    parser.add_argument("--optimizers", default="coordinate,cmaes", help="the tuned arms' searches")
+    parser.add_argument("--window", type=int, default=None, help="tokens per window (tune's --window)")
     return parser.parse_args()
 
 
@@ -139,7 +144,7 @@ def make_bench(args: argparse.Namespace, work: Path) -> Bench:
 
     root = args.models_dir.resolve()
     prep = tn.prepare(root / "cabs.yml", data_args(root), general=root / "data" / "general.txt",
-                      max_windows=args.max_windows, budget=max(args.budget, args.group_budget))
+                      max_windows=args.max_windows, budget=max(args.budget, args.group_budget), window=args.window)
     batch = tn.DEFAULTS["batch_size"]
     tasks = {t.name: t for t in prep.tasks}
     base = {s: tn.task_losses(load(root / "base"), prep.tasks, s, batch) for s in tn.SPLITS}
@@ -231,9 +236,10 @@ def tuned_arm(args: argparse.Namespace, prep, grid: dict, optimizer: str, budget
     from mergekit_cabs import tune as tn
 
     started = time.perf_counter()
+    settings = {k: v for k, v in (("densities", args.tune_densities), ("orders", args.tune_orders)) if v}
     report = tn.run_tune(prep, budget=budget, optimizer=optimizer, seed=0, lambda_bounds=tuple(args.lambda_bounds),
                          weight_bounds=tuple(args.weight_bounds), tolerance=args.tolerance, quiet=True,
-                         baselines=args.tune_baselines)
+                         baselines=args.tune_baselines, **settings)
     wall = time.perf_counter() - started
     best = report["best"]
     heldout = {k: torch.tensor(v, dtype=torch.float64) for k, v in best["heldout"]["window_losses"].items()}
@@ -241,17 +247,25 @@ def tuned_arm(args: argparse.Namespace, prep, grid: dict, optimizer: str, budget
     for p in report["points"]:
         running = max(running, p["score"])
         scores.append(running)
-    print(f"tuned {optimizer:10s} groups {groups}: {report['search']['evaluations']} evaluations "
+    spent = (report.get("settings") or {}).get("evaluations", report["search"]["evaluations"])
+    print(f"tuned {optimizer:10s} groups {groups}: {spent} evaluations "
           f"({report['search']['stopped']}), fit objective {best['fit']['score']:.4f}, "
           f"held-out {best['heldout']['score']:.4f}, {wall:.0f} s", flush=True)
     return {"kind": "tuned", "optimizer": report["search"]["optimizer"], "layer_groups": groups,
             "groups": report.get("layer_groups"), "lambda": best["lambda"], "weights": best["weights"],
             "searched": len(report["search"]["names"]), "budget": budget,
             "stopped": report["search"]["stopped"], "tune_evaluations": report["search"]["evaluations"],
-            "grid_evaluations": grid["evaluations"], "evaluations": report["search"]["evaluations"]
-            + grid["evaluations"], "search_s": report["time"]["search_s"], "grid_s": grid["search_s"],
+            "grid_evaluations": grid["evaluations"], "evaluations": spent + grid["evaluations"],
+            "tune_evaluations_all": spent, "search_s": report["time"]["search_s"], "grid_s": grid["search_s"],
             "tune_s": wall, "time": report["time"], "fit_score": best["fit"]["score"], "best_so_far": scores,
-            "heldout": heldout, "tune_baselines": report.get("baselines")}
+            "heldout": heldout, "tune_baselines": report.get("baselines"),
+            "settings": report.get("settings"), "setting": chosen_setting(report)}
+
+
+def chosen_setting(report: dict) -> str | None:
+    """The (density, order) setting tune chose, when it searched several."""
+    found = (report.get("settings") or {}).get("searched", [])
+    return next((s["label"] for s in found if s["chosen"]), None) if len(found) > 1 else None
 
 
 def tuned_arms(bench: Bench, args: argparse.Namespace, grid: dict) -> dict:
@@ -262,19 +276,36 @@ def tuned_arms(bench: Bench, args: argparse.Namespace, grid: dict) -> dict:
         extra = {"layer_groups": groups} if groups else {}
         return tn.prepare(start_config(bench, grid["lambda"]), data_args(bench.root),
                           general=bench.root / "data" / "general.txt", max_windows=args.max_windows,
-                          budget=max(args.budget, args.group_budget), **extra)
+                          budget=max(args.budget, args.group_budget), window=args.window, **extra)
 
     prep, results = prepared(None), {}
-    for optimizer in ("coordinate", "cmaes"):
-        results[f"cabs per model, {optimizer}"] = tuned_arm(args, prep, grid, optimizer, args.budget, None)
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    for optimizer in optimizers:
+        arm = tuned_arm(args, prep, grid, optimizer, args.budget, None)
+        results.update(arm_rows(f"per model, {optimizer}", arm))
     if args.layer_groups and not has_layer_groups():
         print("tune.prepare has no layer_groups option here: the layer-group arm is skipped", flush=True)
     elif args.layer_groups:
         prep = prepared(args.layer_groups)
-        for optimizer in ("coordinate", "cmaes"):
-            label = f"cabs per layer group (G={args.layer_groups}), {optimizer}"
-            results[label] = tuned_arm(args, prep, grid, optimizer, args.group_budget, args.layer_groups)
+        for optimizer in optimizers:
+            arm = tuned_arm(args, prep, grid, optimizer, args.group_budget, args.layer_groups)
+            results.update(arm_rows(f"per layer group (G={args.layer_groups}), {optimizer}", arm))
     return results
+
+
+def arm_rows(how: str, arm: dict) -> dict:
+    """A tuned arm's rows: cabs, and task arithmetic tuned the same way when tune ran it (its held-out
+    windows are the same ones, so it takes part in the paired differences)."""
+    rows = {f"cabs {how}": arm}
+    for run in (arm.get("tune_baselines") or {}).get("runs", []):
+        if run["name"] == "task_arithmetic_tuned":
+            rows[f"task_arithmetic tuned {how}"] = {
+                "kind": "tuned_ta", "arm": f"cabs {how}", "lambda": run["lambda"], "weights": run["weights"],
+                "evaluations": run["evaluations"], "tune_evaluations": run["evaluations"], "stopped": run["stopped"],
+                "grid_evaluations": arm["grid_evaluations"], "grid_s": arm["grid_s"], "search_s": None,
+                "heldout": {k: torch.tensor(v, dtype=torch.float64)
+                            for k, v in run["heldout"]["window_losses"].items()}}
+    return rows
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -308,9 +339,10 @@ def summarize(bench: Bench, results: dict, draws: int) -> tuple[dict, dict]:
 
 
 def differences(table: dict, samples: dict) -> dict:
-    """Tuned minus one-lambda mean gain, paired bootstrap intervals."""
+    """Tuned cabs minus every one-lambda merge and every tuned task arithmetic: mean gain, paired
+    bootstrap intervals."""
     tuned = [k for k, r in table.items() if r["kind"] == "tuned"]
-    grids = [k for k, r in table.items() if r["kind"] == "grid"]
+    grids = [k for k, r in table.items() if r["kind"] in ("grid", "tuned_ta")]
     return {t: {g: {"difference": table[t]["mean_gain"] - table[g]["mean_gain"],
                     "ci": interval(samples[t] - samples[g])} for g in grids} for t in tuned}
 
@@ -322,7 +354,23 @@ def fmt_ci(value: float, ci: list[float]) -> str:
 def chosen(r: dict) -> str:
     if r["kind"] == "grid":
         return f"lambda {r['lambda']:g}" + ("" if r["interior"] else " (grid edge)")
-    return f"lambda {r['lambda']:.3g}, {len(r['weights'])} weights (below)"
+    setting = f"; {r['setting']}" if r.get("setting") else ""
+    return f"lambda {r['lambda']:.3g}, {len(r['weights'])} weights{setting}"
+
+
+def settings_markdown(results: dict) -> list[str]:
+    """Per tuned arm that searched several (density, order) settings: each one's best fit and held-out
+    objective (tune's numbers) and evaluations."""
+    out = []
+    for label, r in results.items():
+        found = (r.get("settings") or {}).get("searched", []) if r["kind"] == "tuned" else []
+        if len(found) < 2:
+            continue
+        out += ["", f"Settings searched by {label} (tune's objective; the best on the fit windows is chosen):", "",
+                "| setting | evaluations | fit | held-out | |", "|---|---|---|---|---|"]
+        out += [f"| {s['label']} | {s['evaluations']} ({s['stopped']}) | {s['fit']:.4f} | {s['heldout']:.4f} | "
+                f"{'chosen' if s['chosen'] else ''} |" for s in found]
+    return out
 
 
 def markdown(bench: Bench, results: dict, table: dict, diffs: dict) -> str:
@@ -334,6 +382,8 @@ def markdown(bench: Bench, results: dict, table: dict, diffs: dict) -> str:
         r = results[label]
         if r["kind"] == "grid":
             evals, wall = f"{r['evaluations']}", f"{r['search_s']:.0f} s"
+        elif r["kind"] == "tuned_ta":
+            evals, wall = f"{r['grid_evaluations']} + {r['tune_evaluations']} ({r['stopped']})", "(in tune)"
         else:
             evals = f"{r['grid_evaluations']} + {r['tune_evaluations']} ({r['stopped']})"
             wall = f"{r['grid_s']:.0f} + {r['search_s']:.0f} s"
@@ -341,13 +391,14 @@ def markdown(bench: Bench, results: dict, table: dict, diffs: dict) -> str:
         lines.append(f"| {label} | {chosen(r)} | {evals} | {wall} | " + " | ".join(cells)
                      + f" | {fmt_ci(row['mean_gain'], row['mean_gain_ci'])} |")
     grids = [k for k, r in table.items() if r["kind"] == "grid"]
-    lines += ["", "Tuned minus one-lambda held-out mean gain (paired bootstrap, 95%):", "",
+    lines += ["", "Tuned cabs minus each one-lambda merge and each tuned task arithmetic, held-out mean gain "
+              "(paired bootstrap, 95%):", "",
               "| tuned | " + " | ".join(grids) + " |", "|---" * (len(grids) + 1) + "|"]
     for t, by_grid in diffs.items():
         lines.append(f"| {t} | " + " | ".join(fmt_ci(d["difference"], d["ci"]) for d in by_grid.values()) + " |")
-    lines += ["", "Chosen weights:", ""]
+    lines += settings_markdown(results) + ["", "Chosen weights:", ""]
     for label, r in results.items():
-        if r["kind"] == "tuned":
+        if r["kind"] in ("tuned", "tuned_ta"):
             weights = ", ".join(f"{k} {v:.3g}" for k, v in r["weights"].items())
             lines.append(f"- {label}: lambda {r['lambda']:.4g}; {weights}")
     windows = ", ".join(f"{t.name} {len(t.fit)}/{len(t.heldout)}" for t in bench.prep.tasks)

@@ -3,12 +3,15 @@ weight tuning of a CABS merge: one base and four specialists fine-tuned from it.
 
     python benchmarks/tune_models.py --out /tmp/tune-bench
     python benchmarks/tune_models.py --out DIR --base-steps 1600 --spec-steps 400 --seed 0 --force
-    python benchmarks/tune_models.py --out DIR --specialists python,docs --spec-steps 100 --spec-lr 2e-4
+    python benchmarks/tune_models.py --out DIR2 --specialists python,docs --spec-steps 100 --spec-lr 2e-4 \
+        --base-from DIR
 
-The second line is the second family (issue 23): two fine-tunes instead of
-four, whose task vectors are small next to the base (fewer steps, a lower
+The last is the second family (issue 23): two fine-tunes instead of four,
+whose task vectors are small next to the base (fewer steps, a lower
 learning rate), as 7B fine-tunes usually are.  The base is trained on all
-four kinds either way.
+four kinds either way; --base-from DIR takes the tokenizer and base of an
+earlier run instead of training them again (the text it gathers must be the
+same: checked against DIR/data), so the second family costs minutes.
 
 Text of four clearly different kinds is gathered from this machine (sorted file
 lists shuffled with a fixed seed, 5 MB per kind; files over 100 KB, with a line
@@ -225,6 +228,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 if another process is busy)")
     ap.add_argument("--force", action="store_true", help="overwrite what an earlier run wrote in --out")
+    ap.add_argument("--base-from", type=Path, default=None, metavar="DIR",
+                    help="take the tokenizer and base model of an earlier run's --out DIR (same data) instead of "
+                         "training them")
     args = ap.parse_args()
     args.specialists = [k.strip() for k in args.specialists.split(",") if k.strip()]
     if not args.specialists or any(k not in KINDS for k in args.specialists):
@@ -278,12 +284,17 @@ def train_family(out: Path, args, tokenizer, streams: dict, manifest: dict, phas
                          num_key_value_heads=4, intermediate_size=512, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    base = LlamaForCausalLM(config)
+    t = time.time()
+    if args.base_from:
+        base = LlamaForCausalLM.from_pretrained(args.base_from / "base", dtype=torch.float32).eval()
+        final = {"base": json.loads((args.base_from / "manifest.json").read_text())["final_train_loss"]["base"]}
+        print(f"base model from {args.base_from / 'base'}", flush=True)
+    else:
+        base = LlamaForCausalLM(config)
+        print(f"training base ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters)", flush=True)
+        final = {"base": train(base, streams["base"], args.base_steps, LR["base"], 100, args.seed, "base")}
     manifest["model"] = {"parameters": sum(p.numel() for p in base.parameters()), "hidden": 192,
                          "layers": 4, "heads": 4, "intermediate": 512, "vocab": 4096}
-    print(f"training base ({manifest['model']['parameters'] / 1e6:.2f}M parameters)", flush=True)
-    t = time.time()
-    final = {"base": train(base, streams["base"], args.base_steps, LR["base"], 100, args.seed, "base")}
     save(base, tokenizer, out / "base")
     phases["base"], t = time.time() - t, time.time()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -300,6 +311,14 @@ def train_family(out: Path, args, tokenizer, streams: dict, manifest: dict, phas
     return final, losses
 
 
+def same_data(out: Path, earlier: Path) -> None:
+    """The text gathered now is the text `earlier`'s base was trained beside (its held-out files match)."""
+    for name in ["general", *KINDS]:
+        if (out / "data" / f"{name}.txt").read_bytes() != (earlier / "data" / f"{name}.txt").read_bytes():
+            sys.exit(f"error: data/{name}.txt differs from {earlier}'s: --base-from needs the same text on "
+                     "this machine")
+
+
 def main():
     args = parse_args()
     out = args.out.resolve()
@@ -311,8 +330,12 @@ def main():
     parts = write_data(out, manifest)
     phases["data"], t = time.time() - t, time.time()
 
-    print("training tokenizer", flush=True)
-    tokenizer = train_tokenizer([txt for kind in KINDS for _, txt in parts[kind]["base"]])
+    if args.base_from:
+        same_data(out, args.base_from)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.base_from / "base")
+    else:
+        print("training tokenizer", flush=True)
+        tokenizer = train_tokenizer([txt for kind in KINDS for _, txt in parts[kind]["base"]])
     evals = ["general", *KINDS]
     streams = {"base": [token_stream(tokenizer, [x for _, x in parts[k]["base"]]) for k in KINDS],
                "spec": {k: token_stream(tokenizer, [x for _, x in parts[k]["spec"]]) for k in KINDS},
@@ -324,7 +347,9 @@ def main():
     final, losses = train_family(out, args, tokenizer, streams, manifest, phases)
     write_config(out, args.specialists)
     manifest.update(
-        steps={"base": args.base_steps, "specialist": args.spec_steps}, lr={**LR, "specialist": args.spec_lr},
+        base_from=str(args.base_from.resolve()) if args.base_from else None,
+        steps={"base": None if args.base_from else args.base_steps, "specialist": args.spec_steps},
+        lr={**LR, "specialist": args.spec_lr},
         specialists=args.specialists, final_train_loss=final,
         eval_loss={m: {k: round(v, 4) for k, v in by_set.items()} for m, by_set in losses.items()},
         eval_windows=EVAL_WINDOWS,

@@ -206,12 +206,24 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "by mergekit's own method with its lambda picked on the fit windows); 'none': no baseline. "
                    "Default: task_arithmetic_tuned when its store (about 2 x (models + 1) bytes per merged "
                    "parameter in 16 bits) fits in the free memory, else a line says what it would cost.")
+@click.option("--densities", default=None, metavar="LIST",
+              help="Search these densities too (comma-separated): densities in (0, 1] with a decimal point "
+                   "(0.1,0.25,0.5) or whole numbers n (places kept per block), each given to every model; each "
+                   "is a setting with its own masks and search, and the best on the fit data wins [default: the "
+                   "config's].")
+@click.option("--orders", default=None, metavar="LIST",
+              help="Priority orders of models: to search (comma-separated): config (as written), suggested (the "
+                   "order analyze advises), all (every order, up to 4 models); each with each density "
+                   "[default: config].")
+@click.option("--total-budget", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Share N evaluations evenly among the (density, order) settings instead of --budget each "
+                   "(task arithmetic tuned gets N too).")
 @click.option("--force", is_flag=True, help="Write into a --out that already holds files.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_limit, general, general_weight,
          objective, out_dir, budget, weight_bounds,
          lambda_bounds, tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda,
-         score_dtype, store_on_device, baselines, force, quiet) -> None:
+         score_dtype, store_on_device, baselines, densities, orders, total_budget, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
     Plans CONFIG (your cabs YAML) with mergekit, computes every mask once, and
@@ -236,6 +248,7 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
         objective = tn.implied_objective(objective, bool(data) or bool(lm_eval))
         tn.parse_baselines(baselines)
+        tn.parse_densities(densities), tn.parse_orders(orders)
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
         with out_lock(out_dir, tn.TuneError):  # held to the end: a second run into --out refuses at start
             check_out_dir(out_dir, force, tn.OUT_FILES, tn.TuneError)
@@ -247,7 +260,8 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
                                  budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                                  tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
                                  seed=seed, score_dtype=score_dtype, store_on_device=store_on_device,
-                                 baselines=baselines)
+                                 baselines=baselines, densities=densities, orders=orders,
+                                 total_budget=total_budget)
             click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
             written = tn.write_outputs(report, out_dir)
     except CabsError as error:

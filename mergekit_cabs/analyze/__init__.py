@@ -54,7 +54,8 @@ time (mergekit's executor drops each input as soon as it has been used).
 
 The package, a file per job: `measure` (one tensor: the three rules' masks
 and every count), `order` (first / last kept norms and the order rule,
-`suggest_order`, which ``tune --orders suggested`` uses too), `summary` (the
+`suggest_order`, which ``tune --orders suggested`` uses too,
+through `run.order_of`), `summary` (the
 records summed into the report dict, that is report.json), `run` (plan,
 read, measure, summarise), `report` (the terminal table, report.md, writing
 --out), `plots` (the PNGs) and `stats` (pooled moments and ratios).
@@ -80,7 +81,7 @@ from mergekit_cabs.analyze.measure import (
 from mergekit_cabs.analyze.order import ORDER_TOLERANCE, order_entry, position_masks, suggest_order
 from mergekit_cabs.analyze.plots import OTHER_TICK, OVERLAP_NOTE, RULE_LABELS, layer_figures, make_plots
 from mergekit_cabs.analyze.report import REPORT_FILES, format_table, order_advice, render_markdown, write_report
-from mergekit_cabs.analyze.run import analyze
+from mergekit_cabs.analyze.run import analyze, order_of
 from mergekit_cabs.analyze.stats import Moments, kept_sq_sum
 from mergekit_cabs.analyze.summary import build_report
 
@@ -106,6 +107,7 @@ __all__ = [
     "measure_tensor",
     "order_advice",
     "order_entry",
+    "order_of",
     "position_masks",
     "render_markdown",
     "rule_masks",

@@ -18,6 +18,8 @@ model and group of decoder layers; the chosen point is written as
 the same way, and on request one-lambda task_arithmetic, ties and dare_ties
 merged by mergekit's own methods, are scored on the same held-out windows
 (`baselines`), with paired bootstrap intervals and a verdict (`compare`).
+With --densities / --orders, each (density, order) setting gets its own
+masks and search, and the best on the fit data is kept (`settings`).
 `run` holds the phases in order.
 
     from mergekit_cabs import tune
@@ -80,6 +82,15 @@ from mergekit_cabs.tune.search import (
     optimise,
     split_objectives,
 )
+from mergekit_cabs.tune.settings import (
+    Setting,
+    mask_signature,
+    parse_densities,
+    parse_orders,
+    plan_settings,
+    setting_budgets,
+    setting_config,
+)
 from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes, same_bits
 
 __all__ = [
@@ -104,6 +115,7 @@ __all__ = [
     "Objective",
     "Prepared",
     "SearchResult",
+    "Setting",
     "Slot",
     "TaskData",
     "TuneError",
@@ -129,6 +141,12 @@ __all__ = [
     "make_plot",
     "match_data",
     "make_groups",
+    "mask_signature",
+    "parse_densities",
+    "parse_orders",
+    "plan_settings",
+    "setting_budgets",
+    "setting_config",
     "means",
     "model_names",
     "optimise",

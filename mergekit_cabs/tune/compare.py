@@ -41,8 +41,9 @@ def comparison(objective, report: dict, baselines: Sequence[dict], items: str = 
     report shows the objective (the loss itself for --objective loss).
     `items`: what the data sets are made of, in a word (`report.items_word`)."""
     sign = -1.0 if report["objective"] == "loss" else 1.0
-    rows = [{"method": CABS, "file": "tuned.yml", "lambda": report["best"]["lambda"], "evaluations":
-             report["search"]["evaluations"], "merges": 0, "part": report["best"]},
+    spent = report.get("settings", {}).get("evaluations", report["search"]["evaluations"])  # every setting's
+    rows = [{"method": CABS, "file": "tuned.yml", "lambda": report["best"]["lambda"], "evaluations": spent,
+             "merges": 0, "part": report["best"]},
             {"method": YOURS, "file": report["config"], "lambda": report["start"]["lambda"], "evaluations": 0,
              "merges": 0, "part": report["start"]}]
     rows += [{"method": LABELS[b["name"]], "file": FILES[b["name"]], "lambda": b["lambda"],

@@ -94,15 +94,21 @@ def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
     return out
 
 
-def check_round_trip(tuned: dict, finetunes, weights, lam, groups: LayerGroups = ONE_GROUP) -> None:
-    """Plan `tuned` with mergekit and check every tensor gets the chosen numbers.
-    The inputs' shapes are not read again: tuned.yml names the models, and
-    the tensors, that `prepare` already checked."""
+def check_round_trip(tuned: dict, finetunes, weights, lam, groups: LayerGroups = ONE_GROUP,
+                     expected=None) -> None:
+    """Plan `tuned` with mergekit and check every tensor gets the chosen
+    numbers and, given the `expected` plan (the chosen density and order's),
+    the same masks (`settings.mask_signature`: models in priority order and
+    their quotas).  The inputs' shapes are not read again: tuned.yml names
+    the models, and the tensors, that `prepare` already checked."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
+    from mergekit_cabs.tune.settings import mask_signature
 
     planned = plan(MergeConfiguration.model_validate(tuned), shapes=False)
     got_weights, got_lam = configured_numbers(planned, finetunes, groups)
     if got_weights != [float(w) for w in weights] or got_lam != float(lam):
         raise RuntimeError(f"tune: tuned.yml resolves to weights {got_weights}, lambda {got_lam} (a bug)")
+    if expected is not None and mask_signature(planned) != mask_signature(expected):
+        raise RuntimeError("tune: tuned.yml does not plan the chosen density and order (a bug)")

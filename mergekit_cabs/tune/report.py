@@ -104,6 +104,48 @@ def notes_lines(report: dict) -> list[str]:
     return list(report["search"].get("notes", []))
 
 
+def searched_settings(report: dict) -> list[dict]:
+    """The (density, order) settings searched, when there were several (else [])."""
+    found = report.get("settings", {}).get("searched", [])
+    return found if len(found) > 1 else []
+
+
+def settings_lines(report: dict) -> list[str]:
+    """The console table of the settings searched: each one's evaluations
+    and best objective on the fit and held-out data; the chosen one marked."""
+    found = searched_settings(report)
+    if not found:
+        return []
+    width = max(len(row["label"]) for row in found)
+    total = report["settings"]
+    spent = (f"{total['evaluations']} evaluations of --total-budget {total['total_budget']}"
+             if total["total_budget"] is not None else f"{total['evaluations']} evaluations, --budget each")
+    lines = [f"settings searched ({len(found)}, {spent}); the best on the fit {items_word(report)} is chosen:",
+             f"  {'setting':{width}s} {'evals':>5s} {'fit':>8s} {'held-out':>8s}"]
+    lines += [f"  {row['label']:{width}s} {row['evaluations']:5d} {shown(report, row['fit']):8.4f} "
+              f"{shown(report, row['heldout']):8.4f}{'  <- chosen' if row['chosen'] else ''}" for row in found]
+    return lines + [""]
+
+
+def settings_markdown(report: dict) -> list[str]:
+    """tune.md's table of the settings searched (none with one setting)."""
+    found = searched_settings(report)
+    if not found:
+        return []
+    out = ["", "## Settings searched", "",
+           (f"Each density and order is its own configuration: its masks computed once, its weights and lambda "
+            f"searched, its best point scored on the held-out {items_word(report)}. The best on the fit "
+            f"{items_word(report)} is chosen (`tuned.yml` writes its density and order). Objective: "
+            f"{objective_label(report)}."), "",
+           "| setting | budget | evaluations | lambda | fit | held-out | masks s | search s | |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {row['label']}{' (your config)' if row['your_config'] else ''} | {row['budget']} | "
+            f"{row['evaluations']} | {row['lambda']:.4g} | {shown(report, row['fit']):.4f} | "
+            f"{shown(report, row['heldout']):.4f} | {row['masks_s']:.1f} | {row['search_s']:.1f} | "
+            f"{'chosen' if row['chosen'] else ''} |" for row in found]
+    return out + [""]
+
+
 def format_summary(report: dict) -> str:
     """The console table: chosen numbers, then each data set's held-out
     value in its own measure and direction (with the change from your config,
@@ -112,7 +154,7 @@ def format_summary(report: dict) -> str:
     best, start = report["best"], report["start"]
     width = max(12, *(len(k) for k in best["weights"]))
     lines = [group_line(report)] if report["layer_groups"] else []
-    lines += notes_lines(report)
+    lines += notes_lines(report) + settings_lines(report)
     lines += [f"{'':{width}s} {'your config':>11s} {'tuned':>8s}",
               f"{'lambda':{width}s} {start['lambda']:11.3f} {best['lambda']:8.3f}"]
     lines += [f"{k:{width}s} {start['weights'][k]:11.3f} {v:8.3f}" for k, v in best["weights"].items()]
@@ -206,7 +248,7 @@ def truncation_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict, plot: bool) -> str:
     """tune.md: the run, the chosen numbers, the losses, the store, every point."""
-    out = _run_lines(report) + _chosen_lines(report) + _data_lines(report)
+    out = _run_lines(report) + settings_markdown(report) + _chosen_lines(report) + _data_lines(report)
     for split in SPLITS:
         out += _loss_lines(report, split)
     if report.get("baselines"):

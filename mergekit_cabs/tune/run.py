@@ -7,6 +7,7 @@ objective in `search`, the data and the losses in `data`."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -40,6 +41,7 @@ from mergekit_cabs.tune.options import (
 )
 from mergekit_cabs.tune.report import items_word
 from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
+from mergekit_cabs.tune.settings import Setting, parse_densities, parse_orders, plan_settings, setting_budgets
 from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
 
@@ -219,48 +221,134 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              tolerance: float = DEFAULTS["tolerance"], batch_size: int = DEFAULTS["batch_size"],
              score_dtype: str = DEFAULTS["score_dtype"], store_on_device: bool = False,
              quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
-             baselines: str | None = None) -> dict:
+             baselines: str | None = None, densities: str | None = None, orders: str | None = None,
+             total_budget: int | None = None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
     `baselines`: as --baselines (None: task arithmetic tuned the same way
     when it fits in memory; "none": no baseline), scored after the search
-    (`baselines`, `compare`).
+    (`baselines`, `compare`).  `densities`, `orders`: as --densities and
+    --orders (None: the configuration's); each (density, order) setting is
+    searched with `budget` evaluations, or a share of `total_budget`
+    (`settings`), and the best on the fit windows is chosen.
     `objective` None: "gain" with per-model data, "loss" with the general set
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
     "float32"; `store_on_device`: keep the store on `device` instead of the host."""
     check_optimizer(optimizer, seed)
     tuned_ta, one_lambda = parse_baselines(baselines)
+    asked = parse_densities(densities), parse_orders(orders)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
                  optimizer, seed)
+    settings = plan_settings(prep, *asked, progress=not quiet, say=lambda line: _say(line, False))
+    budgets = setting_budgets(len(settings), budget, total_budget)
     widened = widen_to_start(prep, s)
-    clock: dict[str, float] = {}
+    clock: dict[str, float] = {"masks_s": 0.0, "search_s": 0.0}
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
             model, reference = score_references(prep, s)
         objectives = split_objectives(objective, list(reference["models"]), reference, general_weight,
                                       {t.name: t.weight for t in prep.tasks},
                                       {t.name: t.lower_is_better for t in prep.tasks})
-        with timed(clock, "masks_s"):
-            live = Live(model, bind_store(prep, model, s), prep.tasks, batch_size, prep.groups, len(prep.labels))
-        with timed(clock, "search_s"):
-            result, points = search(live, objectives["fit"], prep, s)
-        how = "budget spent" if result.stopped == "budget" else "converged"
-        _say(f"Scoring your config and the chosen point on the fit and held-out data ({how}: "
-             f"{len(points)} evaluations)", quiet)
+        live, rows, start = search_settings(prep, s, model, objectives, settings, budgets, clock)
+        chosen = max(range(len(rows)), key=lambda i: (rows[i]["result"].score, -i))  # the first of equals
+        result, points = rows[chosen]["result"], rows[chosen]["points"]
+        _say(f"Scoring your config and the chosen point on the fit and held-out data "
+             f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluations)", quiet)
         with timed(clock, "final_s"):
-            scores = {"start": score_point(live, objectives, (prep.start_lambda, *prep.start_weights)),  # as written
-                      "best": score_point(live, objectives, result.best)}  # the model is left at the chosen point
-    clock["set_weights_mean_s"] = sum(p["set_s"] for p in points) / len(points)
-    clock["evaluate_mean_s"] = sum(p["eval_s"] for p in points) / len(points)
-    tuned = tuned_config(prep.raw, prep.finetunes, result.best[1:], result.best[0], prep.groups)
-    check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups)
-    report = assemble_report(prep, s, reference, live, result, points, scores, clock, tuned)
+            bound = settings[-1].planned  # the masks the live store holds
+            if start is None:  # your config's masks were not among the settings searched
+                start, bound = config_scores(prep, s, live, objectives, clock), prep.planned
+            if bound is not settings[chosen].planned:
+                rebind(prep, s, live, settings[chosen].planned, clock)
+            scores = {"start": start, "best": score_point(live, objectives, result.best)}  # model left there
+    clock.update(set_weights_mean_s=sum(p["set_s"] for p in points) / len(points),
+                 evaluate_mean_s=sum(p["eval_s"] for p in points) / len(points))
+    setting = settings[chosen]
+    tuned = tuned_config(setting.raw, prep.finetunes, result.best[1:], result.best[0], prep.groups)
+    check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups, expected=setting.planned)
+    report = assemble_report(prep, dataclasses.replace(s, budget=budgets[chosen]), reference, live, result, points,
+                             scores, clock, tuned)
+    report["settings"] = settings_report(prep, settings, rows, chosen, total_budget)
     report["search"]["notes"] = widened + below_config(scores)
     if tuned_ta is not False or one_lambda:
+        s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget)
         add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
     return report
+
+
+def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settings: Sequence[Setting],
+                    budgets: Sequence[int], clock: dict) -> tuple[Live, list[dict], dict | None]:
+    """Phases 2 and 3 per setting: its masks (a store, the previous one freed
+    first), its search, and with several settings its best point scored on
+    both splits; your config, as written, scored while a setting with its
+    masks is live.  Returns the live model (the last setting's store bound),
+    one row per setting and your config's scores (None when no setting had
+    your config's masks)."""
+    live, rows, start = None, [], None
+    for i, (setting, budget) in enumerate(zip(settings, budgets)):
+        if len(settings) > 1:
+            _say(f"Setting {i + 1} of {len(settings)}: {setting.label(prep.labels)} (budget {budget})", s.quiet)
+        took: dict[str, float] = {}
+        with timed(took, "masks_s"):
+            if live is None:
+                live = Live(model, bind_store(prep, model, s, setting.planned), prep.tasks, s.batch_size,
+                            prep.groups, len(prep.labels))
+            else:
+                rebind(prep, s, live, setting.planned, {})
+        with timed(took, "search_s"):
+            result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, budget=budget),
+                                    say_budget=i == 0)
+        row = {"result": result, "points": points, "budget": budget, **took}
+        if len(settings) > 1:
+            row["scores"] = score_point(live, objectives, result.best)
+        if start is None and setting.same_masks(prep.planned):
+            start = score_point(live, objectives, (prep.start_lambda, *prep.start_weights))  # as written
+        rows.append(row)
+        for key in took:
+            clock[key] += took[key]
+    return live, rows, start
+
+
+def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict) -> None:
+    """Free the live store, then build the one of `planned` (its masks) into
+    the live model; the time added to clock["masks_s"]."""
+    live.store = None
+    release_memory()
+    took: dict[str, float] = {}
+    with timed(took, "masks_s"):
+        live.store = bind_store(prep, live.model, s, planned)
+    clock["masks_s"] = clock.get("masks_s", 0.0) + took["masks_s"]
+
+
+def config_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, clock: dict) -> dict:
+    """Your config as written, scored with its own masks (one more mask pass:
+    no setting searched had them)."""
+    _say("Computing your config's own masks to score it as written (its density is not among --densities)",
+         s.quiet)
+    rebind(prep, s, live, prep.planned, clock)
+    return score_point(live, objectives, (prep.start_lambda, *prep.start_weights))
+
+
+def settings_report(prep: Prepared, settings: Sequence[Setting], rows: Sequence[dict], chosen: int,
+                    total_budget: int | None) -> dict:
+    """tune.json's "settings": each (density, order) searched, its budget,
+    evaluations, best point and (with several) its fit and held-out objective."""
+    out = []
+    for i, (setting, row) in enumerate(zip(settings, rows)):
+        result = row["result"]
+        scores = row.get("scores")
+        out.append({
+            "label": setting.label(prep.labels), "density": setting.density, "order": setting.order,
+            "models": [prep.labels[j] for j in setting.ranks], "your_config": setting.same_masks(prep.planned),
+            "budget": row["budget"], "evaluations": len(row["points"]), "stopped": result.stopped,
+            "optimizer": result.optimizer, "lambda": result.best[0],
+            "weights": dict(zip(prep.names()[1:], result.best[1:])), "fit": result.score,
+            "heldout": None if scores is None else scores["heldout"]["score"],
+            "masks_s": row["masks_s"], "search_s": row["search_s"], "chosen": i == chosen,
+        })
+    return {"total_budget": total_budget, "evaluations": sum(len(r["points"]) for r in rows), "searched": out}
 
 
 def add_baselines(report: dict, prep: Prepared, s: Settings, live: Live, objectives: dict, optimizer: str,
@@ -397,15 +485,15 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
                     "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
 
 
-def bind_store(prep: Prepared, model, s: Settings) -> WeightStore:
+def bind_store(prep: Prepared, model, s: Settings, planned=None) -> WeightStore:
     """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
     The merge runs where the store will live: on the host unless the store is
     kept on the device, so that one tensor's merge (its inputs, masks and
     temporaries: about 25 bytes per weight of the largest tensor by a count
     of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
-    device memory."""
-    store = build_store(prep.planned, prep.finetunes, model, device=s.store_device, store_device=s.store_device,
-                        progress=not s.quiet)
+    device memory.  `planned`: a setting's plan (None: the configuration's)."""
+    store = build_store(prep.planned if planned is None else planned, prep.finetunes, model,
+                        device=s.store_device, store_device=s.store_device, progress=not s.quiet)
     for slot in store.slots:
         slot.group = prep.groups.of(slot.name)
     release_memory()
@@ -458,12 +546,14 @@ def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[flo
     return names, bounds, (prep.start_lambda, *prep.start_weights)
 
 
-def search(live: Live, objective: Objective, prep: Prepared, s: Settings) -> tuple[SearchResult, list[dict]]:
-    """Phase 3: the search (`optimise`) on the fit windows; every point evaluated, timed."""
+def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
+           say_budget: bool = True) -> tuple[SearchResult, list[dict]]:
+    """Phase 3: the search (`optimise`) on the fit windows; every point
+    evaluated, timed (`say_budget`: print `budget_note`'s line, if any)."""
     import tqdm
 
     names, bounds, start = search_space(prep, s)
-    note = budget_note(len(bounds), s.budget)
+    note = budget_note(len(bounds), s.budget) if say_budget else None
     if note:
         _say(note, False)
     points: list[dict] = []

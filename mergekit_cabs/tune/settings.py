@@ -1,0 +1,189 @@
+"""Density and order as searched settings (`tune --densities`, `--orders`).
+
+A *setting* is the configuration with every fine-tune at one density (or
+one ``n``) and the models in one priority order; the configuration as
+written is the setting with neither changed.  Each setting has its own
+masks, so `run` builds a store per setting (one mask pass, as tune does at
+start), searches its weights, and keeps the setting whose best point scores
+highest on the fit windows.  This module parses the options, writes each
+setting's configuration and plans it with mergekit; the suggested order is
+`analyze`'s (`analyze.order_of`: its rule, its code).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mergekit_cabs.tune.options import TuneError
+
+ORDER_NAMES = ("config", "suggested", "all")
+MAX_ALL = 4  # --orders all tries every order up to this many models (4! = 24 settings)
+
+
+@dataclass
+class Setting:
+    """One density and order: its configuration (raw YAML dict) and mergekit's plan of it."""
+
+    density: float | int | None  # float: a density for every model; int: n for every model; None: as configured
+    order: str  # "config", "suggested", or the order written out ("all")
+    ranks: tuple[int, ...]  # the models (indices into `Prepared.finetunes`) in priority order
+    raw: dict
+    planned: list
+
+    def same_masks(self, planned) -> bool:
+        """Whether this setting plans the masks `planned` does (the configuration's, say)."""
+        return mask_signature(self.planned) == mask_signature(planned)
+
+    def label(self, labels: Sequence[str]) -> str:
+        """'density 0.25, order a > b > c' (the configured density is 'density as configured')."""
+        if self.density is None:
+            what = "density as configured"
+        else:
+            what = f"n {self.density}" if isinstance(self.density, int) else f"density {self.density:g}"
+        return f"{what}, order {' > '.join(labels[i] for i in self.ranks)}"
+
+
+def mask_signature(planned) -> list[tuple]:
+    """What decides a plan's masks, tensor by tensor: the models in priority
+    order and their quotas (n per block; the density too without balanced
+    blocks).  Weights and lambda are left out: tune sets them."""
+    return [(p.name, tuple(str(m) for m in p.models), p.resolved.n,
+             None if p.resolved.balanced else p.resolved.density, p.resolved.block_size, p.resolved.overlap,
+             p.resolved.conflict_aware) for p in planned if p.models]
+
+
+def parse_densities(text: str | None) -> tuple[float | int, ...]:
+    """--densities: comma-separated densities in (0, 1] (written with a
+    point: 0.25, 1.0) or whole numbers n >= 1 (places per block of m); ()
+    for None (the configured density only)."""
+    if text is None:
+        return ()
+    values: list[float | int] = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            value: float | int = float(item) if any(c in item for c in ".eE") else int(item)
+        except ValueError:
+            value = -1
+        ok = (0 < value <= 1 and math.isfinite(value)) if isinstance(value, float) else value >= 1
+        if not ok:
+            raise TuneError(f"--densities has {item!r}; give densities in (0, 1] with a decimal point "
+                            "(0.1,0.25,0.5) or whole numbers n >= 1 (places kept per block), comma-separated")
+        if value not in values:
+            values.append(value)
+    return tuple(values)
+
+
+def parse_orders(text: str | None) -> tuple[str, ...]:
+    """--orders: comma-separated of config, suggested, all (default: config)."""
+    if text is None:
+        return ("config",)
+    names = [part.strip() for part in text.split(",")]
+    unknown = [name for name in names if name not in ORDER_NAMES]
+    if unknown or not names:
+        raise TuneError(f"--orders has {unknown[0] if unknown else text!r}; it takes {', '.join(ORDER_NAMES)} "
+                        "(comma-separated)")
+    return tuple(dict.fromkeys(names))
+
+
+def setting_budgets(count: int, budget: int, total: int | None) -> list[int]:
+    """Each setting's budget: --budget each, or --total-budget shared out
+    evenly (the first settings take the remainder); TuneError when the
+    total leaves a setting none."""
+    if total is None:
+        return [budget] * count
+    if total < count:
+        raise TuneError(f"--total-budget is {total}; the {count} settings (densities x orders) need at least "
+                        f"{count} (one evaluation each)")
+    share, extra = divmod(total, count)
+    return [share + (i < extra) for i in range(count)]
+
+
+def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int], finetunes) -> dict:
+    """The configuration with every fine-tune at `density` (a float; an int
+    is ``n``; None keeps it) and `models:` (and each slice's sources) in the
+    priority order `ranks` (indices into `finetunes`)."""
+    from mergekit.common import ModelReference
+
+    from mergekit_cabs.tune.baselines import model_items, shared_dicts
+
+    out = copy.deepcopy(raw)
+    if density is not None:
+        key = "n" if isinstance(density, int) else "density"
+        for params in shared_dicts(out):  # a shared n or density would be the fallback of neither
+            params.pop("n", None)
+            params.pop("density", None)
+        for item in model_items(out):
+            params = item["parameters"] = item.get("parameters") or {}
+            params.pop("n", None)
+            params.pop("density", None)
+            params[key] = density
+    rank = {finetunes[i]: r for r, i in enumerate(ranks)}
+
+    def position(item: dict) -> int:
+        return rank.get(ModelReference.model_validate(item["model"]), -1)  # the base (if listed) first
+
+    if out.get("models"):
+        out["models"] = sorted(out["models"], key=position)
+    for piece in out.get("slices") or []:
+        piece["sources"] = sorted(piece.get("sources") or [], key=position)
+    return out
+
+
+def plan_setting(prep, density, ranks: Sequence[int], order: str) -> Setting:
+    """A setting with its configuration planned by mergekit (headers only;
+    the configuration as written keeps `prep`'s plan)."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_cabs.planning import plan
+
+    ranks = tuple(ranks)
+    if density is None and ranks == tuple(range(len(ranks))):
+        return Setting(None, order, ranks, prep.raw, prep.planned)
+    config = setting_config(prep.raw, density, ranks, prep.finetunes)
+    return Setting(density, order, ranks, config, plan(MergeConfiguration.model_validate(config), shapes=False))
+
+
+def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The priority orders one --orders name stands for, as (name, ranks)."""
+    count = len(prep.finetunes)
+    if order == "config":
+        return [("config", tuple(range(count)))]
+    if order == "all":
+        if count > MAX_ALL:
+            raise TuneError(f"--orders all tries every order of the {count} models ({math.factorial(count)}); "
+                            f"it is allowed up to {MAX_ALL} models: use config,suggested")
+        return [("all", ranks) for ranks in itertools.permutations(range(count))]
+    from mergekit_cabs.analyze import order_of
+
+    setting = plan_setting(prep, density, range(count), "config")
+    if progress:
+        print(f"Finding the suggested order{'' if density is None else f' at {density}'} (analyze's rule: "
+              "first and last kept norms)", file=sys.stderr, flush=True)
+    advice = order_of(setting.planned, progress=progress)
+    index = {str(ref): i for i, ref in enumerate(prep.finetunes)}
+    return [("suggested", tuple(index[name] for name in advice["suggested"]))]
+
+
+def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str], progress: bool = True,
+                  say=print) -> list[Setting]:
+    """Every (density, order) setting asked for, densities outer, each order
+    once per density (a suggested order equal to one already listed is
+    said and dropped); the configured density alone when `densities` is empty."""
+    settings: list[Setting] = []
+    for density in densities or (None,):
+        seen: set[tuple[int, ...]] = set()
+        for name in orders:
+            for order, ranks in order_ranks(name, prep, density, progress):
+                if ranks in seen:
+                    if order == "suggested":
+                        say(f"tune: the suggested order{'' if density is None else f' at {density}'} is one "
+                            "already searched; it is searched once")
+                    continue
+                seen.add(ranks)
+                settings.append(plan_setting(prep, density, ranks, order))
+    return settings
