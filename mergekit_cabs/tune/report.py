@@ -136,7 +136,8 @@ def settings_markdown(report: dict) -> list[str]:
            (f"Each density and order is its own configuration: its masks computed once, its weights and lambda "
             f"searched, its best point scored on the held-out {items_word(report)}. The best on the fit "
             f"{items_word(report)} is chosen (`tuned.yml` writes its density and order). Objective: "
-            f"{objective_label(report)}."), "",
+            f"{objective_label(report)}. Planning the settings (a suggested order reads every tensor once) took "
+            f"{report['time'].get('settings_s', 0.0):.1f} s before the references were scored."), "",
            "| setting | budget | evaluations | lambda | fit | held-out | masks s | search s | |",
            "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {row['label']}{' (your config)' if row['your_config'] else ''} | {row['budget']} | "
