@@ -166,7 +166,8 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
               "first and last kept norms)", file=sys.stderr, flush=True)
     advice = order_of(setting.planned, progress=progress)
     index = {str(ref): i for i, ref in enumerate(prep.finetunes)}
-    return [("suggested", tuple(index[name] for name in advice["suggested"]))]
+    ranks = [index[name] for name in advice["suggested"]]
+    return [("suggested", tuple(ranks + [i for i in range(count) if i not in ranks]))]  # unmeasured ones last
 
 
 def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str], progress: bool = True,
