@@ -29,7 +29,8 @@ from mergekit_cabs import planning
 from mergekit_cabs import tune as tn
 from mergekit_cabs.cli import main
 from mergekit_cabs.tune import run as tune_run
-from mergekit_cabs.tune.settings import order_ranks
+from mergekit_cabs.tune.report import settings_lines, settings_markdown
+from mergekit_cabs.tune.settings import check_settings, order_ranks
 
 tune_family = test_tune_command.tune_family  # a bf16 base, three fine-tunes (3 x 16 of 64), their texts
 no_model_loading = test_tune_command.no_model_loading
@@ -192,3 +193,58 @@ def test_orders_all_is_refused_above_four_models_in_one_line():
     with pytest.raises(tn.TuneError, match="--orders all tries every order of the 5 models \\(120\\); it is allowed "
                                            "up to 4 models"):
         order_ranks("all", prep, None, progress=False)
+
+
+def test_the_config_order_keeps_each_slices_own_order_when_only_the_density_changes():
+    from mergekit.common import ModelReference
+
+    refs = [ModelReference.model_validate(name) for name in ("a", "b")]
+    slices = {"merge_method": "cabs", "base_model": "base", "parameters": {"density": 0.25},
+              "slices": [{"sources": [{"model": "base", "layer_range": [0, 1]}, {"model": "a", "layer_range": [0, 1]},
+                                      {"model": "b", "layer_range": [0, 1]}]},
+                         {"sources": [{"model": "b", "layer_range": [1, 2]}, {"model": "a", "layer_range": [1, 2]},
+                                      {"model": "base", "layer_range": [1, 2]}]}]}
+    got = tn.setting_config(slices, 0.25, (0, 1), refs)  # --densities 0.25 --orders config
+    assert [[s["model"] for s in piece["sources"]] for piece in got["slices"]] == [["base", "a", "b"],
+                                                                                    ["b", "a", "base"]]
+    assert all(s.get("parameters", {}).get("density") == 0.25 for piece in got["slices"] for s in piece["sources"]
+               if s["model"] != "base")
+
+
+def _refuse_reading_tensors(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the suggested order read the tensors before the settings were checked")
+
+    monkeypatch.setattr(an, "order_of", refuse)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--densities", "0.1,300", "--orders", "suggested"],
+     "--densities has 300: cabs: 'n' for model"),
+    (["--orders", "suggested,all", "--total-budget", "5"],
+     "--total-budget is 5; the 6 settings"),
+])
+def test_a_setting_that_cannot_run_fails_before_the_suggested_order_reads_the_tensors(
+        tune_family, tmp_path, no_model_loading, monkeypatch, extra, words):
+    _refuse_reading_tensors(monkeypatch)
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(tmp_path / "out"), *extra])
+    assert result.exit_code == 1
+    assert words in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_orders_all_above_four_models_fails_before_the_suggested_order_reads_the_tensors(monkeypatch):
+    _refuse_reading_tensors(monkeypatch)
+    prep = SimpleNamespace(finetunes=list(range(5)))
+    with pytest.raises(tn.TuneError, match="--orders all tries every order of the 5 models"):
+        check_settings(prep, (), ("suggested", "all"), None)
+
+
+def test_one_setting_other_than_your_configs_is_named_in_the_summary_and_tune_md():
+    row = {"label": "n 1, order a > b", "your_config": False}
+    report = {"settings": {"searched": [row]}}
+    assert settings_lines(report)[0] == ("searched one setting, not your config's: n 1, order a > b "
+                                            "(tuned.yml writes it)")
+    assert "n 1, order a > b" in "\n".join(settings_markdown(report))
+    row["your_config"] = True
+    assert settings_lines(report) == [] and settings_markdown(report) == []

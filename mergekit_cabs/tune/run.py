@@ -41,7 +41,14 @@ from mergekit_cabs.tune.options import (
 )
 from mergekit_cabs.tune.report import items_word
 from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
-from mergekit_cabs.tune.settings import Setting, parse_densities, parse_orders, plan_settings, setting_budgets
+from mergekit_cabs.tune.settings import (
+    Setting,
+    check_settings,
+    parse_densities,
+    parse_orders,
+    plan_settings,
+    setting_budgets,
+)
 from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
 
@@ -241,6 +248,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
                  optimizer, seed)
+    check_settings(prep, *asked, total_budget)  # before the suggested order reads every tensor
     settings = plan_settings(prep, *asked, progress=not quiet, say=lambda line: _say(line, False))
     budgets = setting_budgets(len(settings), budget, total_budget)
     widened = widen_to_start(prep, s)
@@ -325,7 +333,7 @@ def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict) -> Non
 def config_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, clock: dict) -> dict:
     """Your config as written, scored with its own masks (one more mask pass:
     no setting searched had them)."""
-    _say("Computing your config's own masks to score it as written (its density is not among --densities)",
+    _say("Computing your config's own masks to score it as written (no setting searched had them)",
          s.quiet)
     rebind(prep, s, live, prep.planned, clock)
     return score_point(live, objectives, (prep.start_lambda, *prep.start_weights))

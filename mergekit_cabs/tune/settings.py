@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mergekit_cabs.params import CabsError
 from mergekit_cabs.tune.options import TuneError
 
 ORDER_NAMES = ("config", "suggested", "all")
@@ -93,7 +94,8 @@ def parse_orders(text: str | None) -> tuple[str, ...]:
 def setting_budgets(count: int, budget: int, total: int | None) -> list[int]:
     """Each setting's budget: --budget each, or --total-budget shared out
     evenly (the first settings take the remainder); TuneError when the
-    total leaves a setting none."""
+    total leaves a setting none (`count` may be the fewest settings there
+    can be: `check_settings`)."""
     if total is None:
         return [budget] * count
     if total < count:
@@ -103,10 +105,38 @@ def setting_budgets(count: int, budget: int, total: int | None) -> list[int]:
     return [share + (i < extra) for i in range(count)]
 
 
+def check_all(count: int) -> None:
+    """TuneError when --orders all would try more than `MAX_ALL` models' orders."""
+    if count > MAX_ALL:
+        raise TuneError(f"--orders all tries every order of the {count} models ({math.factorial(count)}); "
+                        f"it is allowed up to {MAX_ALL} models: use config,suggested")
+
+
+def check_settings(prep, densities: Sequence[float | int], orders: Sequence[str], total: int | None) -> None:
+    """What can be checked of the settings before a tensor is read (the
+    suggested order reads them all): every density plans (an n that fits
+    the block; a density that keeps a place per block), --orders all's
+    model count, and --total-budget against the fewest settings there can be."""
+    count = len(prep.finetunes)
+    if "all" in orders:
+        check_all(count)
+    for density in densities:
+        try:
+            plan_setting(prep, density, range(count), "config")
+        except TuneError:
+            raise
+        except CabsError as error:
+            raise TuneError(f"--densities has {density}: {error}") from None
+    fewest = max(len(densities), 1) * (math.factorial(count) if "all" in orders else 1)
+    setting_budgets(fewest, 1, total)
+
+
 def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int], finetunes) -> dict:
     """The configuration with every fine-tune at `density` (a float; an int
     is ``n``; None keeps it) and `models:` (and each slice's sources) in the
-    priority order `ranks` (indices into `finetunes`)."""
+    priority order `ranks` (indices into `finetunes`); the identity keeps
+    the order as written (each slice's own, where slices list their
+    sources in different orders)."""
     from mergekit.common import ModelReference
 
     from mergekit_cabs.tune.baselines import model_items, shared_dicts
@@ -122,6 +152,8 @@ def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int],
             params.pop("n", None)
             params.pop("density", None)
             params[key] = density
+    if tuple(ranks) == tuple(range(len(ranks))):
+        return out  # the configuration's order: `models:` and each slice's `sources:` as written
     rank = {finetunes[i]: r for r, i in enumerate(ranks)}
 
     def position(item: dict) -> int:
@@ -154,9 +186,7 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
     if order == "config":
         return [("config", tuple(range(count)))]
     if order == "all":
-        if count > MAX_ALL:
-            raise TuneError(f"--orders all tries every order of the {count} models ({math.factorial(count)}); "
-                            f"it is allowed up to {MAX_ALL} models: use config,suggested")
+        check_all(count)
         return [("all", ranks) for ranks in itertools.permutations(range(count))]
     from mergekit_cabs.analyze import order_of
 
