@@ -248,3 +248,9 @@ def test_one_setting_other_than_your_configs_is_named_in_the_summary_and_tune_md
     assert "n 1, order a > b" in "\n".join(settings_markdown(report))
     row["your_config"] = True
     assert settings_lines(report) == [] and settings_markdown(report) == []
+
+
+def test_a_density_in_a_progress_line_is_named_as_in_the_settings_table():
+    from mergekit_cabs.tune.settings import density_text
+
+    assert [density_text(d) for d in (64, 0.25, None)] == ["n 64", "density 0.25", "density as configured"]

@@ -42,11 +42,14 @@ class Setting:
 
     def label(self, labels: Sequence[str]) -> str:
         """'density 0.25, order a > b > c' (the configured density is 'density as configured')."""
-        if self.density is None:
-            what = "density as configured"
-        else:
-            what = f"n {self.density}" if isinstance(self.density, int) else f"density {self.density:g}"
-        return f"{what}, order {' > '.join(labels[i] for i in self.ranks)}"
+        return f"{density_text(self.density)}, order {' > '.join(labels[i] for i in self.ranks)}"
+
+
+def density_text(density: float | int | None) -> str:
+    """'density 0.25', 'n 64' (an int is n), or 'density as configured' (None)."""
+    if density is None:
+        return "density as configured"
+    return f"n {density}" if isinstance(density, int) else f"density {density:g}"
 
 
 def mask_signature(planned) -> list[tuple]:
@@ -192,8 +195,9 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
 
     setting = plan_setting(prep, density, range(count), "config")
     if progress:
-        print(f"Finding the suggested order{'' if density is None else f' at {density}'} (analyze's rule: "
-              "first and last kept norms)", file=sys.stderr, flush=True)
+        where = "" if density is None else f" at {density_text(density)}"
+        print(f"Finding the suggested order{where} (analyze's rule: first and last kept norms)", file=sys.stderr,
+              flush=True)
     advice = order_of(setting.planned, progress=progress)
     index = {str(ref): i for i, ref in enumerate(prep.finetunes)}
     return [("suggested", tuple(index[name] for name in advice["suggested"]))]
@@ -211,8 +215,8 @@ def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str],
             for order, ranks in order_ranks(name, prep, density, progress):
                 if ranks in seen:
                     if order == "suggested":
-                        say(f"tune: the suggested order{'' if density is None else f' at {density}'} is one "
-                            "already searched; it is searched once")
+                        where = "" if density is None else f" at {density_text(density)}"
+                        say(f"tune: the suggested order{where} is one already searched; it is searched once")
                     continue
                 seen.add(ranks)
                 settings.append(plan_setting(prep, density, ranks, order))
