@@ -254,3 +254,13 @@ def test_a_density_in_a_progress_line_is_named_as_in_the_settings_table():
     from mergekit_cabs.tune.settings import density_text
 
     assert [density_text(d) for d in (64, 0.25, None)] == ["n 64", "density 0.25", "density as configured"]
+
+
+def test_the_overlap_line_is_said_once_per_setting_searched_not_again_when_its_masks_are_rebuilt(
+        tune_family, capsys):
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    capsys.readouterr()
+    # 3 x 32 of 64 overlap; your config's masks (0.25) are built after the search, then the chosen one's again
+    tn.run_tune(prep, budget=2, quiet=True, baselines="none", densities="0.5")
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("the models' kept places overlap") == 1

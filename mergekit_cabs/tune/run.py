@@ -269,7 +269,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
             if start is None:  # your config's masks were not among the settings searched
                 start, bound = config_scores(prep, s, live, objectives, clock), prep.planned
             if bound is not settings[chosen].planned:
-                rebind(prep, s, live, settings[chosen].planned, clock)
+                rebind(prep, s, live, settings[chosen].planned, clock, announce=False)  # said when searched
             scores = {"start": start, "best": score_point(live, objectives, result.best)}  # model left there
     clock.update(set_weights_mean_s=sum(p["set_s"] for p in points) / len(points),
                  evaluate_mean_s=sum(p["eval_s"] for p in points) / len(points))
@@ -304,7 +304,7 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
                 live = Live(model, bind_store(prep, model, s, setting.planned), prep.tasks, s.batch_size,
                             prep.groups, len(prep.labels))
             else:
-                rebind(prep, s, live, setting.planned, {})
+                rebind(prep, s, live, setting.planned, {}, announce=True)
         with timed(took, "search_s"):
             result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, budget=budget),
                                     say_budget=i == 0)
@@ -319,14 +319,15 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
     return live, rows, start
 
 
-def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict) -> None:
+def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict, announce: bool) -> None:
     """Free the live store, then build the one of `planned` (its masks) into
-    the live model; the time added to clock["masks_s"]."""
+    the live model; the time added to clock["masks_s"]; `announce`: say
+    when its kept places overlap (`bind_store`)."""
     live.store = None
     release_memory()
     took: dict[str, float] = {}
     with timed(took, "masks_s"):
-        live.store = bind_store(prep, live.model, s, planned)
+        live.store = bind_store(prep, live.model, s, planned, announce=announce)
     clock["masks_s"] = clock.get("masks_s", 0.0) + took["masks_s"]
 
 
@@ -335,7 +336,7 @@ def config_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, clo
     no setting searched had them)."""
     _say("Computing your config's own masks to score it as written (no setting searched had them)",
          s.quiet)
-    rebind(prep, s, live, prep.planned, clock)
+    rebind(prep, s, live, prep.planned, clock, announce=False)  # scored, not searched
     return score_point(live, objectives, (prep.start_lambda, *prep.start_weights))
 
 
@@ -493,19 +494,20 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
                     "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
 
 
-def bind_store(prep: Prepared, model, s: Settings, planned=None) -> WeightStore:
+def bind_store(prep: Prepared, model, s: Settings, planned=None, announce: bool = True) -> WeightStore:
     """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
     The merge runs where the store will live: on the host unless the store is
     kept on the device, so that one tensor's merge (its inputs, masks and
     temporaries: about 25 bytes per weight of the largest tensor by a count
     of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
-    device memory.  `planned`: a setting's plan (None: the configuration's)."""
+    device memory.  `planned`: a setting's plan (None: the configuration's);
+    `announce`: say when the models' kept places overlap (once per search)."""
     store = build_store(prep.planned if planned is None else planned, prep.finetunes, model,
                         device=s.store_device, store_device=s.store_device, progress=not s.quiet)
     for slot in store.slots:
         slot.group = prep.groups.of(slot.name)
     release_memory()
-    if not store.disjoint:
+    if announce and not store.disjoint:
         _say(
             f"tune: the models' kept places overlap ({store.shared_places():,} of {store.places():,} places are "
             "changed by two or more models: overlap: fill with K*n > m, or conflict_aware: false); the weights are "
