@@ -207,12 +207,12 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "Default: task_arithmetic_tuned when its store (about 2 x (models + 1) bytes per merged "
                    "parameter in 16 bits) fits in the free memory, else a line says what it would cost.")
 @click.option("--densities", default=None, metavar="LIST",
-              help="Search these densities too (comma-separated): densities in (0, 1] with a decimal point "
-                   "(0.1,0.25,0.5) or whole numbers n (places kept per block), each given to every model; each "
-                   "is a setting with its own masks and search, and the best on the fit data wins [default: the "
-                   "config's].")
+              help="Search these densities instead of the config's (comma-separated; list the config's to keep "
+                   "it a candidate): densities in (0, 1] with a decimal point (0.1,0.25,0.5) or whole numbers n "
+                   "(places kept per block), each given to every model; each is a setting with its own masks and "
+                   "search, and the best on the fit data wins [default: the config's].")
 @click.option("--orders", default=None, metavar="LIST",
-              help="Priority orders of models: to search (comma-separated): config (as written), suggested (the "
+              help="Priority orders of models to search (comma-separated): config (as written), suggested (the "
                    "order analyze advises), all (every order, up to 4 models); each with each density "
                    "[default: config].")
 @click.option("--total-budget", default=None, type=click.IntRange(min=1), metavar="N",
@@ -267,7 +267,11 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
     except CabsError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
-    click.echo(f"Merge it:  mergekit-yaml {out_dir / 'tuned.yml'} OUTPUT_DIR")
+    if report["scores_below_config"]:
+        click.echo(f"Your config scores higher on the fit data: merge it as written (mergekit-yaml {config} "
+                   f"OUTPUT_DIR), or {out_dir / 'tuned.yml'}")
+    else:
+        click.echo(f"Merge it:  mergekit-yaml {out_dir / 'tuned.yml'} OUTPUT_DIR")
 
 
 if __name__ == "__main__":  # pragma: no cover

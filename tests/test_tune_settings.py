@@ -29,7 +29,8 @@ from mergekit_cabs import planning
 from mergekit_cabs import tune as tn
 from mergekit_cabs.cli import main
 from mergekit_cabs.tune import run as tune_run
-from mergekit_cabs.tune.settings import order_ranks
+from mergekit_cabs.tune.report import settings_lines, settings_markdown
+from mergekit_cabs.tune.settings import check_settings, order_ranks
 
 tune_family = test_tune_command.tune_family  # a bf16 base, three fine-tunes (3 x 16 of 64), their texts
 no_model_loading = test_tune_command.no_model_loading
@@ -192,3 +193,102 @@ def test_orders_all_is_refused_above_four_models_in_one_line():
     with pytest.raises(tn.TuneError, match="--orders all tries every order of the 5 models \\(120\\); it is allowed "
                                            "up to 4 models"):
         order_ranks("all", prep, None, progress=False)
+
+
+def test_the_config_order_keeps_each_slices_own_order_when_only_the_density_changes():
+    from mergekit.common import ModelReference
+
+    refs = [ModelReference.model_validate(name) for name in ("a", "b")]
+    slices = {"merge_method": "cabs", "base_model": "base", "parameters": {"density": 0.25},
+              "slices": [{"sources": [{"model": "base", "layer_range": [0, 1]}, {"model": "a", "layer_range": [0, 1]},
+                                      {"model": "b", "layer_range": [0, 1]}]},
+                         {"sources": [{"model": "b", "layer_range": [1, 2]}, {"model": "a", "layer_range": [1, 2]},
+                                      {"model": "base", "layer_range": [1, 2]}]}]}
+    got = tn.setting_config(slices, 0.25, (0, 1), refs)  # --densities 0.25 --orders config
+    assert [[s["model"] for s in piece["sources"]] for piece in got["slices"]] == [["base", "a", "b"],
+                                                                                    ["b", "a", "base"]]
+    assert all(s.get("parameters", {}).get("density") == 0.25 for piece in got["slices"] for s in piece["sources"]
+               if s["model"] != "base")
+
+
+def _refuse_reading_tensors(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the suggested order read the tensors before the settings were checked")
+
+    monkeypatch.setattr(an, "order_of", refuse)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--densities", "0.1,300", "--orders", "suggested"],
+     "--densities has 300: cabs: 'n' for model"),
+    (["--orders", "suggested,all", "--total-budget", "5"],
+     "--total-budget is 5; the 6 settings"),
+])
+def test_a_setting_that_cannot_run_fails_before_the_suggested_order_reads_the_tensors(
+        tune_family, tmp_path, no_model_loading, monkeypatch, extra, words):
+    _refuse_reading_tensors(monkeypatch)
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(tmp_path / "out"), *extra])
+    assert result.exit_code == 1
+    assert words in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_orders_all_above_four_models_fails_before_the_suggested_order_reads_the_tensors(monkeypatch):
+    _refuse_reading_tensors(monkeypatch)
+    prep = SimpleNamespace(finetunes=list(range(5)))
+    with pytest.raises(tn.TuneError, match="--orders all tries every order of the 5 models"):
+        check_settings(prep, (), ("suggested", "all"), None)
+
+
+def test_one_setting_other_than_your_configs_is_named_in_the_summary_and_tune_md():
+    row = {"label": "n 1, order a > b", "your_config": False}
+    report = {"settings": {"searched": [row]}}
+    assert settings_lines(report)[0] == ("searched one setting, not your config's: n 1, order a > b "
+                                            "(tuned.yml writes it)")
+    assert "n 1, order a > b" in "\n".join(settings_markdown(report))
+    row["your_config"] = True
+    assert settings_lines(report) == [] and settings_markdown(report) == []
+
+
+def test_a_density_in_a_progress_line_is_named_as_in_the_settings_table():
+    from mergekit_cabs.tune.settings import density_text
+
+    assert [density_text(d) for d in (64, 0.25, None)] == ["n 64", "density 0.25", "density as configured"]
+
+
+def test_the_overlap_line_is_said_once_per_setting_searched_not_again_when_its_masks_are_rebuilt(
+        tune_family, capsys):
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    capsys.readouterr()
+    # 3 x 32 of 64 overlap; your config's masks (0.25) are built after the search, then the chosen one's again
+    tn.run_tune(prep, budget=2, quiet=True, baselines="none", densities="0.5")
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("the models' kept places overlap") == 1
+
+
+@pytest.mark.parametrize("density, below", [("0.5", True), ("1", False)])  # on this family, at budget 1
+def test_the_closing_line_advises_your_config_when_tuned_yml_scores_below_it(tune_family, tmp_path, density, below):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(out), "--budget", "1", "--max-windows", "2", "--densities",
+                                       density, "--baselines", "none", "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    assert (report["best"]["fit"]["score"] < report["start"]["fit"]["score"]) is below
+    assert report["scores_below_config"] is below
+    last = result.output.strip().splitlines()[-1]
+    if below:
+        assert last.startswith("Your config scores higher on the fit data: merge it as written (mergekit-yaml "
+                               f"{tune_family['config']} OUTPUT_DIR), or ")
+        assert "tuned.yml scores below your config on the fit windows" in result.output
+    else:
+        assert last.startswith("Merge it:  mergekit-yaml ")
+
+
+def test_a_density_and_an_n_with_the_same_masks_are_searched_once(tune_family):
+    prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
+    said = []
+    settings = tn.plan_settings(prep, (0.25, 16, 0.5), ("config",), progress=False, say=said.append)
+    assert [s.density for s in settings] == [0.25, 0.5]  # n 16 of block 64 is density 0.25
+    assert said == ["tune: n 16, order ft0 > ft1 > ft2 plans the masks of density 0.25, order ft0 > ft1 > ft2; "
+                    "it is searched once"]

@@ -110,12 +110,22 @@ def searched_settings(report: dict) -> list[dict]:
     return found if len(found) > 1 else []
 
 
+def only_setting(report: dict) -> str | None:
+    """The one setting searched, labelled, when it is not your config's
+    masks (--densities or --orders gave one other setting), else None."""
+    found = report.get("settings", {}).get("searched", [])
+    if len(found) != 1 or found[0]["your_config"]:
+        return None
+    return f"searched one setting, not your config's: {found[0]['label']} (tuned.yml writes it)"
+
+
 def settings_lines(report: dict) -> list[str]:
     """The console table of the settings searched: each one's evaluations
-    and best objective on the fit and held-out data; the chosen one marked."""
+    and best objective on the fit and held-out data; the chosen one marked
+    (with one setting other than your config's, a line naming it)."""
     found = searched_settings(report)
     if not found:
-        return []
+        return [only_setting(report), ""] if only_setting(report) else []
     width = max(len(row["label"]) for row in found)
     total = report["settings"]
     spent = (f"{total['evaluations']} evaluations of --total-budget {total['total_budget']}"
@@ -123,15 +133,17 @@ def settings_lines(report: dict) -> list[str]:
     lines = [f"settings searched ({len(found)}, {spent}); the best on the fit {items_word(report)} is chosen:",
              f"  {'setting':{width}s} {'evals':>5s} {'fit':>8s} {'held-out':>8s}"]
     lines += [f"  {row['label']:{width}s} {row['evaluations']:5d} {shown(report, row['fit']):8.4f} "
-              f"{shown(report, row['heldout']):8.4f}{'  <- chosen' if row['chosen'] else ''}" for row in found]
+              f"{shown(report, row['heldout']):8.4f}{'  <- chosen' if row['chosen'] else ''}"
+              f"{'  (your config)' if row['your_config'] else ''}" for row in found]
     return lines + [""]
 
 
 def settings_markdown(report: dict) -> list[str]:
-    """tune.md's table of the settings searched (none with one setting)."""
+    """tune.md's table of the settings searched (with one setting, a line
+    naming it when it is not your config's)."""
     found = searched_settings(report)
     if not found:
-        return []
+        return ["", f"{only_setting(report)}.", ""] if only_setting(report) else []
     out = ["", "## Settings searched", "",
            (f"Each density and order is its own configuration: its masks computed once, its weights and lambda "
             f"searched, its best point scored on the held-out {items_word(report)}. The best on the fit "

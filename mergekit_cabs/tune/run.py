@@ -41,7 +41,14 @@ from mergekit_cabs.tune.options import (
 )
 from mergekit_cabs.tune.report import items_word
 from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
-from mergekit_cabs.tune.settings import Setting, parse_densities, parse_orders, plan_settings, setting_budgets
+from mergekit_cabs.tune.settings import (
+    Setting,
+    check_settings,
+    parse_densities,
+    parse_orders,
+    plan_settings,
+    setting_budgets,
+)
 from mergekit_cabs.tune.store import WeightStore, build_store, held_bytes, release_memory
 
 
@@ -241,6 +248,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
                  optimizer, seed)
+    check_settings(prep, *asked, total_budget)  # before the suggested order reads every tensor
     clock: dict[str, float] = {"masks_s": 0.0, "search_s": 0.0}
     with timed(clock, "settings_s"):  # planning each setting; a suggested order reads every tensor once
         settings = plan_settings(prep, *asked, progress=not quiet, say=lambda line: _say(line, False))
@@ -258,12 +266,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
         _say(f"Scoring your config and the chosen point on the fit and held-out data "
              f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluations)", quiet)
         with timed(clock, "final_s"):
-            bound = settings[-1].planned  # the masks the live store holds
-            if start is None:  # your config's masks were not among the settings searched
-                start, bound = config_scores(prep, s, live, objectives, clock), prep.planned
-            if bound is not settings[chosen].planned:
-                rebind(prep, s, live, settings[chosen].planned, clock)
-            scores = {"start": start, "best": score_point(live, objectives, result.best)}  # model left there
+            scores = final_scores(prep, s, live, objectives, settings, chosen, start, result.best, clock)
     clock.update(set_weights_mean_s=sum(p["set_s"] for p in points) / len(points),
                  evaluate_mean_s=sum(p["eval_s"] for p in points) / len(points))
     setting = settings[chosen]
@@ -272,11 +275,25 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     report = assemble_report(prep, dataclasses.replace(s, budget=budgets[chosen]), reference, live, result, points,
                              scores, clock, tuned)
     report["settings"] = settings_report(prep, settings, rows, chosen, total_budget)
-    report["search"]["notes"] = widened + below_config(scores)
+    below = below_config(scores)
+    report["search"]["notes"], report["scores_below_config"] = widened + below, bool(below)
     if tuned_ta is not False or one_lambda:
         s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget)
         add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
     return report
+
+
+def final_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, settings: Sequence[Setting], chosen: int,
+                 start: dict | None, best: Sequence[float], clock: dict) -> dict:
+    """Phase 4: your config's scores (with its own masks, computed again when
+    no setting searched had them) and the chosen point's, with the chosen
+    setting's masks bound (the model is left at the chosen point)."""
+    bound = settings[-1].planned  # the masks the live store holds
+    if start is None:  # your config's masks were not among the settings searched
+        start, bound = config_scores(prep, s, live, objectives, clock), prep.planned
+    if bound is not settings[chosen].planned:
+        rebind(prep, s, live, settings[chosen].planned, clock, announce=False)  # said when searched
+    return {"start": start, "best": score_point(live, objectives, best)}
 
 
 def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settings: Sequence[Setting],
@@ -297,7 +314,7 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
                 live = Live(model, bind_store(prep, model, s, setting.planned), prep.tasks, s.batch_size,
                             prep.groups, len(prep.labels))
             else:
-                rebind(prep, s, live, setting.planned, {})
+                rebind(prep, s, live, setting.planned, {}, announce=True)
         with timed(took, "search_s"):
             result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, budget=budget),
                                     say_budget=i == 0)
@@ -312,23 +329,24 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
     return live, rows, start
 
 
-def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict) -> None:
+def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict, announce: bool) -> None:
     """Free the live store, then build the one of `planned` (its masks) into
-    the live model; the time added to clock["masks_s"]."""
+    the live model; the time added to clock["masks_s"]; `announce`: say
+    when its kept places overlap (`bind_store`)."""
     live.store = None
     release_memory()
     took: dict[str, float] = {}
     with timed(took, "masks_s"):
-        live.store = bind_store(prep, live.model, s, planned)
+        live.store = bind_store(prep, live.model, s, planned, announce=announce)
     clock["masks_s"] = clock.get("masks_s", 0.0) + took["masks_s"]
 
 
 def config_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, clock: dict) -> dict:
     """Your config as written, scored with its own masks (one more mask pass:
     no setting searched had them)."""
-    _say("Computing your config's own masks to score it as written (its density is not among --densities)",
+    _say("Computing your config's own masks to score it as written (no setting searched had them)",
          s.quiet)
-    rebind(prep, s, live, prep.planned, clock)
+    rebind(prep, s, live, prep.planned, clock, announce=False)  # scored, not searched
     return score_point(live, objectives, (prep.start_lambda, *prep.start_weights))
 
 
@@ -486,19 +504,20 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
                     "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
 
 
-def bind_store(prep: Prepared, model, s: Settings, planned=None) -> WeightStore:
+def bind_store(prep: Prepared, model, s: Settings, planned=None, announce: bool = True) -> WeightStore:
     """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
     The merge runs where the store will live: on the host unless the store is
     kept on the device, so that one tensor's merge (its inputs, masks and
     temporaries: about 25 bytes per weight of the largest tensor by a count
     of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
-    device memory.  `planned`: a setting's plan (None: the configuration's)."""
+    device memory.  `planned`: a setting's plan (None: the configuration's);
+    `announce`: say when the models' kept places overlap (once per search)."""
     store = build_store(prep.planned if planned is None else planned, prep.finetunes, model,
                         device=s.store_device, store_device=s.store_device, progress=not s.quiet)
     for slot in store.slots:
         slot.group = prep.groups.of(slot.name)
     release_memory()
-    if not store.disjoint:
+    if announce and not store.disjoint:
         _say(
             f"tune: the models' kept places overlap ({store.shared_places():,} of {store.places():,} places are "
             "changed by two or more models: overlap: fill with K*n > m, or conflict_aware: false); the weights are "
@@ -534,10 +553,8 @@ def below_config(scores: dict) -> list[str]:
     mine, best = scores["start"]["fit"]["score"], scores["best"]["fit"]["score"]
     if best >= mine:
         return []
-    line = (f"tune: tuned.yml scores below your config on the fit windows ({best:.6g} < {mine:.6g} on the "
-            "searched objective); your config is the better of the two there")
-    _say(line, False)
-    return [line]
+    return [f"tune: tuned.yml scores below your config on the fit windows ({best:.6g} < {mine:.6g} on the "
+            "searched objective); your config is the better of the two there"]  # the summary says it
 
 
 def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:

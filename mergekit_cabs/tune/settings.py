@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mergekit_cabs.params import CabsError
 from mergekit_cabs.tune.options import TuneError
 
 ORDER_NAMES = ("config", "suggested", "all")
@@ -41,11 +42,14 @@ class Setting:
 
     def label(self, labels: Sequence[str]) -> str:
         """'density 0.25, order a > b > c' (the configured density is 'density as configured')."""
-        if self.density is None:
-            what = "density as configured"
-        else:
-            what = f"n {self.density}" if isinstance(self.density, int) else f"density {self.density:g}"
-        return f"{what}, order {' > '.join(labels[i] for i in self.ranks)}"
+        return f"{density_text(self.density)}, order {' > '.join(labels[i] for i in self.ranks)}"
+
+
+def density_text(density: float | int | None) -> str:
+    """'density 0.25', 'n 64' (an int is n), or 'density as configured' (None)."""
+    if density is None:
+        return "density as configured"
+    return f"n {density}" if isinstance(density, int) else f"density {density:g}"
 
 
 def mask_signature(planned) -> list[tuple]:
@@ -93,7 +97,8 @@ def parse_orders(text: str | None) -> tuple[str, ...]:
 def setting_budgets(count: int, budget: int, total: int | None) -> list[int]:
     """Each setting's budget: --budget each, or --total-budget shared out
     evenly (the first settings take the remainder); TuneError when the
-    total leaves a setting none."""
+    total leaves a setting none (`count` may be the fewest settings there
+    can be: `check_settings`)."""
     if total is None:
         return [budget] * count
     if total < count:
@@ -103,10 +108,38 @@ def setting_budgets(count: int, budget: int, total: int | None) -> list[int]:
     return [share + (i < extra) for i in range(count)]
 
 
+def check_all(count: int) -> None:
+    """TuneError when --orders all would try more than `MAX_ALL` models' orders."""
+    if count > MAX_ALL:
+        raise TuneError(f"--orders all tries every order of the {count} models ({math.factorial(count)}); "
+                        f"it is allowed up to {MAX_ALL} models: use config,suggested")
+
+
+def check_settings(prep, densities: Sequence[float | int], orders: Sequence[str], total: int | None) -> None:
+    """What can be checked of the settings before a tensor is read (the
+    suggested order reads them all): every density plans (an n that fits
+    the block; a density that keeps a place per block), --orders all's
+    model count, and --total-budget against the fewest settings there can be."""
+    count = len(prep.finetunes)
+    if "all" in orders:
+        check_all(count)
+    for density in densities:
+        try:
+            plan_setting(prep, density, range(count), "config")
+        except TuneError:
+            raise
+        except CabsError as error:
+            raise TuneError(f"--densities has {density}: {error}") from None
+    fewest = max(len(densities), 1) * (math.factorial(count) if "all" in orders else 1)
+    setting_budgets(fewest, 1, total)
+
+
 def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int], finetunes) -> dict:
     """The configuration with every fine-tune at `density` (a float; an int
     is ``n``; None keeps it) and `models:` (and each slice's sources) in the
-    priority order `ranks` (indices into `finetunes`)."""
+    priority order `ranks` (indices into `finetunes`); the identity keeps
+    the order as written (each slice's own, where slices list their
+    sources in different orders)."""
     from mergekit.common import ModelReference
 
     from mergekit_cabs.tune.baselines import model_items, shared_dicts
@@ -122,6 +155,8 @@ def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int],
             params.pop("n", None)
             params.pop("density", None)
             params[key] = density
+    if tuple(ranks) == tuple(range(len(ranks))):
+        return out  # the configuration's order: `models:` and each slice's `sources:` as written
     rank = {finetunes[i]: r for r, i in enumerate(ranks)}
 
     def position(item: dict) -> int:
@@ -154,16 +189,15 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
     if order == "config":
         return [("config", tuple(range(count)))]
     if order == "all":
-        if count > MAX_ALL:
-            raise TuneError(f"--orders all tries every order of the {count} models ({math.factorial(count)}); "
-                            f"it is allowed up to {MAX_ALL} models: use config,suggested")
+        check_all(count)
         return [("all", ranks) for ranks in itertools.permutations(range(count))]
     from mergekit_cabs.analyze import order_of
 
     setting = plan_setting(prep, density, range(count), "config")
     if progress:
-        print(f"Finding the suggested order{'' if density is None else f' at {density}'} (analyze's rule: "
-              "first and last kept norms)", file=sys.stderr, flush=True)
+        where = "" if density is None else f" at {density_text(density)}"
+        print(f"Finding the suggested order{where} (analyze's rule: first and last kept norms)", file=sys.stderr,
+              flush=True)
     advice = order_of(setting.planned, progress=progress)
     index = {str(ref): i for i, ref in enumerate(prep.finetunes)}
     ranks = [index[name] for name in advice["suggested"]]
@@ -173,8 +207,10 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
 def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str], progress: bool = True,
                   say=print) -> list[Setting]:
     """Every (density, order) setting asked for, densities outer, each order
-    once per density (a suggested order equal to one already listed is
-    said and dropped); the configured density alone when `densities` is empty."""
+    once per density (a suggested order equal to one already listed, or a
+    setting with the masks of an earlier one, such as density 0.25 and n 64
+    of 256, is said and dropped); the configured density alone when
+    `densities` is empty."""
     settings: list[Setting] = []
     for density in densities or (None,):
         seen: set[tuple[int, ...]] = set()
@@ -182,9 +218,15 @@ def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str],
             for order, ranks in order_ranks(name, prep, density, progress):
                 if ranks in seen:
                     if order == "suggested":
-                        say(f"tune: the suggested order{'' if density is None else f' at {density}'} is one "
-                            "already searched; it is searched once")
+                        where = "" if density is None else f" at {density_text(density)}"
+                        say(f"tune: the suggested order{where} is one already searched; it is searched once")
                     continue
                 seen.add(ranks)
-                settings.append(plan_setting(prep, density, ranks, order))
+                setting = plan_setting(prep, density, ranks, order)
+                twin = next((other for other in settings if other.same_masks(setting.planned)), None)
+                if twin is None:
+                    settings.append(setting)
+                else:
+                    say(f"tune: {setting.label(prep.labels)} plans the masks of {twin.label(prep.labels)}; "
+                        "it is searched once")
     return settings
