@@ -77,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tune-orders", default=None, help="tune's --orders in every tuned arm")
     parser.add_argument("--optimizers", default="coordinate,cmaes", help="the tuned arms' searches")
     parser.add_argument("--window", type=int, default=None, help="tokens per window (tune's --window)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only write tune_compare.md again beside this tune_compare.json")
     return parser.parse_args()
 
 
@@ -373,24 +375,30 @@ def settings_markdown(results: dict) -> list[str]:
     return out
 
 
-def markdown(bench: Bench, results: dict, table: dict, diffs: dict) -> str:
-    names = list(bench.kinds) + ["general"]
+def markdown(kinds: tuple[str, ...], windows: dict, results: dict, table: dict, diffs: dict) -> str:
+    """tune_compare.md; `windows`: per data set its fit/held-out window counts and window length."""
+    names = list(kinds) + ["general"]
     lines = ["| method | chosen | evaluations | search wall | " + " | ".join(names)
-             + f" | mean gain ({len(bench.kinds)} tasks) |",
+             + f" | mean gain ({len(kinds)} tasks) |",
              "|---" * (len(names) + 5) + "|"]
     for label, row in table.items():
         r = results[label]
         if r["kind"] == "grid":
             evals, wall = f"{r['evaluations']}", f"{r['search_s']:.0f} s"
-        elif r["kind"] == "tuned_ta":
-            evals, wall = f"{r['grid_evaluations']} + {r['tune_evaluations']} ({r['stopped']})", "(in tune)"
-        else:
+        elif r["kind"] == "tuned_ta":  # its search ran in the cabs arm's tune run, after the cabs search
             evals = f"{r['grid_evaluations']} + {r['tune_evaluations']} ({r['stopped']})"
+            wall = f"{r['grid_s']:.0f} + {results[r['arm']]['time'].get('baselines_s', 0):.0f} s"
+        else:
+            settings = len((r.get("settings") or {}).get("searched", [])) or 1
+            spent = r.get("tune_evaluations_all", r["tune_evaluations"])
+            evals = f"{r['grid_evaluations']} + {spent}" + (
+                f" ({settings} settings; the chosen one {r['tune_evaluations']}, {r['stopped']})" if settings > 1
+                else f" ({r['stopped']})")
             wall = f"{r['grid_s']:.0f} + {r['search_s']:.0f} s"
         cells = [fmt_ci(row["tasks"][n]["gain"], row["tasks"][n]["gain_ci"]) for n in names]
         lines.append(f"| {label} | {chosen(r)} | {evals} | {wall} | " + " | ".join(cells)
                      + f" | {fmt_ci(row['mean_gain'], row['mean_gain_ci'])} |")
-    grids = [k for k, r in table.items() if r["kind"] == "grid"]
+    grids = next(iter(diffs.values()), {})  # the one-lambda merges, then each tuned task arithmetic
     lines += ["", "Tuned cabs minus each one-lambda merge and each tuned task arithmetic, held-out mean gain "
               "(paired bootstrap, 95%):", "",
               "| tuned | " + " | ".join(grids) + " |", "|---" * (len(grids) + 1) + "|"]
@@ -401,8 +409,8 @@ def markdown(bench: Bench, results: dict, table: dict, diffs: dict) -> str:
         if r["kind"] in ("tuned", "tuned_ta"):
             weights = ", ".join(f"{k} {v:.3g}" for k, v in r["weights"].items())
             lines.append(f"- {label}: lambda {r['lambda']:.4g}; {weights}")
-    windows = ", ".join(f"{t.name} {len(t.fit)}/{len(t.heldout)}" for t in bench.prep.tasks)
-    lines += ["", f"Fit/held-out windows of {bench.prep.tasks[0].fit.shape[1]} tokens: {windows}."]
+    counts = ", ".join(f"{name} {w['fit']}/{w['heldout']}" for name, w in windows.items())
+    lines += ["", f"Fit/held-out windows of {next(iter(windows.values()))['window']} tokens: {counts}."]
     return "\n".join(lines) + "\n"
 
 
@@ -490,15 +498,27 @@ def write_outputs(args, bench: Bench, results: dict, table: dict, diffs: dict, w
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_compare.json").write_text(json.dumps(summary, indent=1) + "\n")
-    text = markdown(bench, results, table, diffs)
+    text = markdown(bench.kinds, summary["windows"], results, table, diffs)
     (args.out / "tune_compare.md").write_text(text)
     print(text)
     plot(table, list(bench.kinds) + [tn.GENERAL], args.out / "tune_compare.png")
     plot_search(results, args.out / "tune_compare_search.png")
 
 
+def render_again(path: Path) -> None:
+    """Write tune_compare.md again from a run's tune_compare.json (`--render`), without running anything."""
+    summary = json.loads(path.read_text())
+    kinds = tuple(k for k in summary["windows"] if k != "general")
+    text = markdown(kinds, summary["windows"], summary["searches"], summary["methods"], summary["differences"])
+    (path.parent / "tune_compare.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     args = parse_args()
+    if args.render:
+        render_again(args.render)
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
