@@ -264,7 +264,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
         chosen = max(range(len(rows)), key=lambda i: (rows[i]["result"].score, -i))  # the first of equals
         result, points = rows[chosen]["result"], rows[chosen]["points"]
         _say(f"Scoring your config and the chosen point on the fit and held-out data "
-             f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluations)", quiet)
+             f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluation"
+             f"{'' if len(points) == 1 else 's'})", quiet)
         with timed(clock, "final_s"):
             scores = final_scores(prep, s, live, objectives, settings, chosen, start, result.best, clock)
     clock.update(set_weights_mean_s=sum(p["set_s"] for p in points) / len(points),
@@ -433,8 +434,9 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
     shared = [t for t in prep.tasks if getattr(t, "shared", False)]
     own = {t.name: t for t in prep.tasks}  # no model's own data with --general alone
     jobs = [(k, r, ([own[k]] if k in own else []) + shared) for k, r in zip(prep.labels, prep.finetunes)]
-    for label, ref, tasks in tqdm.tqdm([job for job in jobs if job[2]], desc="Scoring the fine-tunes", unit="model",
-                                       disable=s.quiet):
+    jobs = [job for job in jobs if job[2]]  # none with --general alone: no bar then
+    for label, ref, tasks in tqdm.tqdm(jobs, desc="Scoring the fine-tunes", unit="model",
+                                       disable=s.quiet or not jobs):
         tuned = load_model(str(ref.model.path), s.device, s.score_dtype)
         check_finite(tuned, ref)
         for task in tasks:
