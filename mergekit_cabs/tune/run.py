@@ -196,6 +196,8 @@ class Settings:
     quiet: bool
     optimizer: str = DEFAULTS["optimizer"]
     seed: int = DEFAULTS["seed"]
+    budget_option: str = "--budget"  # where `budget` comes from, for the budget warning
+    budget_shares: int = 1  # ... as one of this many equal shares of it
 
 
 @dataclass
@@ -245,14 +247,14 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     asked = parse_densities(densities), parse_orders(orders)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
-    s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
-                 general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
-                 optimizer, seed)
     check_settings(prep, *asked, total_budget)  # before the suggested order reads every tensor
     clock: dict[str, float] = {"masks_s": 0.0, "search_s": 0.0}
     with timed(clock, "settings_s"):  # planning each setting; a suggested order reads every tensor once
         settings = plan_settings(prep, *asked, progress=not quiet, say=lambda line: _say(line, False))
     budgets = setting_budgets(len(settings), budget, total_budget)
+    s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
+                 general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
+                 optimizer, seed, *(("--budget", 1) if total_budget is None else ("--total-budget", len(settings))))
     widened = widen_to_start(prep, s)
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
@@ -279,7 +281,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     below = below_config(scores)
     report["search"]["notes"], report["scores_below_config"] = widened + below, bool(below)
     if tuned_ta is not False or one_lambda:
-        s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget)
+        s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget, budget_shares=1)
         add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
     return report
 
@@ -573,7 +575,7 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
     import tqdm
 
     names, bounds, start = search_space(prep, s)
-    note = budget_note(len(bounds), s.budget) if say_budget else None
+    note = budget_note(len(bounds), s.budget, s.budget_option, s.budget_shares) if say_budget else None
     if note:
         _say(note, False)
     points: list[dict] = []

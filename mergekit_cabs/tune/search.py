@@ -264,15 +264,18 @@ def choose_optimizer(optimizer: str, dimensions: int, budget: int, coupled: bool
     return optimizer
 
 
-def budget_note(dimensions: int, budget: int) -> str | None:
+def budget_note(dimensions: int, budget: int, option: str = "--budget", shares: int = 1) -> str | None:
     """A warning when the budget cannot score one step each way along every
-    searched number from the start (2 x dimensions + 1 evaluations), else None."""
+    searched number from the start (2 x dimensions + 1 evaluations), else
+    None; `option` names the option the budget comes from, of which it is
+    one of `shares` equal shares (--total-budget among settings)."""
     sweep = 2 * dimensions + 1
     if budget >= sweep:
         return None
-    return (f"tune: --budget {budget} is less than one step each way along each of the {dimensions} searched "
-            f"numbers ({sweep} evaluations), so some are never moved from the start; give --budget {5 * sweep} "
-            "or more")
+    what = f"{option} {budget}" if shares == 1 else f"each of the {shares} settings' share of {option}, {budget},"
+    return (f"tune: {what} is less than one step each way along each of the {dimensions} searched "
+            f"numbers ({sweep} evaluations), so some are never moved from the start; give {option} "
+            f"{5 * sweep * shares} or more")
 
 
 def optimise(optimizer: str, objective: Callable[[tuple[float, ...]], float], start: Sequence[float],
