@@ -264,6 +264,9 @@ def test_the_overlap_line_is_said_once_per_setting_searched_not_again_when_its_m
     tn.run_tune(prep, budget=2, quiet=True, baselines="none", densities="0.5")
     said = capsys.readouterr()
     assert (said.out + said.err).count("the models' kept places overlap") == 1
+    tn.run_tune(prep, budget=2, quiet=True, baselines="none", densities="0.5,0.25")  # with --quiet, which setting
+    said = capsys.readouterr()
+    assert "the models' kept places overlap (density 0.5, order ft0 > ft1 > ft2) (" in said.out + said.err
 
 
 @pytest.mark.parametrize("density, below", [("0.5", True), ("1", False)])  # on this family, at budget 1

@@ -295,7 +295,7 @@ def final_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, sett
     if start is None:  # your config's masks were not among the settings searched
         start, bound = config_scores(prep, s, live, objectives, clock), prep.planned
     if bound is not settings[chosen].planned:
-        rebind(prep, s, live, settings[chosen].planned, clock, announce=False)  # said when searched
+        rebind(prep, s, live, settings[chosen].planned, clock, announce=None)  # said when searched
     return {"start": start, "best": score_point(live, objectives, best)}
 
 
@@ -312,12 +312,13 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
         if len(settings) > 1:
             _say(f"Setting {i + 1} of {len(settings)}: {setting.label(prep.labels)} (budget {budget})", s.quiet)
         took: dict[str, float] = {}
+        where = f" ({setting.label(prep.labels)})" if len(settings) > 1 else ""  # in the overlap line
         with timed(took, "masks_s"):
             if live is None:
-                live = Live(model, bind_store(prep, model, s, setting.planned), prep.tasks, s.batch_size,
+                live = Live(model, bind_store(prep, model, s, setting.planned, where), prep.tasks, s.batch_size,
                             prep.groups, len(prep.labels))
             else:
-                rebind(prep, s, live, setting.planned, {}, announce=True)
+                rebind(prep, s, live, setting.planned, {}, announce=where)
         with timed(took, "search_s"):
             result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, budget=budget),
                                     say_budget=i == 0)
@@ -332,7 +333,7 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
     return live, rows, start
 
 
-def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict, announce: bool) -> None:
+def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict, announce: str | None) -> None:
     """Free the live store, then build the one of `planned` (its masks) into
     the live model; the time added to clock["masks_s"]; `announce`: say
     when its kept places overlap (`bind_store`)."""
@@ -349,7 +350,7 @@ def config_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, clo
     no setting searched had them)."""
     _say("Computing your config's own masks to score it as written (no setting searched had them)",
          s.quiet)
-    rebind(prep, s, live, prep.planned, clock, announce=False)  # scored, not searched
+    rebind(prep, s, live, prep.planned, clock, announce=None)  # scored, not searched
     return score_point(live, objectives, (prep.start_lambda, *prep.start_weights))
 
 
@@ -508,24 +509,25 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
                     "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
 
 
-def bind_store(prep: Prepared, model, s: Settings, planned=None, announce: bool = True) -> WeightStore:
+def bind_store(prep: Prepared, model, s: Settings, planned=None, announce: str | None = "") -> WeightStore:
     """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
     The merge runs where the store will live: on the host unless the store is
     kept on the device, so that one tensor's merge (its inputs, masks and
     temporaries: about 25 bytes per weight of the largest tensor by a count
     of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
     device memory.  `planned`: a setting's plan (None: the configuration's);
-    `announce`: say when the models' kept places overlap (once per search)."""
+    `announce`: say when the models' kept places overlap (once per search;
+    None: not), the setting's words put after "overlap"."""
     store = build_store(prep.planned if planned is None else planned, prep.finetunes, model,
                         device=s.store_device, store_device=s.store_device, progress=not s.quiet)
     for slot in store.slots:
         slot.group = prep.groups.of(slot.name)
     release_memory()
-    if announce and not store.disjoint:
+    if announce is not None and not store.disjoint:
         _say(
-            f"tune: the models' kept places overlap ({store.shared_places():,} of {store.places():,} places are "
-            "changed by two or more models: overlap: fill with K*n > m, or conflict_aware: false); the weights are "
-            "no longer independent, and every model's pruned tensor is kept in memory",
+            f"tune: the models' kept places overlap{announce} ({store.shared_places():,} of {store.places():,} "
+            "places are changed by two or more models: overlap: fill with K*n > m, or conflict_aware: false); the "
+            "weights are no longer independent, and every model's pruned tensor is kept in memory",
             False,
         )
     return store
