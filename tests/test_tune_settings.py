@@ -295,3 +295,9 @@ def test_a_density_and_an_n_with_the_same_masks_are_searched_once(tune_family):
     assert [s.density for s in settings] == [0.25, 0.5]  # n 16 of block 64 is density 0.25
     assert said == ["tune: n 16, order ft0 > ft1 > ft2 plans the masks of density 0.25, order ft0 > ft1 > ft2; "
                     "it is searched once"]
+
+
+def test_densities_tell_a_density_from_an_n_by_the_decimal_point():
+    assert tn.parse_densities("0.1,0.25,64,1.0,1,0.25") == (0.1, 0.25, 64, 1.0, 1)
+    assert [type(v) for v in tn.parse_densities("1.0,1,2.5e-1")] == [float, int, float]
+    assert tn.parse_densities(None) == ()

@@ -77,7 +77,7 @@ def parse_densities(text: str | None) -> tuple[float | int, ...]:
         if not ok:
             raise TuneError(f"--densities has {item!r}; give densities in (0, 1] with a decimal point "
                             "(0.1,0.25,0.5) or whole numbers n >= 1 (places kept per block), comma-separated")
-        if value not in values:
+        if not any(type(v) is type(value) and v == value for v in values):  # density 1.0 and n 1 differ
             values.append(value)
     return tuple(values)
 
