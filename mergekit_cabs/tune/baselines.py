@@ -323,15 +323,11 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
 
     from mergekit_cabs.planning import plan
     from mergekit_cabs.tune.config import tuned_config
-    from mergekit_cabs.tune.run import score_now, search
-    from mergekit_cabs.tune.store import build_store, release_memory
+    from mergekit_cabs.tune.run import bind_store, score_now, search
+    from mergekit_cabs.tune.store import release_memory
 
     planned = plan(MergeConfiguration.model_validate(dense_cabs(prep.raw)), shapes=False)
-    live.store = build_store(planned, prep.finetunes, live.model, device=s.store_device,
-                             store_device=s.store_device, progress=not s.quiet)
-    for slot in live.store.slots:
-        slot.group = prep.groups.of(slot.name)
-    release_memory()
+    live.store = bind_store(prep, live.model, s, planned, announce=None)  # every place kept: shared, not said
     store_bytes = live.store.nbytes()
     result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, optimizer=optimizer))
     live.store = None
