@@ -247,10 +247,10 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     asked = parse_densities(densities), parse_orders(orders)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
-    check_settings(prep, *asked, total_budget)  # before the suggested order reads every tensor
+    known = check_settings(prep, *asked, total_budget)  # before the suggested order reads every tensor
     clock: dict[str, float] = {"masks_s": 0.0, "search_s": 0.0}
     with timed(clock, "settings_s"):  # planning each setting; a suggested order reads every tensor once
-        settings = plan_settings(prep, *asked, progress=not quiet, say=lambda line: _say(line, False))
+        settings = plan_settings(prep, *asked, progress=not quiet, say=lambda line: _say(line, False), known=known)
     budgets = setting_budgets(len(settings), budget, total_budget)
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
@@ -324,8 +324,8 @@ def search_settings(prep: Prepared, s: Settings, model, objectives: dict, settin
                                     say_budget=i == 0)
         row = {"result": result, "points": points, "budget": budget, **took}
         if len(settings) > 1:
-            row["scores"] = score_point(live, objectives, result.best)
-        if start is None and setting.same_masks(prep.planned):
+            row["heldout"] = heldout_score(live, objectives, result.best)  # its fit score is the search's
+        if start is None and setting.yours:
             start = score_point(live, objectives, (prep.start_lambda, *prep.start_weights))  # as written
         rows.append(row)
         for key in took:
@@ -361,14 +361,13 @@ def settings_report(prep: Prepared, settings: Sequence[Setting], rows: Sequence[
     out = []
     for i, (setting, row) in enumerate(zip(settings, rows)):
         result = row["result"]
-        scores = row.get("scores")
         out.append({
             "label": setting.label(prep.labels), "density": setting.density, "order": setting.order,
-            "models": [prep.labels[j] for j in setting.ranks], "your_config": setting.same_masks(prep.planned),
+            "models": [prep.labels[j] for j in setting.ranks], "your_config": setting.yours,
             "budget": row["budget"], "evaluations": len(row["points"]), "stopped": result.stopped,
             "optimizer": result.optimizer, "lambda": result.best[0],
             "weights": dict(zip(prep.names()[1:], result.best[1:])), "fit": result.score,
-            "heldout": None if scores is None else scores["heldout"]["score"],
+            "heldout": row.get("heldout"),
             "masks_s": row["masks_s"], "search_s": row["search_s"], "chosen": i == chosen,
         })
     return {"total_budget": total_budget, "evaluations": sum(len(r["points"]) for r in rows), "searched": out}
@@ -609,6 +608,12 @@ def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]
     """Phase 4: losses, gains and objective of point x on both splits (the model is left at x)."""
     live.set(x)
     return score_now(live, objectives)
+
+
+def heldout_score(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> float:
+    """The objective of point x on the held-out data alone (the model is left at x)."""
+    live.set(x)
+    return objectives["heldout"].score(means(live.losses("heldout")))
 
 
 def score_now(live: Live, objectives: dict[str, Objective]) -> dict:

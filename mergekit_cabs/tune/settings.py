@@ -13,6 +13,7 @@ setting's configuration and plans it with mergekit; the suggested order is
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import sys
@@ -35,10 +36,12 @@ class Setting:
     ranks: tuple[int, ...]  # the models (indices into `Prepared.finetunes`) in priority order
     raw: dict
     planned: list
+    yours: bool = False  # it plans your configuration's masks (`plan_settings` sets it)
 
-    def same_masks(self, planned) -> bool:
-        """Whether this setting plans the masks `planned` does (the configuration's, say)."""
-        return mask_signature(self.planned) == mask_signature(planned)
+    @functools.cached_property
+    def signature(self) -> list[tuple]:
+        """`mask_signature` of its plan, computed once."""
+        return mask_signature(self.planned)
 
     def label(self, labels: Sequence[str]) -> str:
         """'density 0.25, order a > b > c' (the configured density is 'density as configured')."""
@@ -115,23 +118,26 @@ def check_all(count: int) -> None:
                         f"it is allowed up to {MAX_ALL} models: use config,suggested")
 
 
-def check_settings(prep, densities: Sequence[float | int], orders: Sequence[str], total: int | None) -> None:
+def check_settings(prep, densities: Sequence[float | int], orders: Sequence[str], total: int | None) -> dict:
     """What can be checked of the settings before a tensor is read (the
     suggested order reads them all): every density plans (an n that fits
     the block; a density that keeps a place per block), --orders all's
-    model count, and --total-budget against the fewest settings there can be."""
+    model count, and --total-budget against the fewest settings there can be.
+    Returns the plans made (`plan_setting`'s `known`), for `plan_settings`."""
     count = len(prep.finetunes)
     if "all" in orders:
         check_all(count)
+    known: dict = {}
     for density in densities:
         try:
-            plan_setting(prep, density, range(count), "config")
+            plan_setting(prep, density, range(count), "config", known)
         except TuneError:
             raise
         except CabsError as error:
             raise TuneError(f"--densities has {density}: {error}") from None
     fewest = max(len(densities), 1) * (math.factorial(count) if "all" in orders else 1)
     setting_budgets(fewest, 1, total)
+    return known
 
 
 def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int], finetunes) -> dict:
@@ -169,9 +175,10 @@ def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int],
     return out
 
 
-def plan_setting(prep, density, ranks: Sequence[int], order: str) -> Setting:
+def plan_setting(prep, density, ranks: Sequence[int], order: str, known: dict | None = None) -> Setting:
     """A setting with its configuration planned by mergekit (headers only;
-    the configuration as written keeps `prep`'s plan)."""
+    the configuration as written keeps `prep`'s plan); `known`: the plans
+    made so far in this run, by (density, ranks), reused and added to."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
@@ -179,11 +186,15 @@ def plan_setting(prep, density, ranks: Sequence[int], order: str) -> Setting:
     ranks = tuple(ranks)
     if density is None and ranks == tuple(range(len(ranks))):
         return Setting(None, order, ranks, prep.raw, prep.planned)
-    config = setting_config(prep.raw, density, ranks, prep.finetunes)
-    return Setting(density, order, ranks, config, plan(MergeConfiguration.model_validate(config), shapes=False))
+    key, known = (type(density), density, ranks), {} if known is None else known  # density 1.0 is not n 1
+    if key not in known:
+        config = setting_config(prep.raw, density, ranks, prep.finetunes)
+        known[key] = config, plan(MergeConfiguration.model_validate(config), shapes=False)
+    return Setting(density, order, ranks, *known[key])
 
 
-def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tuple[int, ...]]]:
+def order_ranks(order: str, prep, density, progress: bool,
+                known: dict | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """The priority orders one --orders name stands for, as (name, ranks)."""
     count = len(prep.finetunes)
     if order == "config":
@@ -193,7 +204,7 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
         return [("all", ranks) for ranks in itertools.permutations(range(count))]
     from mergekit_cabs.analyze import order_of
 
-    setting = plan_setting(prep, density, range(count), "config")
+    setting = plan_setting(prep, density, range(count), "config", known)
     if progress:
         where = "" if density is None else f" at {density_text(density)}"
         print(f"Finding the suggested order{where} (analyze's rule: first and last kept norms)", file=sys.stderr,
@@ -205,25 +216,28 @@ def order_ranks(order: str, prep, density, progress: bool) -> list[tuple[str, tu
 
 
 def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str], progress: bool = True,
-                  say=print) -> list[Setting]:
+                  say=print, known: dict | None = None) -> list[Setting]:
     """Every (density, order) setting asked for, densities outer, each order
     once per density (a suggested order equal to one already listed, or a
     setting with the masks of an earlier one, such as density 0.25 and n 64
     of 256, is said and dropped); the configured density alone when
-    `densities` is empty."""
+    `densities` is empty.  `known`: plans already made (`check_settings`)."""
     settings: list[Setting] = []
+    known = {} if known is None else known
+    mine = mask_signature(prep.planned)
     for density in densities or (None,):
         seen: set[tuple[int, ...]] = set()
         for name in orders:
-            for order, ranks in order_ranks(name, prep, density, progress):
+            for order, ranks in order_ranks(name, prep, density, progress, known):
                 if ranks in seen:
                     if order == "suggested":
                         where = "" if density is None else f" at {density_text(density)}"
                         say(f"tune: the suggested order{where} is one already searched; it is searched once")
                     continue
                 seen.add(ranks)
-                setting = plan_setting(prep, density, ranks, order)
-                twin = next((other for other in settings if other.same_masks(setting.planned)), None)
+                setting = plan_setting(prep, density, ranks, order, known)
+                setting.yours = setting.signature == mine
+                twin = next((other for other in settings if other.signature == setting.signature), None)
                 if twin is None:
                     settings.append(setting)
                 else:
