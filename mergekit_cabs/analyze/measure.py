@@ -8,6 +8,7 @@ what they keep, where they collide and how they spread, into a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergekit_cabs.analyze.order import position_masks
+from mergekit_cabs.analyze.order import position_sq
 from mergekit_cabs.analyze.stats import Moments, kept_sq_sum, pair_counts, part_counts, ratio, sqrt_ratio
 from mergekit_cabs.kernel import NonFiniteInputError, block_quota, cabs_masks, compute_dtype
 from mergekit_cabs.params import CabsError
@@ -158,18 +159,31 @@ class TensorRecord:
                 "last_kept_sq_sum": last, "last_norm_ratio": sqrt_ratio(last, self.tau_sq[i])}
 
 
+@contextlib.contextmanager
+def naming_non_finite(tensor: str, labels: Sequence[str]):
+    """Within the block, the kernel's NonFiniteInputError becomes an
+    AnalyzeError naming the model (or the base) and the tensor."""
+    try:
+        yield
+    except NonFiniteInputError as error:
+        who = "the base model" if error.model is None else f"model '{labels[error.model]}'"
+        raise AnalyzeError(f"{who} has NaN or infinite values in tensor '{tensor}'") from None
+
+
+def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each model's flat task vector, in the kernel's compute dtype (float32; float64 with a float64 input)."""
+    dtype = compute_dtype(base, *models)
+    base_flat = base.reshape(-1).to(dtype)
+    return [m.reshape(-1).to(dtype) - base_flat for m in models]
+
+
 def measure_tensor(
     name: str, base: torch.Tensor, models: Sequence[torch.Tensor], labels: Sequence[str], resolved, seed: int = 0
 ) -> TensorRecord:
     """All numbers of one tensor under the three rules (see the package doc)."""
-    try:
+    with naming_non_finite(name, labels):
         masks = rule_masks(base, models, resolved, name, seed)
-    except NonFiniteInputError as error:
-        who = "the base model" if error.model is None else f"model '{labels[error.model]}'"
-        raise AnalyzeError(f"{who} has NaN or infinite values in tensor '{name}'") from None
-    dtype = compute_dtype(base, *models)
-    base_flat = base.reshape(-1).to(dtype)
-    taus = [m.reshape(-1).to(dtype) - base_flat for m in models]
+    taus = task_vectors(base, models)
     changed = [tau != 0 for tau in taus]
     quotas, length = resolved.kernel_quotas(base.numel())
     record = TensorRecord(
@@ -195,7 +209,5 @@ def measure_tensor(
         ]
         holders = torch.stack(kept_places).sum(0, dtype=torch.int32)
         record.shared[rule] = int((holders >= 2).sum())
-    first, last = position_masks(base, models, resolved, masks["cabs"])
-    for where, where_masks in (("first", first), ("last", last)):
-        record.position_sq[where] = [kept_sq_sum(m, tau) for m, tau in zip(where_masks, taus)]
+    record.position_sq = position_sq(base, models, resolved, masks["cabs"], taus)
     return record

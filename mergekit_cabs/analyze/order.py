@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_cabs.analyze.stats import ratio, sqrt_ratio
+from mergekit_cabs.analyze.stats import kept_sq_sum, ratio, sqrt_ratio
 from mergekit_cabs.kernel import cabs_masks
 
 ORDER_TOLERANCE = 0.01
@@ -44,6 +44,16 @@ def position_masks(
                            overlap=resolved.overlap, conflict_aware=True)
         last.append(masks[-1].reshape(-1))
     return [m.reshape(-1) for m in first], last + [planned[-1]]
+
+
+def position_sq(base: torch.Tensor, models: Sequence[torch.Tensor], resolved, planned: Sequence[torch.Tensor],
+                taus: Sequence[torch.Tensor]) -> dict[str, list[float]]:
+    """Each model's kept sum of squares of its task vector (`taus`, flat) if
+    it chose first and if it chose last (`position_masks`), in float64:
+    {"first": [...], "last": [...]}."""
+    first, last = position_masks(base, models, resolved, planned)
+    return {where: [kept_sq_sum(m, tau) for m, tau in zip(masks, taus)] for where, masks in
+            (("first", first), ("last", last))}
 
 
 def order_entry(*, kept: int, numel: int, first_sq: float, planned_sq: float, last_sq: float,

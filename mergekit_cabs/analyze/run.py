@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_cabs.analyze.measure import AnalyzeError, TensorRecord, measure_tensor
-from mergekit_cabs.analyze.order import order_entry, position_masks, suggest_order
+from mergekit_cabs.analyze.measure import TensorRecord, measure_tensor, naming_non_finite, task_vectors
+from mergekit_cabs.analyze.order import order_entry, position_sq, suggest_order
 from mergekit_cabs.analyze.stats import kept_sq_sum
 from mergekit_cabs.analyze.summary import build_report
-from mergekit_cabs.kernel import NonFiniteInputError, cabs_masks, compute_dtype
+from mergekit_cabs.kernel import cabs_masks
 from mergekit_cabs.planning import PlannedTensor, plan, read_tensors
 
 
@@ -48,25 +48,20 @@ def order_of(planned: Sequence[PlannedTensor], progress: bool = True) -> dict:
             continue
         base, models = tensors[p.base], [tensors[m] for m in p.models]
         quotas, length = p.resolved.kernel_quotas(base.numel())
-        try:
-            masks = cabs_masks(base, models, quotas, length, overlap=p.resolved.overlap,
-                               conflict_aware=p.resolved.conflict_aware)
-        except NonFiniteInputError as error:
-            who = "the base model" if error.model is None else f"model '{p.models[error.model]}'"
-            raise AnalyzeError(f"{who} has NaN or infinite values in tensor '{p.name}'") from None
-        masks = [m.reshape(-1) for m in masks]
-        first, last = position_masks(base, models, p.resolved, masks)
-        dtype = compute_dtype(base, *models)
-        flat = base.reshape(-1).to(dtype)
+        with naming_non_finite(p.name, [str(m) for m in p.models]):
+            masks = [m.reshape(-1) for m in cabs_masks(base, models, quotas, length, overlap=p.resolved.overlap,
+                                                       conflict_aware=p.resolved.conflict_aware)]
+        taus = task_vectors(base, models)
+        where = position_sq(base, models, p.resolved, masks, taus)
         for i, ref in enumerate(p.models):
-            tau = models[i].reshape(-1).to(dtype) - flat
             row = sums.setdefault(str(ref), {"kept": 0, "numel": 0, "first_sq": 0.0, "planned_sq": 0.0,
                                              "last_sq": 0.0, "tau_sq": 0.0})
             row["kept"] += int(masks[i].sum())
             row["numel"] += base.numel()
-            for key, mask in (("first_sq", first[i]), ("planned_sq", masks[i]), ("last_sq", last[i])):
-                row[key] += kept_sq_sum(mask, tau)
-            row["tau_sq"] += float(tau.to(torch.float64).square().sum())
+            row["first_sq"] += where["first"][i]
+            row["last_sq"] += where["last"][i]
+            row["planned_sq"] += kept_sq_sum(masks[i], taus[i])
+            row["tau_sq"] += float(taus[i].to(torch.float64).square().sum())
     return suggest_order(list(sums), {m: order_entry(**row) for m, row in sums.items()})
 
 
