@@ -382,6 +382,24 @@ def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
 
 
 @contextlib.contextmanager
+def capture_merge_group(method_class, sink: Callable[[Any, dict, Any], None]):
+    """Within the block, every `method_class.merge_group` call (a mergekit
+    merge method's work on one tensor group) also hands (group, parameters,
+    result) to `sink`; the method is restored on leaving."""
+    original = method_class.merge_group
+
+    def merge_group(self, group, /, **parameters):
+        result = original(self, group, **parameters)
+        sink(group, parameters, result)
+        return result
+
+    method_class.merge_group = merge_group
+    try:
+        yield
+    finally:
+        method_class.merge_group = original
+
+
 def capture_task_arithmetic(sink: Callable[[Any, Any], None]):
     """Within the block, every merge of mergekit's task arithmetic family
     (task_arithmetic, ties, dare_ties: `GeneralizedTaskArithmeticMerge`) also
@@ -389,18 +407,7 @@ def capture_task_arithmetic(sink: Callable[[Any, Any], None]):
     ``metadata.name`` are what `tune`'s baselines read."""
     from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
-    original = GeneralizedTaskArithmeticMerge.merge_group
-
-    def merge_group(self, group, /, **parameters):
-        result = original(self, group, **parameters)
-        sink(group, result)
-        return result
-
-    GeneralizedTaskArithmeticMerge.merge_group = merge_group
-    try:
-        yield
-    finally:
-        GeneralizedTaskArithmeticMerge.merge_group = original
+    return capture_merge_group(GeneralizedTaskArithmeticMerge, lambda group, _, result: sink(group, result))
 
 
 def seed_random_merges(seed: int) -> None:

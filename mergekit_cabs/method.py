@@ -189,21 +189,9 @@ def check_planned(task: _mergekit.PlannedTask) -> None:
         resolve_planned(task)
 
 
-@contextlib.contextmanager
 def capture_merges(sink):
     """Within the block, every cabs merge also hands (group, parameters, result) to `sink`."""
-    original = CabsMerge.merge_group
-
-    def merge_group(self, group, /, **parameters):
-        result = original(self, group, **parameters)
-        sink(group, parameters, result)
-        return result
-
-    CabsMerge.merge_group = merge_group
-    try:
-        yield
-    finally:
-        CabsMerge.merge_group = original
+    return _mergekit.capture_merge_group(CabsMerge, sink)
 
 
 _foreign_said: list = []
