@@ -205,7 +205,7 @@ def merge_into(model, raw: dict, *, device: str = "cpu", seed: int | None = None
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs import _mergekit, planning
-    from mergekit_cabs.tune.store import release_memory, write_result
+    from mergekit_cabs.tune.store import write_merges
 
     try:
         config = MergeConfiguration.model_validate(raw)
@@ -213,18 +213,13 @@ def merge_into(model, raw: dict, *, device: str = "cpu", seed: int | None = None
         raise TuneError(f"tune: the {raw.get('merge_method')} baseline's configuration is not valid: {error}") from None
     planned = planning.plan_tasks(config)
     by_task = {t.task: types.SimpleNamespace(name=t.name, save_dtype=dtype) for t, dtype in planned}
-    state = model.state_dict()
     if seed is not None:
         _mergekit.seed_random_merges(seed)
     capture = _mergekit.capture_task_arithmetic(sink) if sink else contextlib.nullcontext()
     with capture, torch.no_grad():
-        for task, result in _mergekit.execute(list(by_task), device):
-            p = by_task[task]
-            target, save = write_result(p, result, state)
+        for p, target, save in write_merges(by_task, model, device):
             if sink:
                 sink.bind(p.name, target, save)
-            del result
-            release_memory(collect=False)
     return 1
 
 

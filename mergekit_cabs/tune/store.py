@@ -315,29 +315,40 @@ def build_store(planned, finetunes, model, *, device: str, store_device: str = "
     files are closed after each tensor)."""
     import tqdm
 
-    from mergekit_cabs import _mergekit
     from mergekit_cabs.method import capture_merges
 
-    state = model.state_dict()
     collect = SlotCollector(finetunes, store_device)
     by_task = {p.task: p for p in planned}
     slots, fixed = [], 0
     with capture_merges(collect), tqdm.tqdm(total=len(by_task), desc="Masks", unit="tensor",
                                             disable=not progress) as bar:
-        for task, result in _mergekit.execute(list(by_task), device):
-            p = by_task[task]
-            target, save = write_result(p, result, state)
-            del result
+        for p, target, save in write_merges(by_task, model, device):
             slot = collect.pending.pop(p.name, None)
             if slot is None:
                 fixed += 1
             else:
                 slot.target, slot.save_dtype = target, save
                 slots.append(slot)
-            release_memory(collect=False)  # this tensor's inputs and temporaries
             bar.update(1)
-    check_covered(planned, state)
+    check_covered(planned, model.state_dict())
     return WeightStore(slots, fixed)
+
+
+def write_merges(by_task: dict, model, device: str):
+    """Run mergekit's merge tasks (`by_task`: task -> its planned tensor, with
+    `name` and `save_dtype`) on `device`, one tensor at a time, and write each
+    result into `model` (`write_result`); yields (planned tensor, the model's
+    tensor, save dtype) after each, then frees that tensor's inputs and
+    temporaries."""
+    from mergekit_cabs import _mergekit
+
+    state = model.state_dict()
+    for task, result in _mergekit.execute(list(by_task), device):
+        p = by_task[task]
+        target, save = write_result(p, result, state)
+        del result
+        yield p, target, save
+        release_memory(collect=False)
 
 
 def write_result(p, result: torch.Tensor | None, state: dict) -> tuple[torch.Tensor, torch.dtype | None]:
