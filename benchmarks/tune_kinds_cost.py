@@ -57,7 +57,7 @@ def lm_eval_task(root: Path, choice_file: Path) -> Path:
 def load_tasks(files: dict[str, Path], tokenizer, window: int, items: int, template) -> list:
     from mergekit_cabs.tune.chat import load_chat_task
     from mergekit_cabs.tune.choice import load_choice_task
-    from mergekit_cabs.tune.data import load_task_data
+    from mergekit_cabs.tune.text import load_task_data
 
     sizes = {"window": window, "fit_fraction": 0.5}
     tasks = [load_task_data("text", files["text"], tokenizer, max_windows=items, **sizes),

@@ -379,8 +379,8 @@ def test_tune_names_model_and_tensor_of_a_nan_in_a_fine_tune_before_scoring_it(t
 
     sick = _variant(tune_family["base"], tmp_path / "sick", poison)
     scored = []
-    real = tn.data.window_losses
-    monkeypatch.setattr(tn.data, "window_losses",
+    real = tn.text.window_losses
+    monkeypatch.setattr(tn.text, "window_losses",
                         lambda model, *a: scored.append(model.name_or_path) or real(model, *a))
     lines = _tune_error(tune_family, tmp_path, _with_model(tune_family, tmp_path, 0, sick), ["sick", "ft1", "ft2"])
     assert lines == [f"Error: model 'sick' ({sick}): tensor {down} holds NaN or infinite values; "

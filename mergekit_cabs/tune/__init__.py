@@ -39,20 +39,7 @@ from mergekit_cabs.tune.baselines import (
 )
 from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
-from mergekit_cabs.tune.data import (
-    SPLITS,
-    TaskData,
-    held_out,
-    load_task_data,
-    load_tasks,
-    match_data,
-    means,
-    model_names,
-    read_texts,
-    task_losses,
-    task_scores,
-    window_losses,
-)
+from mergekit_cabs.tune.data import load_tasks, match_data, model_names, task_losses, task_scores
 from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
 from mergekit_cabs.tune.options import (
     DEFAULTS,
@@ -70,6 +57,7 @@ from mergekit_cabs.tune.options import (
     search_settings,
 )
 from mergekit_cabs.tune.report import format_summary, make_plot, plot_figure, render_markdown, write_outputs
+from mergekit_cabs.tune.rows import SPLITS, held_out, means
 from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, scoring_dtype, timed
 from mergekit_cabs.tune.search import (
     SEARCHES,
@@ -92,6 +80,7 @@ from mergekit_cabs.tune.settings import (
     setting_config,
 )
 from mergekit_cabs.tune.store import Slot, WeightStore, build_store, held_bytes, same_bits
+from mergekit_cabs.tune.text import TaskData, load_task_data, read_texts, window_losses
 
 __all__ = [
     "BASELINE_FILES",

@@ -281,7 +281,7 @@ class LambdaStore:
 def one_lambda(method: str, prep, s, live, objectives, seed: int) -> dict:
     """A one-lambda baseline: one merge at lambda 1 (the search's), lambda
     searched on the fit windows, the chosen lambda merged once more and scored."""
-    from mergekit_cabs.tune.data import means
+    from mergekit_cabs.tune.rows import means
     from mergekit_cabs.tune.run import score_now
     from mergekit_cabs.tune.search import optimise
     from mergekit_cabs.tune.store import release_memory

@@ -9,8 +9,8 @@ from pathlib import Path
 from mergekit_cabs._output import WriteError, fmt, publish, pyplot
 from mergekit_cabs.tune.baselines import BASELINE_FILES, FILES, LABELS
 from mergekit_cabs.tune.compare import markdown_lines, summary_lines
-from mergekit_cabs.tune.data import SPLITS
 from mergekit_cabs.tune.options import OUT_FILES, TuneError
+from mergekit_cabs.tune.rows import SPLITS
 
 
 def task_info(report: dict, task: str) -> dict:

@@ -6,12 +6,15 @@ token sequences of different lengths, padded into batches."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from mergekit_cabs.tune.options import TuneError
+
+SPLITS = ("fit", "heldout")
 
 # The kinds of a JSONL line, by its fields (the first line decides the file's kind).
 ROW_FORMS = {
@@ -117,11 +120,28 @@ def check_choice_row(where: str, row: dict) -> None:
                         f"0 to {len(choices) - 1}")
 
 
+def held_out(count: int, fit_fraction: float) -> torch.Tensor:
+    """Which of `count` consecutive windows are held out: window i is when
+    floor((i + 1) * h) > floor(i * h), h = 1 - fit_fraction (every other
+    window at 0.5), so both parts see every region of the file."""
+    held = 1 - fit_fraction
+    is_held = torch.tensor([math.floor((i + 1) * held) > math.floor(i * held) for i in range(count)])
+    if bool(is_held.all()) or not bool(is_held.any()):  # two windows and an extreme fraction
+        is_held = torch.arange(count) == count - 1
+    return is_held
+
+
+def thin(part: torch.Tensor, max_windows: int) -> torch.Tensor:
+    """At most `max_windows` of the windows, picked evenly along them."""
+    if len(part) <= max_windows:
+        return part
+    picks = torch.linspace(0, len(part) - 1, max_windows).round().long()
+    return part[picks]
+
+
 def split_rows(count: int, fit_fraction: float, max_items: int, name: str, path: Path) -> dict[str, list[int]]:
     """Which rows are fit and which held out: spread along the file as the
     text's windows are (`held_out`), each part thinned evenly to `max_items`."""
-    from mergekit_cabs.tune.data import held_out, thin
-
     if count < 2:
         raise TuneError(f"data for '{name}' ({path}) has {count} row(s): too few for one to fit and one held out")
     is_held = held_out(count, fit_fraction)
@@ -166,3 +186,8 @@ def batches(sizes: Sequence[int], batch_size: int) -> list[range]:
     if start < len(sizes):
         groups.append(range(start, len(sizes)))
     return groups
+
+
+def means(per_window: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean of each data set's per-item values."""
+    return {k: float(v.mean()) for k, v in per_window.items()}

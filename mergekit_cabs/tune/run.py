@@ -27,7 +27,7 @@ from mergekit_cabs.tune.baselines import (
 )
 from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
-from mergekit_cabs.tune.data import SPLITS, load_tasks, match_data, means, model_names, task_scores
+from mergekit_cabs.tune.data import load_tasks, match_data, model_names, task_scores
 from mergekit_cabs.tune.groups import LayerGroups, make_groups
 from mergekit_cabs.tune.lmeval import load_lm_eval_tasks
 from mergekit_cabs.tune.options import (
@@ -40,6 +40,7 @@ from mergekit_cabs.tune.options import (
     implied_objective,
 )
 from mergekit_cabs.tune.report import items_word
+from mergekit_cabs.tune.rows import SPLITS, means
 from mergekit_cabs.tune.search import Objective, SearchResult, budget_note, optimise, split_objectives
 from mergekit_cabs.tune.settings import (
     Setting,

@@ -10,8 +10,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mergekit_cabs.tune.data import SPLITS
 from mergekit_cabs.tune.options import GENERAL, NO_TASKS_FOR_GAIN, TuneError
+from mergekit_cabs.tune.rows import SPLITS
 
 # --- the objective -------------------------------------------------------------------
 
