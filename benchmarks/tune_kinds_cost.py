@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     from mergekit_cabs.tune.chat import Template
-    from mergekit_cabs.tune.run import load_model
+    from mergekit_cabs.tune.references import load_model
 
     if args.demo:
         from transformers import AutoTokenizer

@@ -9,7 +9,7 @@ files, once, in its own process.  Then every measured run is one more
 process that only imports the package and runs `tune` (`--objective loss`:
 random data has no meaningful normalized gain), so building the models does
 not count.  In that process a thread samples the resident set (VmRSS) every
-20 ms and files each sample under the phase running (`tune.run.timed`'s
+20 ms and files each sample under the phase running (`tune.live.timed`'s
 keys: reference_s, masks_s, search_s, final_s); on CUDA the peak of
 `torch.cuda.max_memory_allocated()` is read per phase as well.
 
@@ -114,11 +114,12 @@ class PhaseMemory:
             self.rss[self.phase] = max(self.rss.get(self.phase, 0), resident()["VmRSS"])
             time.sleep(0.02)
 
-    def watch(self, run_module) -> None:
-        """Wrap `run_module.timed` so that every timed phase is a memory phase too."""
+    def watch(self, modules) -> None:
+        """Wrap `timed` (`tune.live.timed`) in each of `modules` that uses it, so
+        that every timed phase is a memory phase too."""
         import torch
 
-        timed = run_module.timed
+        from mergekit_cabs.tune.live import timed
 
         @contextlib.contextmanager
         def phased(clock, key):
@@ -132,7 +133,8 @@ class PhaseMemory:
             self.rss[key] = max(self.rss.get(key, 0), resident()["VmRSS"])
             self.phase = "between"
 
-        run_module.timed = phased
+        for module in modules:
+            module.timed = phased
 
 
 def measure(args) -> dict:
@@ -141,13 +143,13 @@ def measure(args) -> dict:
     import torch
 
     from mergekit_cabs import tune as tn
-    from mergekit_cabs.tune import run
+    from mergekit_cabs.tune import baselines, live, run, settings
 
     work = args.work
     prep = tn.prepare(work / "cabs.yml", [f"ft{i}={work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
                       max_windows=args.max_windows, budget=args.budget)
     fixed = resident()["VmRSS"]  # imports, tokenizer, data
-    memory.watch(run)
+    memory.watch([run, settings, baselines, live])
     report = tn.run_tune(prep, device="cuda" if args.cuda else "cpu", objective="loss", budget=args.budget,
                          batch_size=args.batch_size, score_dtype=args.score_dtype,
                          store_on_device=args.store_on_device, quiet=True, baselines=args.baselines)
@@ -191,7 +193,7 @@ def check_exact(args, prep, report: dict) -> dict:
     from mergekit.options import MergeOptions
 
     from mergekit_cabs import tune as tn
-    from mergekit_cabs.tune import run
+    from mergekit_cabs.tune import references
 
     device = report["device"]
     out = args.work / "tuned-merge"
@@ -200,7 +202,7 @@ def check_exact(args, prep, report: dict) -> dict:
     run_merge(MergeConfiguration.model_validate(report["tuned_config"]), str(out),
               MergeOptions(quiet=True, copy_tokenizer=False, cuda=device.startswith("cuda")))
     merge_s = time.perf_counter() - started
-    model = run.load_model(str(out), device, getattr(torch, report["score_dtype"]))
+    model = references.load_model(str(out), device, getattr(torch, report["score_dtype"]))
     windows = equal = 0
     for task in prep.tasks:
         for split in tn.SPLITS:
@@ -218,18 +220,18 @@ def measure_settings(args) -> dict:
     import torch
 
     from mergekit_cabs import tune as tn
-    from mergekit_cabs.tune import run
+    from mergekit_cabs.tune import live, references
 
     work = args.work
     prep = tn.prepare(work / "cabs.yml", [f"ft{i}={work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
                       max_windows=args.max_windows, budget=args.budget)
     device = "cuda" if args.cuda else "cpu"
-    s = run.Settings(device=device, store_device=device if args.store_on_device else "cpu",
-                     score_dtype=run.scoring_dtype(prep.config, args.score_dtype), objective="loss",
+    s = live.Settings(device=device, store_device=device if args.store_on_device else "cpu",
+                     score_dtype=references.scoring_dtype(prep.config, args.score_dtype), objective="loss",
                      general_weight=1.0, budget=args.budget, weight_bounds=(0.0, 2.0), lambda_bounds=(0.25, 2.0),
                      tolerance=0.05, batch_size=args.batch_size, quiet=True)
-    model = run.load_model(str(prep.config.base_model.model.path), device, s.score_dtype)
-    store = run.bind_store(prep, model, s)
+    model = references.load_model(str(prep.config.base_model.model.path), device, s.score_dtype)
+    store = live.bind_store(prep, model, s)
 
     def timed_apply(weights, lam, incremental):
         store.incremental = incremental

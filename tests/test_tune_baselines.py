@@ -180,9 +180,9 @@ def test_tuned_task_arithmetic_runs_by_default_only_where_its_store_fits(asked, 
 
 def test_above_the_free_memory_tune_says_the_cost_in_one_line_and_runs_without_it(tune_family, tmp_path,
                                                                                    monkeypatch):
-    from mergekit_cabs.tune import run
+    from mergekit_cabs.tune import baselines
 
-    monkeypatch.setattr(run, "available_memory", lambda device: 10**6)  # 1 MB free: nothing fits
+    monkeypatch.setattr(baselines, "available_memory", lambda device: 10**6)  # 1 MB free: nothing fits
     args = ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)), "--budget", "3",
             "--max-windows", "2", "--quiet"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])

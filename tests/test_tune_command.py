@@ -155,9 +155,9 @@ def test_references_load_one_model_at_a_time_in_the_scoring_dtype(tune_family, m
     the merge's dtype; each model is gone before the next one is loaded."""
     import weakref
 
-    from mergekit_cabs.tune import run
+    from mergekit_cabs.tune import references
 
-    loaded, original = [], run.load_model
+    loaded, original = [], references.load_model
 
     def watch(path, device, dtype=torch.float32):
         assert not [r for r in loaded if r() is not None], "a model was still in memory when the next was loaded"
@@ -166,7 +166,7 @@ def test_references_load_one_model_at_a_time_in_the_scoring_dtype(tune_family, m
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         return model
 
-    monkeypatch.setattr(run, "load_model", watch)
+    monkeypatch.setattr(references, "load_model", watch)
     prep = tn.prepare(tune_family["config"], [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=2)
     report = tn.run_tune(prep, budget=1, objective="loss", quiet=True)
     assert len(loaded) == 4 and report["memory"]["model_bytes"] == 2 * sum(

@@ -28,8 +28,9 @@ from mergekit_cabs import analyze as an
 from mergekit_cabs import planning
 from mergekit_cabs import tune as tn
 from mergekit_cabs.cli import main
-from mergekit_cabs.tune import run as tune_run
-from mergekit_cabs.tune.report import settings_lines, settings_markdown
+from mergekit_cabs.tune import live as tune_live
+from mergekit_cabs.tune.outputs import settings_markdown
+from mergekit_cabs.tune.report import settings_lines
 from mergekit_cabs.tune.settings import check_settings, order_ranks
 
 tune_family = test_tune_command.tune_family  # a bf16 base, three fine-tunes (3 x 16 of 64), their texts
@@ -39,13 +40,13 @@ no_model_loading = test_tune_command.no_model_loading
 def _count_mask_passes(monkeypatch) -> list:
     """Record the plan handed to every mask pass (`build_store`) of a tune run."""
     passes = []
-    real = tune_run.build_store
+    real = tune_live.build_store
 
     def counted(planned, *args, **kwargs):
         passes.append(planned)
         return real(planned, *args, **kwargs)
 
-    monkeypatch.setattr(tune_run, "build_store", counted)
+    monkeypatch.setattr(tune_live, "build_store", counted)
     return passes
 
 

@@ -6,21 +6,22 @@ mergekit's own plan and execution graph (filters, gradients, slices and dtype
 settings resolve exactly as in ``mergekit-yaml``), and keeps what it needs to
 rebuild any merged tensor (`store`).  Setting a weight vector is then one pass
 over the parameters with the kernel's own arithmetic, written into a live
-transformers model that is scored on each model's own data (`data`: text
-windows; `chat`: prompt/response and chat rows, loss on the response tokens;
-`choice`: multiple choice as lm-eval scores it; `lmeval`: lm-eval tasks on
-the live model; `rows` reads and batches the row kinds).  A
-search over the weights and lambda (coordinate-wise with halving steps, or
-CMA-ES) maximises the mean normalized gain over tasks, or minimises a loss
-(`search`), one weight per model or, with layer groups (`groups`), one per
-model and group of decoder layers; the chosen point is written as
-``tuned.yml`` (`config`) with a report (`report`).  Task arithmetic tuned
+transformers model (`live`) that is scored on each model's own data (`data`
+dispatches to the kinds: `text` windows; `chat`: prompt/response and chat
+rows, loss on the response tokens; `choice`: multiple choice as lm-eval
+scores it; `lmeval`: lm-eval tasks on the live model; `rows` holds what
+they share).  A search over the weights and lambda (`search`:
+coordinate-wise with halving steps, or CMA-ES) maximises the mean
+normalized gain over tasks, or minimises a loss (`objective`), one weight
+per model or, with layer groups (`groups`), one per model and group of
+decoder layers; the chosen point is written as ``tuned.yml`` (`config`)
+with a report (`report`: the console; `outputs`: the files).  Task arithmetic tuned
 the same way, and on request one-lambda task_arithmetic, ties and dare_ties
 merged by mergekit's own methods, are scored on the same held-out windows
 (`baselines`), with paired bootstrap intervals and a verdict (`compare`).
 With --densities / --orders, each (density, order) setting gets its own
 masks and search, and the best on the fit data is kept (`settings`).
-`run` holds the phases in order.
+`run` holds the phases in order; docs/contributing.md draws the layers.
 
     from mergekit_cabs import tune
     prep = tune.prepare("my-cabs.yml", ["math-ft=math.jsonl", "code-ft=code.txt"])
@@ -28,23 +29,19 @@ masks and search, and the best on the fit data is kept (`settings`).
     tune.write_outputs(report, "cabs-tune")
 """
 
-from mergekit_cabs.tune.baselines import (
-    BASELINE_FILES,
-    ONE_LAMBDA,
-    as_method,
-    dense_cabs,
-    merge_into,
-    parse_baselines,
-    tuned_decision,
-)
+from mergekit_cabs.tune.baselines import as_method, dense_cabs, merge_into, parse_baselines, tuned_decision
 from mergekit_cabs.tune.compare import comparison
-from mergekit_cabs.tune.config import check_round_trip, configured_numbers, tuned_config
+from mergekit_cabs.tune.config import check_round_trip, configured_numbers, mask_signature, tuned_config
 from mergekit_cabs.tune.data import load_tasks, match_data, model_names, task_losses, task_scores
 from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
+from mergekit_cabs.tune.live import timed
+from mergekit_cabs.tune.objective import Objective, split_objectives
 from mergekit_cabs.tune.options import (
+    BASELINE_FILES,
     DEFAULTS,
     GENERAL,
     OBJECTIVES,
+    ONE_LAMBDA,
     OPTIMIZERS,
     OUT_FILES,
     SCORE_DTYPES,
@@ -56,23 +53,23 @@ from mergekit_cabs.tune.options import (
     parse_bounds,
     search_settings,
 )
-from mergekit_cabs.tune.report import format_summary, make_plot, plot_figure, render_markdown, write_outputs
+from mergekit_cabs.tune.outputs import make_plot, plot_figure, render_markdown, write_outputs
+from mergekit_cabs.tune.prepare import Prepared, prepare
+from mergekit_cabs.tune.references import load_model, scoring_dtype
+from mergekit_cabs.tune.report import format_summary
 from mergekit_cabs.tune.rows import SPLITS, held_out, means
-from mergekit_cabs.tune.run import Prepared, load_model, prepare, run_tune, scoring_dtype, timed
+from mergekit_cabs.tune.run import run_tune
 from mergekit_cabs.tune.search import (
     SEARCHES,
-    Objective,
     SearchResult,
     budget_note,
     choose_optimizer,
     cmaes_search,
     coordinate_search,
     optimise,
-    split_objectives,
 )
 from mergekit_cabs.tune.settings import (
     Setting,
-    mask_signature,
     parse_densities,
     parse_orders,
     plan_settings,

@@ -33,20 +33,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from mergekit_cabs.kernel import compute_dtype, finish
-from mergekit_cabs.tune.options import TuneError
-from mergekit_cabs.tune.store import APPLY_CHUNK
+from mergekit_cabs.tune.compare import comparison
+from mergekit_cabs.tune.config import model_items, shared_dicts, tuned_config
+from mergekit_cabs.tune.live import Live, Settings, bind_store, say, score_now, search, timed
+from mergekit_cabs.tune.options import ONE_LAMBDA, TUNED, TuneError
+from mergekit_cabs.tune.prepare import Prepared
+from mergekit_cabs.tune.rows import items_word, means
+from mergekit_cabs.tune.search import optimise
+from mergekit_cabs.tune.store import APPLY_CHUNK, held_bytes, release_memory, write_merges
 
-ONE_LAMBDA = ("task_arithmetic", "ties", "dare_ties")
-TUNED = "task_arithmetic_tuned"
-FILES = {TUNED: "task_arithmetic_tuned.yml", **{name: f"{name}.yml" for name in ONE_LAMBDA}}
-BASELINE_FILES = tuple(FILES.values())
-LABELS = {TUNED: "task_arithmetic (tuned)", **{name: name for name in ONE_LAMBDA}}
 CABS_ONLY = ("n", "block_size", "overlap", "conflict_aware", "balanced")
 
 
@@ -128,27 +129,6 @@ def tuned_decision(asked: bool | None, need: int, places: int, available: int | 
 # --- the configurations ------------------------------------------------------------------
 
 
-def model_items(raw: dict) -> Iterator[dict]:
-    """Every model entry of a configuration that is not the base (models: and slices' sources)."""
-    from mergekit.common import ModelReference
-
-    base = ModelReference.model_validate(raw["base_model"]) if raw.get("base_model") else None
-    items = list(raw.get("models") or []) + [s for p in raw.get("slices") or [] for s in p.get("sources") or []]
-    for item in items:
-        if ModelReference.model_validate(item["model"]) != base:
-            yield item
-
-
-def shared_dicts(raw: dict) -> list[dict]:
-    """The configuration's shared parameter mappings (top level, then each slice's), created if missing."""
-    raw["parameters"] = raw.get("parameters") or {}
-    out = [raw["parameters"]]
-    for piece in raw.get("slices") or []:
-        if piece.get("parameters"):
-            out.append(piece["parameters"])
-    return out
-
-
 def dense_cabs(raw: dict) -> dict:
     """The cabs configuration of task arithmetic: every place kept
     (density 1.0 everywhere), no conflict-aware exclusion."""
@@ -205,7 +185,6 @@ def merge_into(model, raw: dict, *, device: str = "cpu", seed: int | None = None
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs import _mergekit, planning
-    from mergekit_cabs.tune.store import write_merges
 
     try:
         config = MergeConfiguration.model_validate(raw)
@@ -270,8 +249,6 @@ class LambdaStore:
                 slot.write(lam)
 
     def nbytes(self) -> int:
-        from mergekit_cabs.tune.store import held_bytes
-
         return held_bytes(t for s in self.slots for t in (s.base, s.merged))
 
 
@@ -281,10 +258,6 @@ class LambdaStore:
 def one_lambda(method: str, prep, s, live, objectives, seed: int) -> dict:
     """A one-lambda baseline: one merge at lambda 1 (the search's), lambda
     searched on the fit windows, the chosen lambda merged once more and scored."""
-    from mergekit_cabs.tune.rows import means
-    from mergekit_cabs.tune.run import score_now
-    from mergekit_cabs.tune.search import optimise
-    from mergekit_cabs.tune.store import release_memory
 
     store = LambdaStore()
     merges = merge_into(live.model, as_method(prep.raw, method, 1.0), seed=seed, sink=store)
@@ -317,9 +290,6 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
-    from mergekit_cabs.tune.config import tuned_config
-    from mergekit_cabs.tune.run import bind_store, score_now, search
-    from mergekit_cabs.tune.store import release_memory
 
     planned = plan(MergeConfiguration.model_validate(dense_cabs(prep.raw)), shapes=False)
     live.store = bind_store(prep, live.model, s, planned, announce=None)  # every place kept: shared, not said
@@ -354,3 +324,22 @@ def run_baselines(prep, s, live, objectives, optimizer: str, tuned: bool, method
             print(f"Merging {method} with mergekit, lambda picked on the fit data", file=sys.stderr, flush=True)
         out.append(one_lambda(method, prep, s, live, objectives, s.seed))
     return out
+
+
+def add_baselines(report: dict, prep: Prepared, s: Settings, live: Live, objectives: dict, optimizer: str,
+                  tuned_ta: bool | None, one_lambda: Sequence[str]) -> None:
+    """Phase 6: free the cabs store, settle whether tuned task arithmetic runs
+    (`tuned_decision`: its line, when it does not, printed and kept in the
+    notes), run the baselines and put their comparison in the report."""
+    need, places = tuned_store_bytes(live.store.slots), live.store.places()
+    live.store = None  # the cabs store is freed before a baseline's is built
+    release_memory()
+    run_tuned, note = tuned_decision(tuned_ta, need, places, available_memory(s.store_device))
+    report["memory"]["tuned_task_arithmetic_store_bytes"] = need
+    if note:
+        say(note, False)
+        report["search"]["notes"].append(note)
+    if run_tuned or one_lambda:
+        with timed(report["time"], "baselines_s"):
+            found = run_baselines(prep, s, live, objectives, optimizer, run_tuned, one_lambda)
+        report["baselines"] = comparison(objectives["heldout"], report, found, items_word(t.kind for t in prep.tasks))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mergekit_cabs.tune.baselines import FILES, LABELS
+from mergekit_cabs.tune.options import FILES, LABELS
 
 DRAWS = 2000
 SEED = 0

@@ -12,7 +12,7 @@ filters name its own input layers."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_prefix
 from mergekit_cabs.tune.options import TuneError
@@ -104,7 +104,6 @@ def check_round_trip(tuned: dict, finetunes, weights, lam, groups: LayerGroups =
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
-    from mergekit_cabs.tune.settings import mask_signature
 
     planned = plan(MergeConfiguration.model_validate(tuned), shapes=False)
     got_weights, got_lam = configured_numbers(planned, finetunes, groups)
@@ -112,3 +111,33 @@ def check_round_trip(tuned: dict, finetunes, weights, lam, groups: LayerGroups =
         raise RuntimeError(f"tune: tuned.yml resolves to weights {got_weights}, lambda {got_lam} (a bug)")
     if expected is not None and mask_signature(planned) != mask_signature(expected):
         raise RuntimeError("tune: tuned.yml does not plan the chosen density and order (a bug)")
+
+
+def model_items(raw: dict) -> Iterator[dict]:
+    """Every model entry of a configuration that is not the base (models: and slices' sources)."""
+    from mergekit.common import ModelReference
+
+    base = ModelReference.model_validate(raw["base_model"]) if raw.get("base_model") else None
+    items = list(raw.get("models") or []) + [s for p in raw.get("slices") or [] for s in p.get("sources") or []]
+    for item in items:
+        if ModelReference.model_validate(item["model"]) != base:
+            yield item
+
+
+def shared_dicts(raw: dict) -> list[dict]:
+    """The configuration's shared parameter mappings (top level, then each slice's), created if missing."""
+    raw["parameters"] = raw.get("parameters") or {}
+    out = [raw["parameters"]]
+    for piece in raw.get("slices") or []:
+        if piece.get("parameters"):
+            out.append(piece["parameters"])
+    return out
+
+
+def mask_signature(planned) -> list[tuple]:
+    """What decides a plan's masks, tensor by tensor: the models in priority
+    order and their quotas (n per block; the density too without balanced
+    blocks).  Weights and lambda are left out: tune sets them."""
+    return [(p.name, tuple(str(m) for m in p.models), p.resolved.n,
+             None if p.resolved.balanced else p.resolved.density, p.resolved.block_size, p.resolved.overlap,
+             p.resolved.conflict_aware) for p in planned if p.models]

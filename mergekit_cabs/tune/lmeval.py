@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mergekit_cabs.tune.options import TuneError
+from mergekit_cabs.tune.rows import split_rows
 
 EXTRA = 'pip install "mergekit-cabs[lm-eval]"'
 DEFAULT_METRIC = "acc,none"  # as mergekit-evolve's
@@ -125,8 +126,6 @@ def load_lm_eval_tasks(specs, tokenizer, *, include: Path | None, limit: int, fi
                        taken: set[str]) -> list[LmEvalTask]:
     """The --lm-eval tasks, checked (known to lm-eval, a metric it averages
     over documents), their documents split; `taken`: names already used."""
-    from mergekit_cabs.tune.rows import split_rows
-
     if not specs:
         return []
     _, _, TaskManager, get_task_dict = lm_eval_modules()

@@ -101,3 +101,18 @@ def check_device_settings(*, device: str, score_dtype: str, store_on_device: boo
         raise TuneError(f"--score-dtype is {score_dtype!r}; it must be one of {', '.join(SCORE_DTYPES)}")
     if store_on_device and device == "cpu":
         raise TuneError("--store-on-device needs --cuda (on the CPU the store is always in host memory)")
+
+
+ONE_LAMBDA = ("task_arithmetic", "ties", "dare_ties")
+
+
+TUNED = "task_arithmetic_tuned"
+
+
+FILES = {TUNED: "task_arithmetic_tuned.yml", **{name: f"{name}.yml" for name in ONE_LAMBDA}}
+
+
+BASELINE_FILES = tuple(FILES.values())
+
+
+LABELS = {TUNED: "task_arithmetic (tuned)", **{name: name for name in ONE_LAMBDA}}

@@ -188,6 +188,17 @@ def batches(sizes: Sequence[int], batch_size: int) -> list[range]:
     return groups
 
 
+def items_word(kinds) -> str:
+    """What data sets of these kinds are made of, in a word: "windows" when
+    every one is text (or there is none), else "items"."""
+    return "windows" if set(kinds) <= {"text"} else "items"
+
+
 def means(per_window: dict[str, torch.Tensor]) -> dict[str, float]:
     """The mean of each data set's per-item values."""
     return {k: float(v.mean()) for k, v in per_window.items()}
+
+
+def mean_measures(scored: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each measure's mean over the items."""
+    return {m: float(v.mean()) for m, v in scored.items()}

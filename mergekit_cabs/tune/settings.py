@@ -3,16 +3,18 @@
 A *setting* is the configuration with every fine-tune at one density (or
 one ``n``) and the models in one priority order; the configuration as
 written is the setting with neither changed.  Each setting has its own
-masks, so `run` builds a store per setting (one mask pass, as tune does at
-start), searches its weights, and keeps the setting whose best point scores
-highest on the fit windows.  This module parses the options, writes each
-setting's configuration and plans it with mergekit; the suggested order is
-`analyze`'s (`analyze.order_of`: its rule, its code).
+masks, so `search_each` builds a store per setting (one mask pass, as tune
+does at start) and searches its weights; `run` keeps the setting whose best
+point scores highest on the fit windows.  This module parses the options,
+writes each setting's configuration and plans it with mergekit, and searches
+the settings one after another; the suggested order is `analyze`'s
+(`analyze.order_of`: its rule, its code).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import math
@@ -21,7 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mergekit_cabs.params import CabsError
+from mergekit_cabs.tune.config import mask_signature, model_items, shared_dicts
+from mergekit_cabs.tune.live import Live, Settings, bind_store, heldout_score, say, score_point, search, timed
 from mergekit_cabs.tune.options import TuneError
+from mergekit_cabs.tune.prepare import Prepared
+from mergekit_cabs.tune.store import release_memory
 
 ORDER_NAMES = ("config", "suggested", "all")
 MAX_ALL = 4  # --orders all tries every order up to this many models (4! = 24 settings)
@@ -53,15 +59,6 @@ def density_text(density: float | int | None) -> str:
     if density is None:
         return "density as configured"
     return f"n {density}" if isinstance(density, int) else f"density {density:g}"
-
-
-def mask_signature(planned) -> list[tuple]:
-    """What decides a plan's masks, tensor by tensor: the models in priority
-    order and their quotas (n per block; the density too without balanced
-    blocks).  Weights and lambda are left out: tune sets them."""
-    return [(p.name, tuple(str(m) for m in p.models), p.resolved.n,
-             None if p.resolved.balanced else p.resolved.density, p.resolved.block_size, p.resolved.overlap,
-             p.resolved.conflict_aware) for p in planned if p.models]
 
 
 def parse_densities(text: str | None) -> tuple[float | int, ...]:
@@ -148,7 +145,6 @@ def setting_config(raw: dict, density: float | int | None, ranks: Sequence[int],
     sources in different orders)."""
     from mergekit.common import ModelReference
 
-    from mergekit_cabs.tune.baselines import model_items, shared_dicts
 
     out = copy.deepcopy(raw)
     if density is not None:
@@ -244,3 +240,90 @@ def plan_settings(prep, densities: Sequence[float | int], orders: Sequence[str],
                     say(f"tune: {setting.label(prep.labels)} plans the masks of {twin.label(prep.labels)}; "
                         "it is searched once")
     return settings
+
+
+def search_each(prep: Prepared, s: Settings, model, objectives: dict, settings: Sequence[Setting],
+                    budgets: Sequence[int], clock: dict) -> tuple[Live, list[dict], dict | None]:
+    """Phases 2 and 3 per setting: its masks (a store, the previous one freed
+    first), its search, and with several settings its best point scored on
+    both splits; your config, as written, scored while a setting with its
+    masks is live.  Returns the live model (the last setting's store bound),
+    one row per setting and your config's scores (None when no setting had
+    your config's masks)."""
+    live, rows, start = None, [], None
+    for i, (setting, budget) in enumerate(zip(settings, budgets)):
+        if len(settings) > 1:
+            say(f"Setting {i + 1} of {len(settings)}: {setting.label(prep.labels)} (budget {budget})", s.quiet)
+        took: dict[str, float] = {}
+        where = f" ({setting.label(prep.labels)})" if len(settings) > 1 else ""  # in the overlap line
+        with timed(took, "masks_s"):
+            if live is None:
+                live = Live(model, bind_store(prep, model, s, setting.planned, where), prep.tasks, s.batch_size,
+                            prep.groups, len(prep.labels))
+            else:
+                rebind(prep, s, live, setting.planned, {}, announce=where)
+        with timed(took, "search_s"):
+            result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, budget=budget),
+                                    say_budget=i == 0)
+        row = {"result": result, "points": points, "budget": budget, **took}
+        if len(settings) > 1:
+            row["heldout"] = heldout_score(live, objectives, result.best)  # its fit score is the search's
+        if start is None and setting.yours:
+            start = score_point(live, objectives, (prep.start_lambda, *prep.start_weights))  # as written
+        rows.append(row)
+        for key in took:
+            clock[key] += took[key]
+    return live, rows, start
+
+
+def rebind(prep: Prepared, s: Settings, live: Live, planned, clock: dict, announce: str | None) -> None:
+    """Free the live store, then build the one of `planned` (its masks) into
+    the live model; the time added to clock["masks_s"]; `announce`: say
+    when its kept places overlap (`bind_store`)."""
+    live.store = None
+    release_memory()
+    took: dict[str, float] = {}
+    with timed(took, "masks_s"):
+        live.store = bind_store(prep, live.model, s, planned, announce=announce)
+    clock["masks_s"] = clock.get("masks_s", 0.0) + took["masks_s"]
+
+
+def config_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, clock: dict) -> dict:
+    """Your config as written, scored with its own masks (one more mask pass:
+    no setting searched had them)."""
+    say("Computing your config's own masks to score it as written (no setting searched had them)",
+         s.quiet)
+    rebind(prep, s, live, prep.planned, clock, announce=None)  # scored, not searched
+    return score_point(live, objectives, (prep.start_lambda, *prep.start_weights))
+
+
+def final_scores(prep: Prepared, s: Settings, live: Live, objectives: dict, settings: Sequence[Setting], chosen: int,
+                 start: dict | None, best: Sequence[float], clock: dict) -> dict:
+    """Phase 4: your config's scores (with its own masks, computed again when
+    no setting searched had them) and the chosen point's, with the chosen
+    setting's masks bound (the model is left at the chosen point)."""
+    bound = settings[-1].planned  # the masks the live store holds
+    if start is None:  # your config's masks were not among the settings searched
+        start, bound = config_scores(prep, s, live, objectives, clock), prep.planned
+    if bound is not settings[chosen].planned:
+        rebind(prep, s, live, settings[chosen].planned, clock, announce=None)  # said when searched
+    return {"start": start, "best": score_point(live, objectives, best)}
+
+
+def settings_report(prep: Prepared, settings: Sequence[Setting], rows: Sequence[dict], chosen: int,
+                    total_budget: int | None) -> dict:
+    """tune.json's "settings": each (density, order) searched, its budget,
+    evaluations, best point and (with several) its fit and held-out objective."""
+    out = []
+    for i, (setting, row) in enumerate(zip(settings, rows)):
+        result = row["result"]
+        out.append({
+            "label": setting.label(prep.labels), "density": setting.density, "order": setting.order,
+            "models": [prep.labels[j] for j in setting.ranks], "your_config": setting.yours,
+            "budget": row["budget"], "evaluations": len(row["points"]), "stopped": result.stopped,
+            "optimizer": result.optimizer, "lambda": result.best[0],
+            "weights": dict(zip(prep.names()[1:], result.best[1:])), "fit": result.score,
+            "heldout": row.get("heldout"),
+            "masks_s": row["masks_s"], "search_s": row["search_s"], "chosen": i == chosen,
+        })
+    return {"total_budget": total_budget, "evaluations": sum(len(r["points"]) for r in rows), "searched": out}

@@ -1,0 +1,191 @@
+"""The live model and one point of a search: the search's settings, the
+store bound to the model, setting a point and scoring it, and one search
+(`search.optimise`) over the fit items with every point timed."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergekit_cabs.tune.data import task_scores
+from mergekit_cabs.tune.groups import LayerGroups
+from mergekit_cabs.tune.objective import Objective
+from mergekit_cabs.tune.options import DEFAULTS, TuneError
+from mergekit_cabs.tune.prepare import Prepared
+from mergekit_cabs.tune.rows import SPLITS, mean_measures, means
+from mergekit_cabs.tune.search import SearchResult, budget_note, optimise
+from mergekit_cabs.tune.store import WeightStore, build_store, release_memory
+
+
+@contextlib.contextmanager
+def timed(clock: dict[str, float], key: str):
+    """Within the block, time it: `clock[key]` = its wall seconds."""
+    started = time.perf_counter()
+    yield
+    clock[key] = time.perf_counter() - started
+
+
+def say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Settings:
+    """The search's settings, as `run_tune` takes them."""
+
+    device: str
+    store_device: str
+    score_dtype: torch.dtype
+    objective: str
+    general_weight: float
+    budget: int
+    weight_bounds: tuple[float, float]
+    lambda_bounds: tuple[float, float]
+    tolerance: float
+    batch_size: int
+    quiet: bool
+    optimizer: str = DEFAULTS["optimizer"]
+    seed: int = DEFAULTS["seed"]
+    budget_option: str = "--budget"  # where `budget` comes from, for the budget warning
+    budget_shares: int = 1  # ... as one of this many equal shares of it
+
+
+@dataclass
+class Live:
+    """The model being scored and the store that sets its weights."""
+
+    model: Any
+    store: WeightStore
+    tasks: list  # any kind (`data`)
+    batch_size: int
+    groups: LayerGroups
+    models: int
+
+    def set(self, x: Sequence[float]) -> None:
+        """Set the model to the merge at point x = (lambda, then the weights as `Prepared.names`)."""
+        self.store.apply(self.groups.rows(x[1:], self.models), x[0])
+
+    def scores(self, split: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Every task's measures on `split`, per item (`data.task_scores`)."""
+        return task_scores(self.model, self.tasks, split, self.batch_size)
+
+    def losses(self, split: str) -> dict[str, torch.Tensor]:
+        """Every task's objective measure on `split`, per item."""
+        return {t.name: scored[t.measure] for t, scored in zip(self.tasks, self.scores(split).values())}
+
+
+def bind_store(prep: Prepared, model, s: Settings, planned=None, announce: str | None = "") -> WeightStore:
+    """Phase 2: the masks, through mergekit's merge, kept in a store bound to `model`.
+    The merge runs where the store will live: on the host unless the store is
+    kept on the device, so that one tensor's merge (its inputs, masks and
+    temporaries: about 25 bytes per weight of the largest tensor by a count
+    of its arrays, 13 GB for a 128k-vocabulary 8B's embeddings) never needs
+    device memory.  `planned`: a setting's plan (None: the configuration's);
+    `announce`: say when the models' kept places overlap (once per search;
+    None: not), the setting's words put after "overlap"."""
+    store = build_store(prep.planned if planned is None else planned, prep.finetunes, model,
+                        device=s.store_device, store_device=s.store_device, progress=not s.quiet)
+    for slot in store.slots:
+        slot.group = prep.groups.of(slot.name)
+    release_memory()
+    if announce is not None and not store.disjoint:
+        say(
+            f"tune: the models' kept places overlap{announce} ({store.shared_places():,} of {store.places():,} "
+            "places are changed by two or more models: overlap: fill with K*n > m, or conflict_aware: false); the "
+            "weights are no longer independent, and every model's pruned tensor is kept in memory",
+            False,
+        )
+    return store
+
+
+def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep: Prepared) -> None:
+    """A point's losses are finite; else a TuneError naming the point, the
+    merged tensor that holds NaN or infinity and the model keeping it there."""
+    bad = [task for task, loss in losses.items() if not math.isfinite(loss)]
+    if not bad:
+        return
+    point = ", ".join(f"{k} {w:.4g}" for k, w in zip(prep.names(), x))
+    found = live.store.non_finite()
+    if found is None:
+        where = "its weights are finite, so the forward pass overflows"
+    else:
+        tensor, model = found
+        owner = "" if model is None else f", at a place {prep.labels[model]!r} keeps"
+        where = f"its tensor {tensor} holds NaN or infinite values{owner}"
+    raise TuneError(f"tune: the merge at {point} scores a non-finite loss on the data of {bad[0]!r}: {where}; "
+                    "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
+
+
+def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
+    """The searched numbers (lambda, then each model's weight or weights): names, bounds, start."""
+    names = prep.names()
+    bounds = [s.lambda_bounds] + [s.weight_bounds] * (len(names) - 1)
+    return names, bounds, (prep.start_lambda, *prep.start_weights)
+
+
+def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
+           say_budget: bool = True) -> tuple[SearchResult, list[dict]]:
+    """Phase 3: the search (`optimise`) on the fit windows; every point
+    evaluated, timed (`say_budget`: print `budget_note`'s line, if any)."""
+    import tqdm
+
+    names, bounds, start = search_space(prep, s)
+    note = budget_note(len(bounds), s.budget, s.budget_option, s.budget_shares) if say_budget else None
+    if note:
+        say(note, False)
+    points: list[dict] = []
+    bar = tqdm.tqdm(total=s.budget, desc="Tuning", unit="eval", disable=s.quiet)
+
+    def evaluate(x: tuple[float, ...]) -> float:
+        took: dict[str, float] = {}
+        with timed(took, "set_s"):
+            live.set(x)
+            if s.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        with timed(took, "eval_s"):
+            fit = means(live.losses("fit"))
+        check_scored(live, x, fit, prep)
+        score = objective.score(fit)
+        points.append({"lambda": x[0], "weights": dict(zip(names[1:], x[1:])), "fit_loss": fit, "score": score,
+                       **took})
+        bar.update(1)
+        bar.set_postfix(best=f"{max(p['score'] for p in points):.4f}")
+        return score
+
+    with bar:
+        result = optimise(s.optimizer, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed,
+                          coupled=not live.store.disjoint)
+    return result, points
+
+
+def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> dict:
+    """Phase 4: losses, gains and objective of point x on both splits (the model is left at x)."""
+    live.set(x)
+    return score_now(live, objectives)
+
+
+def heldout_score(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> float:
+    """The objective of point x on the held-out data alone (the model is left at x)."""
+    live.set(x)
+    return objectives["heldout"].score(means(live.losses("heldout")))
+
+
+def score_now(live: Live, objectives: dict[str, Objective]) -> dict:
+    """Losses (mean and per window), gains and objective of the live model as it is, on both splits."""
+    out = {}
+    for split in SPLITS:
+        scored = live.scores(split)
+        per_item = {t.name: scored[t.name][t.measure] for t in live.tasks}
+        losses = means(per_item)
+        out[split] = {"loss": losses, "gain": objectives[split].gains(losses), "score": objectives[split].score(losses),
+                      "window_losses": {k: v.tolist() for k, v in per_item.items()},
+                      "measures": {k: mean_measures(by) for k, by in scored.items()}}
+    return out
