@@ -90,6 +90,7 @@ def load_task_data(name: str, path: Path, tokenizer, *, window: int, fit_fractio
 
 
 
+@torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Mean next-token cross-entropy of each window (float64, on the CPU).
 
