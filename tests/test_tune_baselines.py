@@ -203,3 +203,68 @@ def test_above_the_free_memory_tune_says_the_cost_in_one_line_and_runs_without_i
     report = json.loads((tmp_path / "b" / "tune.json").read_text())
     assert [r["name"] for r in report["baselines"]["runs"]] == ["task_arithmetic_tuned"]
     assert (tmp_path / "b" / "task_arithmetic_tuned.yml").exists()
+
+
+def _with_lambda(family, tmp_path, lam):
+    raw = {**family["raw"], "parameters": {**family["raw"]["parameters"], "lambda": lam}}
+    path = tmp_path / f"cabs-lambda-{lam}.yml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_tuned_task_arithmetic_scores_at_least_its_one_lambda_best_when_the_config_lambda_is_far_from_it(
+        tune_family, tmp_path):
+    """The config's lambda (2, the upper bound) is far from task
+    arithmetic's best one lambda: the tuned search starts from the best
+    one-lambda point, so on the fit data it ends at least where one-lambda
+    task arithmetic does (within the rounding between mergekit's merge at
+    lambda 1 rescaled and the store's direct sum, both in bf16)."""
+    prep = tn.prepare(_with_lambda(tune_family, tmp_path, 2.0),
+                      [f"{k}={v}" for k, v in tune_family["data"].items()], max_windows=4)
+    report = tn.run_tune(prep, budget=30, quiet=True, baselines="task_arithmetic_tuned,task_arithmetic")
+    runs = {r["name"]: r for r in report["baselines"]["runs"]}
+    tuned, one = runs["task_arithmetic_tuned"], runs["task_arithmetic"]
+    assert one["lambda"] < 0.5  # far from the config's 2
+    assert tuned["began"]["from"] == "one lambda" and tuned["began"]["lambda"] < 0.5
+    assert tuned["fit"]["score"] >= one["fit"]["score"] - 1e-3
+    assert tuned["evaluations"] <= 30 and report["search"]["evaluations"] <= 30  # the budgets stay equal
+    assert report["search"]["began"]["from"] == "one lambda"  # cabs by the same rule
+
+
+def test_a_search_that_ends_on_a_bound_says_which_in_the_table(tune_family, tmp_path):
+    out = tmp_path / "out"
+    config = _with_lambda(tune_family, tmp_path, 0.05)  # inside the bounds: they are not widened
+    result = CliRunner().invoke(main, ["tune", str(config), *map(str, _data_args(tune_family)),
+                                       "--out", str(out), "--budget", "9", "--max-windows", "2",
+                                       "--lambda-bounds", "0.05,0.1", "--baselines", "task_arithmetic_tuned",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    tuned = report["baselines"]["runs"][0]
+    assert tuned["lambda"] == 0.1 and {"name": "lambda", "value": 0.1, "bound": "upper",
+                                       "option": "--lambda-bounds", "bounds": [0.05, 0.1]} in tuned["on_bounds"]
+    line = next(x for x in result.output.splitlines() if x.startswith("task_arithmetic (tuned) ended on a bound"))
+    assert "lambda 0.1 (upper end of --lambda-bounds 0.05,0.1)" in line
+    assert f"- {line}" in (out / "tune.md").read_text()
+
+
+@pytest.mark.parametrize("line_from, expected_from", [(1.0, "one lambda"), (0.05, "your config")])
+def test_optimise_starts_from_the_better_of_the_start_and_the_lambda_line(line_from, expected_from):
+    """A bowl with its best lambda at 1 and weights at 0.5: the line from
+    lambda 1 beats the start (lambda 0.05); a line from the start's own
+    lambda finds the same point the start had, so the search begins there."""
+    from mergekit_cabs.tune.search import optimise
+
+    calls = []
+
+    def bowl(x):
+        calls.append(x)
+        return -((x[0] - 1.0) ** 2) - sum((w - 0.5) ** 2 for w in x[1:])
+
+    result = optimise("coordinate", bowl, (0.05, 0.5, 0.5), [(0.05, 2.0), (0.0, 2.0), (0.0, 2.0)], budget=30,
+                      tolerance=0.05, seed=0, line_from=line_from)
+    assert len(calls) == len(set(calls)) == len(result.history) <= 30  # each point once, all counted
+    assert result.history[0][0] == (0.05, 0.5, 0.5)
+    began_from = "one lambda" if result.began != (0.05, 0.5, 0.5) else "your config"
+    assert began_from == expected_from or line_from == 0.05
+    assert abs(result.best[0] - 1.0) < 0.05

@@ -41,7 +41,7 @@ import torch
 from mergekit_cabs.kernel import compute_dtype, finish
 from mergekit_cabs.tune.compare import comparison
 from mergekit_cabs.tune.config import model_items, shared_dicts, tuned_config
-from mergekit_cabs.tune.live import Live, Settings, bind_store, say, score_now, search, timed
+from mergekit_cabs.tune.live import Live, Settings, bind_store, say, score_now, search, search_notes, timed
 from mergekit_cabs.tune.options import ONE_LAMBDA, TUNED, TuneError
 from mergekit_cabs.tune.prepare import Prepared
 from mergekit_cabs.tune.rows import items_word, means
@@ -284,9 +284,10 @@ def one_lambda(method: str, prep, s, live, objectives, seed: int) -> dict:
 
 def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
     """Task arithmetic searched as cabs is (the same optimiser, groups,
-    bounds, budget and start), through a store of the configuration with
-    every place kept; the chosen point merged by mergekit's task_arithmetic
-    and scored."""
+    bounds, budget and start: your config's point or the best one-lambda
+    point, whichever scores higher), through a store of the configuration
+    with every place kept; the chosen point merged by mergekit's
+    task_arithmetic and scored.  Its budget line is cabs's (not said twice)."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_cabs.planning import plan
@@ -294,7 +295,8 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
     planned = plan(MergeConfiguration.model_validate(dense_cabs(prep.raw)), shapes=False)
     live.store = bind_store(prep, live.model, s, planned, announce=None)  # every place kept: shared, not said
     store_bytes = live.store.nbytes()
-    result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, optimizer=optimizer))
+    result, points = search(live, objectives["fit"], prep, dataclasses.replace(s, optimizer=optimizer),
+                            say_budget=False)
     live.store = None
     release_memory()
     chosen = tuned_config(as_method(prep.raw, "task_arithmetic"), prep.finetunes, result.best[1:], result.best[0],
@@ -305,7 +307,7 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
             "config": chosen, "evaluations": len(points), "merges": 1 + merges, "search_merges": 1,
             "stopped": result.stopped, "store_bytes": store_bytes,
             "points": [{"lambda": p["lambda"], "weights": p["weights"], "score": p["score"]} for p in points],
-            "seed": None, **score_now(live, objectives)}
+            "seed": None, **search_notes(prep, s, result), **score_now(live, objectives)}
 
 
 def run_baselines(prep, s, live, objectives, optimizer: str, tuned: bool, methods: Sequence[str]) -> list[dict]:

@@ -43,11 +43,12 @@ def comparison(objective, report: dict, baselines: Sequence[dict], items: str = 
     sign = -1.0 if report["objective"] == "loss" else 1.0
     spent = report.get("settings", {}).get("evaluations", report["search"]["evaluations"])  # every setting's
     rows = [{"method": CABS, "file": "tuned.yml", "lambda": report["best"]["lambda"], "evaluations": spent,
-             "merges": 0, "part": report["best"]},
+             "merges": 0, "on_bounds": report["search"].get("on_bounds", []), "part": report["best"]},
             {"method": YOURS, "file": report["config"], "lambda": report["start"]["lambda"], "evaluations": 0,
-             "merges": 0, "part": report["start"]}]
+             "merges": 0, "on_bounds": [], "part": report["start"]}]
     rows += [{"method": LABELS[b["name"]], "file": FILES[b["name"]], "lambda": b["lambda"],
-              "evaluations": b["evaluations"], "merges": b["merges"], "part": b} for b in baselines]
+              "evaluations": b["evaluations"], "merges": b["merges"], "on_bounds": b.get("on_bounds", []),
+              "part": b} for b in baselines]
     windows = report["best"]["heldout"]["window_losses"]
     rng = np.random.default_rng(SEED)
     picks = {task: rng.integers(0, len(w), size=(DRAWS, len(w))) for task, w in windows.items()}
@@ -105,7 +106,15 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
                      f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}] {diff:>28s}")
     spent = "; ".join(f"{r['method']} {r['evaluations']}" + (f" ({r['merges']} merges)" if r["merges"] else "")
                       for r in rows if r["method"] != YOURS)
-    return lines + [f"evaluations: {spent}", comparison["verdict"]]
+    return lines + [f"evaluations: {spent}", *bound_lines(rows), comparison["verdict"]]
+
+
+def bound_lines(rows: Sequence[dict]) -> list[str]:
+    """One line per tuned method whose chosen point lies on a bound of its
+    search: which numbers, on which end of which option."""
+    return [f"{r['method']} ended on a bound: " + ", ".join(
+        f"{b['name']} {b['value']:.4g} ({b['bound']} end of {b['option']} {b['bounds'][0]:g},{b['bounds'][1]:g})"
+        for b in r["on_bounds"]) for r in rows if r.get("on_bounds")]
 
 
 def markdown_lines(comparison: dict, label: str) -> list[str]:
@@ -122,13 +131,16 @@ def markdown_lines(comparison: dict, label: str) -> list[str]:
         out.append(f"| {r['method']} | `{r['file']}` | {r['lambda']:.4g} | {r['fit']:.4f} | {r['heldout']:.4f} | "
                    f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}] | {diff} | {r['evaluations']} | "
                    f"{r['merges']} |")
-    out += ["", f"**{comparison['verdict']}**", ""]
+    bounds = [f"- {line}" for line in bound_lines(comparison["rows"])]
+    out += [""] + (bounds + [""] if bounds else []) + [f"**{comparison['verdict']}**", ""]
     for run in comparison["runs"]:
         if run["seed"] is not None:
             out.append(f"- {run['name']}: mergekit's random drops with seed {run['seed']} (as `mergekit-yaml "
                        f"--random-seed {run['seed']}`).")
     out += ["- task_arithmetic (tuned): the same search as cabs (optimiser, layer groups, bounds, budget, start) on "
-            "a store with every place kept; the chosen point is merged by mergekit's task_arithmetic and scored.",
+            "a store with every place kept; the chosen point is merged by mergekit's task_arithmetic and scored. "
+            "Each tuned search first scores your config's point, then searches lambda alone from 1 (at most a "
+            "half of its budget, as the one-lambda baselines search theirs), and starts from the better.",
             "- one-lambda baselines: the configuration's models and weights (ties/dare_ties: its densities), merged "
             "by mergekit's own method; one merge gives every lambda (base + lambda x delta), searched on the fit "
             f"{comparison.get('items', 'windows')}; the chosen lambda is merged once more by mergekit and scored.", ""]

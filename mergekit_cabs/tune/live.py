@@ -20,7 +20,7 @@ from mergekit_cabs.tune.objective import Objective
 from mergekit_cabs.tune.options import DEFAULTS, TuneError
 from mergekit_cabs.tune.prepare import Prepared
 from mergekit_cabs.tune.rows import SPLITS, mean_measures, means
-from mergekit_cabs.tune.search import SearchResult, budget_note, optimise
+from mergekit_cabs.tune.search import SearchResult, at_bounds, budget_note, optimise
 from mergekit_cabs.tune.store import WeightStore, build_store, release_memory
 
 
@@ -133,8 +133,10 @@ def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[flo
 
 def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
            say_budget: bool = True) -> tuple[SearchResult, list[dict]]:
-    """Phase 3: the search (`optimise`) on the fit windows; every point
-    evaluated, timed (`say_budget`: print `budget_note`'s line, if any)."""
+    """Phase 3: the search (`optimise`) on the fit windows, from the better
+    of your config's point and the best one-lambda point (lambda searched
+    alone from 1, as the one-lambda baselines do); every point evaluated,
+    timed (`say_budget`: print `budget_note`'s line, if any)."""
     import tqdm
 
     names, bounds, start = search_space(prep, s)
@@ -162,8 +164,21 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
 
     with bar:
         result = optimise(s.optimizer, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed,
-                          coupled=not live.store.disjoint)
+                          coupled=not live.store.disjoint, line_from=min(max(1.0, bounds[0][0]), bounds[0][1]))
     return result, points
+
+
+def search_notes(prep: Prepared, s: Settings, result: SearchResult) -> dict:
+    """Where a search started its full search (`optimise`: your config's
+    point or the best one-lambda point) and which of the chosen numbers
+    ended on a bound of the search: {"began": {...}, "on_bounds": [...]}."""
+    names, bounds, start = search_space(prep, s)
+    began = result.began or tuple(start)
+    options = ["--lambda-bounds"] + ["--weight-bounds"] * (len(names) - 1)
+    return {"began": {"lambda": began[0], "weights": dict(zip(names[1:], began[1:])),
+                      "from": "your config" if result.began in (None, result.history[0][0]) else "one lambda"},
+            "on_bounds": [{"name": names[j], "value": result.best[j], "bound": side, "option": options[j],
+                           "bounds": list(bounds[j])} for j, side in at_bounds(result.best, bounds)]}
 
 
 def score_point(live: Live, objectives: dict[str, Objective], x: Sequence[float]) -> dict:

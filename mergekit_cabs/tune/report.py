@@ -4,7 +4,7 @@ tune.md, tune.png, and the files in --out (tuned.yml and tune.json too)."""
 from __future__ import annotations
 
 from mergekit_cabs._output import fmt
-from mergekit_cabs.tune.compare import summary_lines
+from mergekit_cabs.tune.compare import bound_lines, summary_lines
 from mergekit_cabs.tune.rows import items_word
 
 
@@ -157,6 +157,8 @@ def format_summary(report: dict) -> str:
     )
     if report.get("baselines"):
         lines += ["", *summary_lines(report["baselines"], objective_label(report))]
+    else:
+        lines += bound_lines([{"method": "cabs (tuned)", "on_bounds": report["search"].get("on_bounds", [])}])
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from mergekit_cabs.tune.baselines import (
 )
 from mergekit_cabs.tune.config import check_round_trip, tuned_config
 from mergekit_cabs.tune.groups import LayerGroups
-from mergekit_cabs.tune.live import Live, Settings, say, search_space, timed
+from mergekit_cabs.tune.live import Live, Settings, say, search_notes, search_space, timed
 from mergekit_cabs.tune.objective import split_objectives
 from mergekit_cabs.tune.options import (
     DEFAULTS,
@@ -152,7 +152,8 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
         "search": {"names": names, "bounds": [list(b) for b in bounds], "start": list(start),
                    "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped,
                    "optimizer": result.optimizer, "optimizer_option": s.optimizer, "seed": s.seed,
-                   "weights_of": {label: prep.groups.names([label]) for label in labels}},
+                   "weights_of": {label: prep.groups.names([label]) for label in labels},
+                   **search_notes(prep, s, result)},
         "supports": {"disjoint": store.disjoint, "shared_places": store.shared_places(), "places": store.places(),
                      "merged_tensors": len(store.slots), "fixed_tensors": store.fixed},
         "memory": {"store_bytes": store.nbytes(), "model_bytes": model_bytes,

@@ -1,21 +1,18 @@
-"""What `tune` maximises and how: the objective over the data sets' losses,
-and two searches over a box with one signature: a coordinate-wise search
-with halving steps, and CMA-ES (the `cma` package) on the box scaled to
-[0, 1] in every coordinate.  `auto` picks by whether the weights interact
-and the budget per searched value."""
+"""How `tune` searches: two searches over a box with one signature, a
+coordinate-wise search with halving steps and CMA-ES (the `cma` package) on
+the box scaled to [0, 1] in every coordinate (`auto` picks by whether the
+weights interact and the budget per searched value), and `optimise`, which
+first searches lambda alone as the one-lambda baselines do and starts the
+chosen search from the better of that and the given start."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mergekit_cabs.tune.options import TuneError
-
-# --- the objective -------------------------------------------------------------------
-
-
-# --- the search ----------------------------------------------------------------------
 
 
 @dataclass
@@ -25,6 +22,7 @@ class SearchResult:
     history: list[tuple[tuple[float, ...], float]]  # every point evaluated, in order
     stopped: str  # "converged" or "budget"
     optimizer: str = "coordinate"
+    began: tuple[float, ...] | None = None  # where the full search started (None: the start given)
 
 
 class _Spent(Exception):
@@ -201,10 +199,44 @@ def budget_note(dimensions: int, budget: int, option: str = "--budget", shares: 
             f"{5 * sweep * shares} or more")
 
 
+LINE_SHARE = 2  # the lambda line (`optimise`) spends at most 1/LINE_SHARE of the budget: half
+
+
 def optimise(optimizer: str, objective: Callable[[tuple[float, ...]], float], start: Sequence[float],
              bounds: Sequence[tuple[float, float]], *, budget: int, tolerance: float, seed: int,
-             coupled: bool = False) -> SearchResult:
+             coupled: bool = False, line_from: float | None = None) -> SearchResult:
     """Maximise `objective` over the box with the search `optimizer` names
-    ("auto", "coordinate" or "cmaes"; see `choose_optimizer`)."""
+    ("auto", "coordinate" or "cmaes"; see `choose_optimizer`).
+
+    With `line_from` (a value of the first coordinate, lambda) and a budget
+    of at least 2 x `LINE_SHARE`: score `start`, then search the first
+    coordinate alone from `line_from`, the others held at `start` (the
+    coordinate search, as the one-lambda baselines search their lambda), in
+    at most a `LINE_SHARE`th of the budget; the chosen search then starts
+    from the better of `start` and the line's best and spends the rest.  A
+    point is scored once across both; the history is every point in the
+    order scored."""
     chosen = choose_optimizer(optimizer, len(bounds), budget, coupled)
-    return SEARCHES[chosen](objective, start, bounds, budget=budget, tolerance=tolerance, seed=seed)
+    line_budget = budget // LINE_SHARE
+    if line_from is None or line_budget < 2:
+        return SEARCHES[chosen](objective, start, bounds, budget=budget, tolerance=tolerance, seed=seed)
+    seen: dict[tuple[float, ...], float] = {}
+
+    def once(x: tuple[float, ...]) -> float:
+        if x not in seen:
+            seen[x] = float(objective(x))
+        return seen[x]
+
+    first = _Box(once, bounds, 1)
+    first.begin(start)
+    held = [bounds[0]] + [(v, v) for v in first.x[1:]]
+    line = coordinate_search(once, (line_from, *first.x[1:]), held, budget=line_budget - 1, tolerance=tolerance)
+    began = line.best if line.score > first.fx else first.x
+    rest = SEARCHES[chosen](once, began, bounds, budget=budget - len(seen) + 1, tolerance=tolerance, seed=seed)
+    return dataclasses.replace(rest, history=list(seen.items()), began=began)
+
+
+def at_bounds(point: Sequence[float], bounds: Sequence[tuple[float, float]]) -> list[tuple[int, str]]:
+    """The coordinates of `point` that lie on a bound of the box: (index, "lower" or "upper")."""
+    return [(j, "lower" if v <= lo else "upper") for j, (v, (lo, hi)) in enumerate(zip(point, bounds))
+            if lo < hi and (v <= lo or v >= hi)]
