@@ -7,6 +7,10 @@ own methods, scored on the same windows as tuned cabs.
   arithmetic with layer groups included);
 * a one-lambda baseline's lambda search costs one merge (counted);
 * the table's paired differences and the verdict line follow the intervals;
+* a method's interval of the normalized gain redraws the references (the
+  base's and the fine-tunes' own values) on the same items, so items that
+  differ widely in loss do not widen it; where a draw leaves a model no
+  better than the base, there is none (the differences remain);
 * --baselines with an unknown name is one line listing the known ones;
 * tuned task arithmetic runs by default only where its store fits in the
   free memory (else one line says what it would cost), runs whenever named,
@@ -64,6 +68,13 @@ def test_every_baseline_scores_what_mergekit_yaml_writes_from_its_yaml(tune_fami
     assert methods == ["cabs (tuned)", "your config", "task_arithmetic (tuned)", "task_arithmetic", "ties"]
     assert report["baselines"]["verdict"] in result.output and report["baselines"]["verdict"] in \
         (out / "tune.md").read_text()
+    items, reference = report["reference"]["items"], report["reference"]
+    assert report["baselines"]["references"] == "redrawn"  # each draw's gain against the same items' references
+    for task in prep.tasks:  # the items the bootstrap redraws: one value per window, averaging to the references
+        for split in ("fit", "heldout"):
+            for values, mean in ((items["base"][split][task.name], reference["base"][split][task.name]),
+                                 (items["models"][task.name][split], reference["models"][task.name][split])):
+                assert len(values) == task.count(split) and np.mean(values) == pytest.approx(mean, rel=1e-12)
 
 
 def test_a_one_lambda_baselines_search_costs_one_merge(tune_family, monkeypatch):
@@ -152,6 +163,69 @@ def test_the_verdict_follows_the_paired_intervals(diffs, words):
     row = result["rows"][2]
     assert row["difference"] == pytest.approx(-np.mean(diffs[baselines[0]["name"]]))  # cabs's loss minus its
     assert compare.summary_lines(result, "loss")[-1] == result["verdict"]
+
+
+def _gain_rows(shift: dict[str, float], noise: float, items: int = 40, own_by: float = 0.6, seed: int = 1):
+    """A gain report and one baseline on two data sets, each half easy items
+    (base loss 1.0) and half hard ones (3.5): every model's loss on an item is
+    the base's lowered by its own amount (`shift`; the fine-tune on its own
+    data by `own_by`), plus per-item noise.  Returns the report, the baselines
+    and the objective."""
+    rng = np.random.default_rng(seed)
+    base = {t: [1.0] * (items // 2) + [3.5] * (items - items // 2) for t in ("a", "b")}
+
+    def lowered(by: float) -> dict[str, list[float]]:
+        return {t: (np.asarray(v) - by + rng.normal(0, noise, len(v))).tolist() for t, v in base.items()}
+
+    own = lowered(own_by)
+    reference = {"base": {s: {t: float(np.mean(v)) for t, v in base.items()} for s in tn.SPLITS},
+                 "models": {t: {s: float(np.mean(v)) for s in tn.SPLITS} for t, v in own.items()},
+                 "items": {"base": {s: base for s in tn.SPLITS}, "models": {t: {s: v for s in tn.SPLITS}
+                                                                             for t, v in own.items()}}}
+    objective = tn.split_objectives("gain", ["a", "b"], reference, 0.0)["heldout"]
+
+    def part(name: str) -> dict:
+        windows = lowered(shift[name])
+        score = objective.score({t: float(np.mean(v)) for t, v in windows.items()})
+        return {s: {"score": score, "window_losses": windows} for s in ("fit", "heldout")}
+
+    report = {"objective": "gain", "config": "c.yml", "search": {"evaluations": 5}, "reference": reference,
+              "best": {"lambda": 1.0, **part("cabs")}, "start": {"lambda": 1.0, **part("yours")}}
+    baselines = [{"name": "task_arithmetic_tuned", "lambda": 0.5, "evaluations": 3, "merges": 1, "seed": None,
+                  **part("ta")}]
+    return report, baselines, objective
+
+
+def _width(pair) -> float:
+    return pair[1] - pair[0]
+
+
+def test_a_methods_gain_interval_redraws_the_references_so_easy_and_hard_items_do_not_widen_it():
+    report, baselines, objective = _gain_rows({"cabs": 0.35, "yours": 0.34, "ta": 0.30}, noise=0.05)
+    result = tn.comparison(objective, report, baselines)
+    assert result["references"] == "redrawn"
+    cabs, yours, ta = result["rows"]
+    for row in result["rows"]:
+        assert row["interval"][0] < row["heldout"] < row["interval"][1]
+    # items spread by 2.5 nats: held fixed, the references made each interval about 0.92 wide, 23 times the
+    # paired difference's 0.04; redrawn on the same items, a method's interval is within twice that
+    assert _width(cabs["interval"]) < 2 * _width(ta["difference_interval"])
+    assert _width(ta["interval"]) < 2 * _width(ta["difference_interval"])
+    assert ta["cabs_better"] and not yours["cabs_better"] and not yours["baseline_better"]
+
+
+def test_where_a_draw_leaves_a_model_no_better_than_the_base_there_is_no_per_method_interval():
+    report, baselines, objective = _gain_rows({"cabs": 0.05, "yours": 0.04, "ta": 0.03}, noise=0.3, items=8,
+                                              own_by=0.06)
+    result = tn.comparison(objective, report, baselines)
+    assert result["references"] == "fixed"
+    assert [r["interval"] for r in result["rows"]] == [None, None, None]
+    for row in result["rows"][1:]:
+        lo, hi = row["difference_interval"]
+        assert lo <= row["difference"] <= hi
+    lines = compare.summary_lines(result, "gain")
+    assert lines[2].split()[4] == "-" and lines[5].startswith("no per-method interval: on some draw a model")
+    assert "| - |" in "\n".join(compare.markdown_lines(result, "gain"))
 
 
 GB = 10**9

@@ -126,5 +126,8 @@ def test_lm_eval_alone_scores_every_fine_tune_and_keeps_lm_evals_output_off_the_
     best = report["reference"]["best_of"]["tiny_mc"]["heldout"]
     assert report["reference"]["models"]["tiny_mc"]["heldout"] == max(v["heldout"]["acc,none"] for v in shared.values())
     assert shared[best]["heldout"]["acc,none"] == report["reference"]["models"]["tiny_mc"]["heldout"]
+    best_items = report["reference"]["items"]["models"]["tiny_mc"]  # the best fine-tune's documents, per split
+    assert [len(best_items[s]) for s in tn.SPLITS] == [3, 3]
+    assert sum(best_items["heldout"]) / 3 == pytest.approx(report["reference"]["models"]["tiny_mc"]["heldout"])
     printed = capfd.readouterr()
     assert "loglikelihood" not in printed.err and "pretrained" not in printed.err, printed.err[-500:]

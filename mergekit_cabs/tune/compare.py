@@ -4,14 +4,24 @@ chat rows, questions, documents: whatever each data set is made of), the
 paired difference tuned cabs minus each, and one plain verdict line.
 
 The bootstrap draws, for each data set, its held-out items (their values in
-the task's objective measure) with replacement (2000 draws, a numpy generator seeded 0: the same numbers run to
-run); every method is scored on the same draws (paired), in float64, with
-the base's and each model's own losses (the normalized gain's references)
-held fixed.  An interval is the 2.5th to 97.5th percentile of the draws.
+the task's objective measure) with replacement (2000 draws, a numpy
+generator seeded 0: the same numbers run to run); every method is scored on
+the same draws (paired), in float64.  For the normalized gain, the
+references are redrawn with them: the base's and each model's own values
+(for a shared lm-eval task, the best fine-tune's per split: `best_of`) on
+the same items of the draw (`reference["items"]`, kept per item when the
+references are scored), so a draw of hard items raises the base, the own
+model and the merge together and the gain measures the merge, not which
+items were drawn.  Where on some draw a model is no better than the base on
+its drawn items (its gain is undefined there: few items, or a 0/1 measure),
+there is no per-method interval and the paired differences hold the
+references at their full-set values.  The loss objective has no references.
+An interval is the 2.5th to 97.5th percentile of the draws.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,13 +31,42 @@ from mergekit_cabs.tune.options import FILES, LABELS
 DRAWS = 2000
 SEED = 0
 CABS = "cabs (tuned)"
+REFERENCES_MD = {"redrawn": ", the base's and the fine-tunes' own values (the gain's references) drawn on the same "
+                            "items"}
 YOURS = "your config"
 
 
-def draw_scores(objective, windows: dict[str, Sequence[float]], picks: dict[str, np.ndarray]) -> np.ndarray:
-    """The objective (as searched: higher is better) on every bootstrap draw."""
-    losses = {task: np.asarray(w, dtype=np.float64)[picks[task]].mean(axis=1) for task, w in windows.items()}
-    return np.asarray(objective.score(losses), dtype=np.float64)
+def drawn_means(values: Sequence[float], picks: np.ndarray) -> np.ndarray:
+    """The mean of `values` on each draw's picks (a row of `picks` per draw)."""
+    return np.asarray(values, dtype=np.float64)[picks].mean(axis=1)
+
+
+def drawn_objectives(objective, report: dict, picks: dict[str, np.ndarray]) -> list | None:
+    """For the gain, the objective of each draw, its references (the base's
+    and each model's own values) the means of their held-out items on the
+    draw's picks; None for the loss objective (no references) and where on
+    some draw a model is no better than the base on its drawn items."""
+    if report["objective"] == "loss":
+        return None
+    items = report["reference"]["items"]
+    base = {task: drawn_means(items["base"]["heldout"][task], picks[task]) for task in picks}
+    own = {task: drawn_means(items["models"][task]["heldout"], picks[task]) for task in objective.tasks}
+    if not all(np.all(objective.sign(t) * (base[t] - own[t]) > 0) for t in objective.tasks):
+        return None
+    return [dataclasses.replace(objective, base={t: float(v[d]) for t, v in base.items()},
+                                own={t: float(v[d]) for t, v in own.items()}) for d in range(DRAWS)]
+
+
+def draw_scores(objective, windows: dict[str, Sequence[float]], picks: dict[str, np.ndarray],
+                drawn: list | None = None) -> np.ndarray:
+    """The objective (as searched: higher is better) on every bootstrap draw:
+    against each draw's references (`drawn_objectives`), or with None, the
+    full-set ones."""
+    losses = {task: drawn_means(w, picks[task]) for task, w in windows.items()}
+    if drawn is None:
+        return np.asarray(objective.score(losses), dtype=np.float64)
+    return np.array([o.score({t: float(v[d]) for t, v in losses.items()}) for d, o in enumerate(drawn)],
+                    dtype=np.float64)
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -52,21 +91,24 @@ def comparison(objective, report: dict, baselines: Sequence[dict], items: str = 
     windows = report["best"]["heldout"]["window_losses"]
     rng = np.random.default_rng(SEED)
     picks = {task: rng.integers(0, len(w), size=(DRAWS, len(w))) for task, w in windows.items()}
-    drawn = [draw_scores(objective, r["part"]["heldout"]["window_losses"], picks) for r in rows]
+    references = drawn_objectives(objective, report, picks)
+    drawn = [draw_scores(objective, r["part"]["heldout"]["window_losses"], picks, references) for r in rows]
+    own_intervals = references is not None or report["objective"] == "loss"
     table = []
     cabs_score = report["best"]["heldout"]["score"]
     for row, draws in zip(rows, drawn):
         part = row.pop("part")
         paired = drawn[0] - draws  # tuned cabs minus this row, on the same draws (searched sign)
-        lo, hi = sorted(sign * v for v in interval(draws))
+        lo_hi = sorted(sign * v for v in interval(draws)) if own_intervals else None
         p_lo, p_hi = interval(paired)
         d_lo, d_hi = sorted(sign * v for v in (p_lo, p_hi))
         table.append({**row, "fit": sign * part["fit"]["score"], "heldout": sign * part["heldout"]["score"],
-                      "interval": [lo, hi], "difference": sign * (cabs_score - part["heldout"]["score"]),
+                      "interval": lo_hi, "difference": sign * (cabs_score - part["heldout"]["score"]),
                       "difference_interval": [d_lo, d_hi], "cabs_better": p_lo > 0,
                       "baseline_better": p_hi < 0})
     return {"rows": table, "verdict": verdict(table[1:], report["objective"], items), "draws": DRAWS, "seed": SEED,
-            "items": items, "runs": list(baselines)}
+            "items": items, "references": None if report["objective"] == "loss" else
+            "redrawn" if references is not None else "fixed", "runs": list(baselines)}
 
 
 def verdict(others: Sequence[dict], objective: str, items: str = "windows") -> str:
@@ -93,6 +135,19 @@ def verdict(others: Sequence[dict], objective: str, items: str = "windows") -> s
 # --- how the report shows it ----------------------------------------------------------------
 
 
+def interval_text(row: dict) -> str:
+    """A row's own interval, or a dash where there is none (`references` "fixed")."""
+    return "-" if row["interval"] is None else f"[{row['interval'][0]:.4f}, {row['interval'][1]:.4f}]"
+
+
+def references_note(comparison: dict) -> list[str]:
+    """Why there are no per-method intervals, where there are none."""
+    if comparison.get("references") != "fixed":
+        return []
+    return [f"no per-method interval: on some draw a model is no better than the base on its drawn "
+            f"{comparison.get('items', 'windows')}, so the differences hold the references at their full-set values"]
+
+
 def summary_lines(comparison: dict, label: str) -> list[str]:
     """The console table and the verdict; `label` is the objective in words."""
     rows = comparison["rows"]
@@ -103,10 +158,10 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
         diff = "" if r["method"] == CABS else \
             f"{r['difference']:+.4f} [{r['difference_interval'][0]:+.4f}, {r['difference_interval'][1]:+.4f}]"
         lines.append(f"{r['method']:{width}s} {r['lambda']:7.3f} {r['heldout']:9.4f} "
-                     f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}] {diff:>28s}")
+                     f"{interval_text(r)} {diff:>28s}")
     spent = "; ".join(f"{r['method']} {r['evaluations']}" + (f" ({r['merges']} merges)" if r["merges"] else "")
                       for r in rows if r["method"] != YOURS)
-    return lines + [f"evaluations: {spent}", *bound_lines(rows), comparison["verdict"]]
+    return lines + references_note(comparison) + [f"evaluations: {spent}", *bound_lines(rows), comparison["verdict"]]
 
 
 def bound_lines(rows: Sequence[dict]) -> list[str]:
@@ -122,14 +177,15 @@ def markdown_lines(comparison: dict, label: str) -> list[str]:
     out = ["## Tuned cabs and the baselines", "",
            f"Objective: {label}. Interval: 95% paired bootstrap over the held-out {comparison.get('items', 'windows')} "
            f"({comparison['draws']} "
-           f"draws, seed {comparison['seed']}); difference: tuned cabs minus the row, on the same draws.", "",
+           f"draws, seed {comparison['seed']}){REFERENCES_MD.get(comparison.get('references'), '')}; difference: "
+           "tuned cabs minus the row, on the same draws.", *references_note(comparison), "",
            "| method | file | lambda | fit | held-out | interval | tuned cabs minus it | evaluations | merges |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in comparison["rows"]:
         diff = "" if r["method"] == CABS else \
             f"{r['difference']:+.4f} [{r['difference_interval'][0]:+.4f}, {r['difference_interval'][1]:+.4f}]"
         out.append(f"| {r['method']} | `{r['file']}` | {r['lambda']:.4g} | {r['fit']:.4f} | {r['heldout']:.4f} | "
-                   f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}] | {diff} | {r['evaluations']} | "
+                   f"{interval_text(r)} | {diff} | {r['evaluations']} | "
                    f"{r['merges']} |")
     bounds = [f"- {line}" for line in bound_lines(comparison["rows"])]
     out += [""] + (bounds + [""] if bounds else []) + [f"**{comparison['verdict']}**", ""]

@@ -52,11 +52,13 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
     lm-eval's), then the base on every data set, one model in memory at a
     time (each freed before the next is loaded), all in the scoring dtype.
     Returns the base model (to become the merged one) and the values: a
-    shared task's "own" value is the best fine-tune's (`best_of` names it)."""
+    shared task's "own" value is the best fine-tune's (`best_of` names it);
+    `reference["items"]` keeps each item's value of the objective measure."""
     import tqdm
 
     reference: dict = {"base": {}, "models": {}}
     measures: dict = {"base": {}, "models": {}, "shared": {}}  # every measure (accuracy too)
+    items: dict = {"models": {}, "shared": {}}  # the objective measure per item, as `measures`
     shared = [t for t in prep.tasks if getattr(t, "shared", False)]
     own = {t.name: t for t in prep.tasks}  # no model's own data with --general alone
     jobs = [(k, r, ([own[k]] if k in own else []) + shared) for k, r in zip(prep.labels, prep.finetunes)]
@@ -66,12 +68,14 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
         tuned = load_model(str(ref.model.path), s.device, s.score_dtype)
         check_finite(tuned, ref)
         for task in tasks:
-            scored = {split: mean_measures(task.score(tuned, split, s.batch_size)) for split in SPLITS}
+            per_item = {split: task.score(tuned, split, s.batch_size) for split in SPLITS}
+            scored = {split: mean_measures(per_item[split]) for split in SPLITS}
             if getattr(task, "shared", False):
                 measures["shared"].setdefault(task.name, {})[label] = scored
+                items["shared"].setdefault(task.name, {})[label] = item_values(per_item, task.measure)
             else:
                 reference["models"][label] = {split: scored[split][task.measure] for split in SPLITS}
-                measures["models"][label] = scored
+                measures["models"][label], items["models"][label] = scored, item_values(per_item, task.measure)
         del tuned
         release_memory()
     for task in shared:
@@ -80,14 +84,17 @@ def score_references(prep: Prepared, s: Settings) -> tuple[Any, dict]:
                                           for split in SPLITS}
         measures["models"][task.name] = {split: measures["shared"][task.name][best_of[split]][split]
                                          for split in SPLITS}
+        items["models"][task.name] = {split: items["shared"][task.name][best_of[split]][split] for split in SPLITS}
     say(f"Loading the base model {prep.config.base_model} and scoring it on {len(prep.tasks)} data sets", s.quiet)
     model = load_model(str(prep.config.base_model.model.path), s.device, s.score_dtype)
     check_finite(model, prep.config.base_model, base=True)
-    measures["base"] = {split: {name: mean_measures(v) for name, v in
-                                task_scores(model, prep.tasks, split, s.batch_size).items()} for split in SPLITS}
+    base = {split: task_scores(model, prep.tasks, split, s.batch_size) for split in SPLITS}
+    measures["base"] = {split: {name: mean_measures(v) for name, v in base[split].items()} for split in SPLITS}
     reference["base"] = {split: {t.name: measures["base"][split][t.name][t.measure] for t in prep.tasks}
                          for split in SPLITS}
     reference["measures"] = measures
+    reference["items"] = {"base": {split: {t.name: base[split][t.name][t.measure].tolist() for t in prep.tasks}
+                                   for split in SPLITS}, "models": items["models"]}
     return model, reference
 
 
@@ -95,6 +102,11 @@ def best_fine_tunes(task, by_model: dict[str, dict]) -> dict[str, str]:
     """Per split, the fine-tune that scores best on a shared task (the first of equals, in the YAML's order)."""
     sign = 1 if task.lower_is_better else -1
     return {split: min(by_model, key=lambda label: sign * by_model[label][split][task.measure]) for split in SPLITS}
+
+
+def item_values(per_item: dict[str, dict[str, torch.Tensor]], measure: str) -> dict[str, list[float]]:
+    """Per split, each item's value of `measure` (the references the bootstrap redraws: `compare`)."""
+    return {split: per_item[split][measure].tolist() for split in SPLITS}
 
 
 def check_finite(model, ref, base: bool = False) -> None:
