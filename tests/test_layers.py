@@ -18,10 +18,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mergekit_cabs"
 # a cycle) and lower ones', never a higher one's.
 TUNE_LAYERS = (
     ("options", "groups"),  # the settings, the error type, the file names; the layer groups
-    ("rows", "text", "chat", "choice", "lmeval", "data"),  # the data: shared helpers, one file per kind, dispatch
+    ("rows", "text", "chat", "choice", "lmeval", "data", "smooth"),  # the data: shared helpers, the kinds, dispatch
     ("objective", "compare"),  # losses -> gains -> the score; the paired bootstrap
-    ("store", "config"),  # the merged tensors written into the live model; the YAML's numbers
-    ("search",),  # the searches, one signature
+    ("store", "config", "gradient"),  # the merged tensors in the live model; the YAML's numbers; their slopes
+    ("search", "gradsearch"),  # the searches: coordinate, CMA-ES, gradient
     ("prepare", "references", "live"),  # checked inputs; the references' scores; the live model and one point
     ("settings", "baselines"),  # what is searched: cabs's settings, the baselines
     ("run",),  # the phases in order

@@ -20,8 +20,8 @@ import yaml
 from mergekit_cabs import tune as tn
 from mergekit_cabs.tune import gradient as gr
 from mergekit_cabs.tune.gradsearch import gradient_search, live_gradient_search
-from mergekit_cabs.tune.run import Live
-from mergekit_cabs.tune.search import Objective
+from mergekit_cabs.tune.live import Live
+from mergekit_cabs.tune.objective import Objective
 
 from tiny_models import make_tiny_llama
 
