@@ -167,15 +167,29 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
                    "[default: gain with --data, loss with --general alone].")
 @click.option("--out", "out_dir", default="cabs-tune", show_default=True, type=click.Path(path_type=Path),
               help="Directory for tuned.yml, tune.json, tune.md and tune.png.")
-@click.option("--budget", default=60, show_default=True, help="Most merged-model evaluations the search may spend.")
+@click.option("--budget", default=60, show_default=True,
+              help="Most merged-model evaluations the search may spend (with --optimizer gradient: its steps).")
 @click.option("--weight-bounds", default="0,2", show_default=True, metavar="LOW,HIGH", help="Range of each weight.")
 @click.option("--lambda-bounds", default="0.05,2", show_default=True, metavar="LOW,HIGH", help="Range of lambda.")
 @click.option("--tolerance", default=0.05, show_default=True,
               help="Stop when every step (coordinate) or CMA-ES's step size on the widest range is below this.")
-@click.option("--optimizer", type=click.Choice(["auto", "coordinate", "cmaes"]), default="auto", show_default=True,
-              help="coordinate: one value at a time, halving steps; cmaes: CMA-ES (the cma package); auto: "
-                   "cmaes when the models' kept places overlap (the weights interact) and --budget allows 50 "
+@click.option("--optimizer", type=click.Choice(["auto", "coordinate", "cmaes", "gradient"]), default="auto",
+              show_default=True,
+              help="coordinate: one value at a time, halving steps; cmaes: CMA-ES (the cma package); gradient: Adam "
+                   "on the exact gradient (one backward pass prices every weight), --budget steps of --minibatch "
+                   "items per data set, early stopping on a held-back quarter of the fit items (not with lm-eval "
+                   "tasks); auto: gradient when 16 or more numbers are searched and --budget cannot step each "
+                   "way along each, else cmaes when the models' kept places overlap and --budget allows 50 "
                    "evaluations per searched value, else coordinate.")
+@click.option("--coefficients", type=click.Choice(["model", "layer", "tensor"]), default=None,
+              help="The weights' shape: model (one weight per model), layer (one per model per decoder layer, or "
+                   "per --layer-groups G group, and one for the embeddings, final norm and head), tensor (one per "
+                   "model per merged tensor; tuned.yml says them with mergekit filters) [default: layer with "
+                   "--layer-groups, else model].")
+@click.option("--minibatch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="--optimizer gradient: items (windows, rows, questions) per data set per step.")
+@click.option("--learning-rate", default=0.03, show_default=True,
+              help="--optimizer gradient: Adam's step, as a fraction of each number's range.")
 @click.option("--layer-groups", default=None, type=click.IntRange(min=1), metavar="G",
               help="Search one weight per model for each of G groups of consecutive decoder layers, and one for "
                    "the embeddings, final norm and head, instead of one per model (tuned.yml says them with "
@@ -222,7 +236,8 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_limit, general, general_weight,
          objective, out_dir, budget, weight_bounds,
-         lambda_bounds, tolerance, optimizer, layer_groups, seed, window, max_windows, fit_fraction, batch_size, cuda,
+         lambda_bounds, tolerance, optimizer, coefficients, minibatch, learning_rate, layer_groups, seed, window,
+         max_windows, fit_fraction, batch_size, cuda,
          score_dtype, store_on_device, baselines, densities, orders, total_budget, force, quiet) -> None:
     """Pick each model's weight and lambda from your own data.
 
@@ -255,13 +270,13 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
             prep = tn.prepare(config, data, general=general, window=window, fit_fraction=fit_fraction,
                               max_windows=max_windows, budget=budget, layer_groups=layer_groups,
                               chat_template=chat_template, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
-                              lm_eval_limit=lm_eval_limit)
+                              lm_eval_limit=lm_eval_limit, coefficients=coefficients)
             report = tn.run_tune(prep, device=device, objective=objective, general_weight=general_weight,
                                  budget=budget, weight_bounds=weight_range, lambda_bounds=lambda_range,
                                  tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
                                  seed=seed, score_dtype=score_dtype, store_on_device=store_on_device,
                                  baselines=baselines, densities=densities, orders=orders,
-                                 total_budget=total_budget)
+                                 total_budget=total_budget, minibatch=minibatch, learning_rate=learning_rate)
             click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
             written = tn.write_outputs(report, out_dir)
     except CabsError as error:

@@ -20,6 +20,7 @@ import yaml
 from mergekit_cabs import tune as tn
 from mergekit_cabs.tune import gradient as gr
 from mergekit_cabs.tune.gradsearch import gradient_search, live_gradient_search
+from mergekit_cabs.tune.groups import make_columns
 from mergekit_cabs.tune.live import Live
 from mergekit_cabs.tune.objective import Objective
 
@@ -91,7 +92,9 @@ def _live(family, support: str, columns: str, batch_size: int = 4, max_windows: 
     prep = tn.prepare(path, data, general=general, window=12, max_windows=max_windows)
     model = tn.load_model(str(family["base"].path), "cpu", torch.float64)
     store = tn.build_store(prep.planned, prep.finetunes, model, device="cpu", progress=False)
-    groups = gr.assign_columns(store, columns)
+    groups = make_columns([slot.name for slot in store.slots], columns, None)
+    for slot in store.slots:
+        slot.group = groups.of(slot.name)
     live = Live(model, store, prep.tasks, batch_size, groups, len(prep.finetunes))
     names = [t.name for t in prep.tasks]
     if repeated:

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from mergekit_cabs import tune as tn
 from mergekit_cabs.cli import main
+from mergekit_cabs.tune.groups import make_columns
 
 from tiny_models import make_tiny_llama
 
@@ -221,3 +222,76 @@ def test_a_modules_configuration_is_refused_before_anything_is_loaded(family, tm
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(tn.TuneError, match=r"modules.yml uses modules:; tune sets weights in models: and slices:"):
         tn.prepare(config, [], general=tmp_path / "unread.txt", layer_groups=2)
+
+
+# --- --coefficients: one weight per model per merged tensor -------------------------------
+
+
+@pytest.mark.parametrize("shape", ["models", "slices", "slices-reordered"])
+def test_tuned_yml_per_tensor_replans_to_the_chosen_weights(family, shape):
+    """Every tensor of the re-planned tuned.yml takes its own model's weight
+    for that tensor; in slices the filters name each source's input layers."""
+    raw = {"models": family["raw"], "slices": _slices(family, [(0, 2), (2, 5)]),
+           "slices-reordered": _slices(family, [(2, 5), (0, 2)])}[shape]
+    planned = _plan(raw)
+    refs = _fine_tunes(planned)
+    columns = make_columns([p.name for p in planned if p.models], "tensor", None)
+    weights = _point(columns, 2, seed=3)
+    tuned = tn.tuned_config(raw, refs, weights, 0.6, columns)
+    tn.check_round_trip(tuned, refs, weights, 0.6, columns)  # raises if any tensor disagrees
+    replanned = _plan(tuned)
+    for p in replanned:
+        for ref, w in zip(p.models, p.resolved.weights):
+            assert w == weights[refs.index(ref) * columns.count + columns.of(p.name)], p.name
+    assert len({w for p in replanned for w in p.resolved.weights}) == len(set(weights)) > columns.count
+
+
+def test_the_shapes_and_layer_groups_are_checked_in_one_line():
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    assert make_columns(names, None, None).count == 1
+    assert make_columns(names, "layer", None).count == 3  # two layers, then the tensors outside them
+    assert make_columns(names, None, 1).count == 2 and make_columns(names, "tensor", None).count == 3
+    for shape in ("model", "tensor"):
+        with pytest.raises(tn.TuneError) as error:
+            make_columns(names, shape, 2)
+        assert str(error.value) == (f"--layer-groups 2 sets one weight per model per group of layers; it goes with "
+                                    f"--coefficients layer (or alone), not {shape}")
+
+
+@pytest.mark.parametrize("coefficients, optimizer", [("model", "coordinate"), ("layer", "gradient"),
+                                                     ("tensor", "gradient")])
+def test_each_coefficient_shape_reports_the_scores_of_the_model_mergekit_writes(family, tmp_path, coefficients,
+                                                                                 optimizer):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoModelForCausalLM
+
+    root = family["root"]
+    words = family["base"].words[3:]
+    for i in range(2):
+        gen = torch.Generator().manual_seed(50 + i)
+        ids = torch.randint(0, len(words) // 2, (600,), generator=gen) + i * (len(words) // 2)
+        (root / f"ft{i}.txt").write_text(" ".join(words[j] for j in ids.tolist()))
+    config = root / "cabs.yml"
+    config.write_text(yaml.safe_dump(family["raw"], sort_keys=False))
+    out = tmp_path / "tuned"
+    args = ["tune", config, "--data", f"ft0={root / 'ft0.txt'}", "--data", f"ft1={root / 'ft1.txt'}",
+            "--objective", "loss", "--coefficients", coefficients, "--optimizer", optimizer, "--budget", 8,
+            "--max-windows", 4, "--out", out, "--quiet", "--baselines", "none"]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    assert report["search"]["optimizer"] == optimizer
+    columns = {"model": 1, "layer": 6, "tensor": report["supports"]["merged_tensors"]}[coefficients]  # 5 layers
+    assert len(report["search"]["names"]) == 1 + 2 * columns
+    tuned = yaml.safe_load((out / "tuned.yml").read_text())
+    run_merge(MergeConfiguration.model_validate(tuned), str(tmp_path / "merged"),
+              MergeOptions(quiet=True, copy_tokenizer=False))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
+    prep = tn.prepare(config, [f"ft{i}={root / f'ft{i}.txt'}" for i in range(2)], max_windows=4,
+                      coefficients=coefficients)
+    for task in prep.tasks:
+        for split in tn.SPLITS:
+            losses = tn.window_losses(model, getattr(task, split), tn.DEFAULTS["batch_size"])
+            assert losses.tolist() == report["best"][split]["window_losses"][task.name], (task.name, split)

@@ -307,7 +307,8 @@ def tuned_task_arithmetic(prep, s, live, objectives, optimizer: str) -> dict:
             "config": chosen, "evaluations": len(points), "merges": 1 + merges, "search_merges": 1,
             "stopped": result.stopped, "store_bytes": store_bytes,
             "points": [{"lambda": p["lambda"], "weights": p["weights"], "score": p["score"]} for p in points],
-            "seed": None, **search_notes(prep, s, result), **score_now(live, objectives)}
+            "seed": None, **search_notes(prep, s, result), **({"gradient": result.details} if result.details else {}),
+            **score_now(live, objectives)}
 
 
 def run_baselines(prep, s, live, objectives, optimizer: str, tuned: bool, methods: Sequence[str]) -> list[dict]:

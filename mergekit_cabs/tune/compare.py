@@ -82,11 +82,13 @@ def comparison(objective, report: dict, baselines: Sequence[dict], items: str = 
     sign = -1.0 if report["objective"] == "loss" else 1.0
     spent = report.get("settings", {}).get("evaluations", report["search"]["evaluations"])  # every setting's
     rows = [{"method": CABS, "file": "tuned.yml", "lambda": report["best"]["lambda"], "evaluations": spent,
+             "steps": steps_of(report.get("settings", {}).get("searched"), report["search"]),
              "merges": 0, "on_bounds": report["search"].get("on_bounds", []), "part": report["best"]},
             {"method": YOURS, "file": report["config"], "lambda": report["start"]["lambda"], "evaluations": 0,
              "merges": 0, "on_bounds": [], "part": report["start"]}]
     rows += [{"method": LABELS[b["name"]], "file": FILES[b["name"]], "lambda": b["lambda"],
               "evaluations": b["evaluations"], "merges": b["merges"], "on_bounds": b.get("on_bounds", []),
+              "steps": steps_of(None, b),
               "part": b} for b in baselines]
     windows = report["best"]["heldout"]["window_losses"]
     rng = np.random.default_rng(SEED)
@@ -159,17 +161,41 @@ def summary_lines(comparison: dict, label: str) -> list[str]:
             f"{r['difference']:+.4f} [{r['difference_interval'][0]:+.4f}, {r['difference_interval'][1]:+.4f}]"
         lines.append(f"{r['method']:{width}s} {r['lambda']:7.3f} {r['heldout']:9.4f} "
                      f"{interval_text(r)} {diff:>28s}")
-    spent = "; ".join(f"{r['method']} {r['evaluations']}" + (f" ({r['merges']} merges)" if r["merges"] else "")
+    spent = "; ".join(f"{r['method']} {r['evaluations']}" + (f" and {r['steps']} gradient steps" if r.get("steps")
+                                                              else "")
+                      + (f" ({r['merges']} merges)" if r["merges"] else "")
                       for r in rows if r["method"] != YOURS)
     return lines + references_note(comparison) + [f"evaluations: {spent}", *bound_lines(rows), comparison["verdict"]]
 
 
+BOUNDS_NAMED = 4  # a method with more numbers on a bound than this: counted per option, not named
+
+
+def steps_of(settings: Sequence[dict] | None, search: dict) -> int:
+    """The gradient steps a tuned method took: every setting's (`settings`,
+    tune.json's settings.searched), else the one search's; 0 without the gradient search."""
+    if settings:
+        return sum(row.get("steps", 0) for row in settings)
+    return (search.get("gradient") or {}).get("steps", 0)
+
+
 def bound_lines(rows: Sequence[dict]) -> list[str]:
     """One line per tuned method whose chosen point lies on a bound of its
-    search: which numbers, on which end of which option."""
-    return [f"{r['method']} ended on a bound: " + ", ".join(
-        f"{b['name']} {b['value']:.4g} ({b['bound']} end of {b['option']} {b['bounds'][0]:g},{b['bounds'][1]:g})"
-        for b in r["on_bounds"]) for r in rows if r.get("on_bounds")]
+    search: which numbers, on which end of which option (beyond
+    `BOUNDS_NAMED` of them, how many on each end of each option)."""
+    return [f"{r['method']} ended on a bound: {bound_words(r['on_bounds'])}" for r in rows if r.get("on_bounds")]
+
+
+def bound_words(found: Sequence[dict]) -> str:
+    if len(found) <= BOUNDS_NAMED:
+        return ", ".join(f"{b['name']} {b['value']:.4g} ({b['bound']} end of {b['option']} "
+                         f"{b['bounds'][0]:g},{b['bounds'][1]:g})" for b in found)
+    counts: dict[tuple, int] = {}
+    for b in found:
+        key = (b["option"], b["bounds"][0], b["bounds"][1], b["bound"])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} number{'s' * (n > 1)} at the {side} end of {option} {lo:g},{hi:g}"
+                     for (option, lo, hi, side), n in counts.items()) + " (tune.json: search.on_bounds)"
 
 
 def markdown_lines(comparison: dict, label: str) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 
-from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_prefix
+from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups
 from mergekit_cabs.tune.options import TuneError
 
 
@@ -48,17 +48,6 @@ def configured_numbers(planned, finetunes, groups: LayerGroups = ONE_GROUP) -> t
         next(iter(lams), 1.0)
 
 
-def weight_setting(values: Sequence[float], groups: LayerGroups, layers) -> float | list[dict]:
-    """A model's `weight` setting: its one weight, or with layer groups one
-    mergekit filter per input layer (`layers`: (input layer, output layer)
-    pairs), then the weight of the tensors outside the layers."""
-    if groups.count == 1:
-        return float(values[0])
-    group = {layer: g for g, span in enumerate(groups.spans) for layer in span}
-    return [{"filter": layer_prefix(groups.prefixes[out], layer), "value": float(values[group[out]])}
-            for layer, out in layers] + [{"value": float(values[-1])}]
-
-
 def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
                  groups: LayerGroups = ONE_GROUP) -> dict:
     """The user's YAML with every fine-tune's `weight` and the `lambda` set."""
@@ -72,10 +61,10 @@ def tuned_config(raw: dict, finetunes, weights: Sequence[float], lam: float,
         ref = ModelReference.model_validate(item["model"])
         if ref in chosen:
             params = item.get("parameters") or {}
-            params["weight"] = weight_setting(chosen[ref], groups, layers)
+            params["weight"] = groups.setting(chosen[ref], layers)
             item["parameters"] = params
 
-    every_layer = [(layer, layer) for layer in groups.prefixes]
+    every_layer = [(layer, layer) for layer in groups.layers]
     for item in out.get("models") or []:
         set_weight(item, every_layer)
     offset = 0

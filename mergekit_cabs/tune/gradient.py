@@ -22,92 +22,21 @@ to the merge dtype (and to the scoring dtype); the rounding's steps have no
 useful derivative.  A point the gradient search chooses is re-scored by the
 real merge (`WeightStore.apply` and the kinds' own `score`) elsewhere.
 
-Columns: one per model (every slot in column 0: ``LayerGroups()``), one per
-layer group (`groups.make_groups`), or one per merged tensor
-(`tensor_columns`); the flat order is the search's: lambda, then the
-weights model-major, each model's columns in order (`LayerGroups.names`,
-`LayerGroups.rows`)."""
+Columns: a slot's `group`, as the store gives it from the coefficients'
+shape (`groups.make_columns`: one per model, per layer or layer group, or
+per merged tensor); the flat order is the search's: lambda, then the
+weights model-major, each model's columns in order (`names`, `rows`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from mergekit_cabs.kernel import compute_dtype
-from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
-from mergekit_cabs.tune.options import TuneError
 from mergekit_cabs.tune.smooth import check_differentiable, item_losses, task_items
 from mergekit_cabs.tune.store import APPLY_CHUNK, Slot, WeightStore
-
-COEFFICIENTS = ("model", "layer", "tensor")
-
-# --- the coefficient columns ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorColumns:
-    """One coefficient column per merged tensor: `LayerGroups`' interface
-    (`count`, `labels`, `names`, `rows`, `of`) with a column per tensor name."""
-
-    tensors: tuple[str, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.tensors)
-
-    def labels(self) -> list[str]:
-        return list(self.tensors)
-
-    def of(self, name: str) -> int:
-        return self.tensors.index(name)
-
-    def names(self, labels: Sequence[str]) -> list[str]:
-        """The searched weights' names, model by model, tensor by tensor."""
-        return [f"{label}: {tensor}" for label in labels for tensor in self.tensors]
-
-    def rows(self, weights: Sequence[float], models: int) -> list[list[float]]:
-        """The weights (model-major, as `names`) as one vector per column, indexed by model."""
-        return [[float(weights[i * self.count + g]) for i in range(models)] for g in range(self.count)]
-
-
-def tensor_columns(store: WeightStore) -> TensorColumns:
-    """Give every slot of `store` a column of its own (in the store's order); the columns."""
-    columns = TensorColumns(tuple(slot.name for slot in store.slots))
-    for g, slot in enumerate(store.slots):
-        slot.group = g
-    return columns
-
-
-def layer_columns(store: WeightStore) -> LayerGroups:
-    """Give every decoder layer a column of its own, and the tensors in no
-    layer one more (the last); the columns.  One column when no tensor is in
-    a layer."""
-    names = [slot.name for slot in store.slots]
-    layers = {layer_index(name) for name in names} - {None}
-    groups = make_groups(names, len(layers)) if layers else ONE_GROUP
-    for slot in store.slots:
-        slot.group = groups.of(slot.name)
-    return groups
-
-
-def model_columns(store: WeightStore) -> LayerGroups:
-    """One weight per model: every slot in the one column; the columns."""
-    for slot in store.slots:
-        slot.group = 0
-    return ONE_GROUP
-
-
-def assign_columns(store: WeightStore, coefficients: str):
-    """`--coefficients model|layer|tensor`: give the store's slots their
-    columns (`model_columns`, `layer_columns`, `tensor_columns`); the columns."""
-    makers = {"model": model_columns, "layer": layer_columns, "tensor": tensor_columns}
-    if coefficients not in makers:
-        raise TuneError(f"--coefficients is {coefficients!r}; choose {', '.join(COEFFICIENTS)}")
-    return makers[coefficients](store)
-
 
 # --- one merged tensor's gradient reduced to its K numbers ---------------------------
 

@@ -15,12 +15,24 @@ from typing import Any
 import torch
 
 from mergekit_cabs.tune.data import task_scores
+from mergekit_cabs.tune.gradsearch import live_gradient_search, split_fit
 from mergekit_cabs.tune.groups import LayerGroups
 from mergekit_cabs.tune.objective import Objective
 from mergekit_cabs.tune.options import DEFAULTS, TuneError
 from mergekit_cabs.tune.prepare import Prepared
 from mergekit_cabs.tune.rows import SPLITS, mean_measures, means
-from mergekit_cabs.tune.search import SearchResult, at_bounds, budget_note, optimise
+from mergekit_cabs.tune.search import (
+    GRADIENT,
+    GRADIENT_DIMENSIONS,
+    SearchResult,
+    at_bounds,
+    budget_note,
+    choose_optimizer,
+    lambda_line,
+    optimise,
+    sweep,
+)
+from mergekit_cabs.tune.smooth import check_differentiable, differentiable
 from mergekit_cabs.tune.store import WeightStore, build_store, release_memory
 
 
@@ -56,6 +68,8 @@ class Settings:
     seed: int = DEFAULTS["seed"]
     budget_option: str = "--budget"  # where `budget` comes from, for the budget warning
     budget_shares: int = 1  # ... as one of this many equal shares of it
+    minibatch: int = DEFAULTS["minibatch"]  # the gradient search: items per data set per step
+    learning_rate: float = DEFAULTS["learning_rate"]  # ... Adam's step, a fraction of each number's range
 
 
 @dataclass
@@ -124,6 +138,23 @@ def check_scored(live: Live, x: Sequence[float], losses: dict[str, float], prep:
                     "narrow --weight-bounds or --lambda-bounds, or check that model's weights")
 
 
+def check_search(prep: Prepared, optimizer: str, budget: int, minibatch: int, learning_rate: float) -> None:
+    """Before any model loads: the gradient search's data is differentiable
+    and its settings sane; a search without slopes over a fine shape (at
+    least `GRADIENT_DIMENSIONS` numbers) can move each number once."""
+    dims = len(prep.names())
+    if optimizer == GRADIENT:
+        check_differentiable(prep.tasks)
+    if isinstance(minibatch, bool) or not isinstance(minibatch, int) or minibatch < 1:
+        raise TuneError(f"--minibatch is {minibatch!r}; it must be a whole number >= 1 (items per data set per step)")
+    if not (math.isfinite(learning_rate) and 0 < learning_rate <= 1):
+        raise TuneError(f"--learning-rate is {learning_rate}; give a number in (0, 1] (Adam's step as a fraction of "
+                        "each number's range)")
+    if optimizer in ("coordinate", "cmaes") and dims >= GRADIENT_DIMENSIONS and budget < dims + 1:
+        raise TuneError(f"--optimizer {optimizer} with --budget {budget} cannot move each of the {dims} searched "
+                        f"numbers once; use --optimizer gradient (or auto), or give --budget {sweep(dims)} or more")
+
+
 def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
     """The searched numbers (lambda, then each model's weight or weights): names, bounds, start."""
     names = prep.names()
@@ -133,18 +164,38 @@ def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[flo
 
 def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
            say_budget: bool = True) -> tuple[SearchResult, list[dict]]:
-    """Phase 3: the search (`optimise`) on the fit windows, from the better
-    of your config's point and the best one-lambda point (lambda searched
-    alone from 1, as the one-lambda baselines do); every point evaluated,
-    timed (`say_budget`: print `budget_note`'s line, if any)."""
+    """Phase 3: the search on the fit items, from the better of your
+    config's point and the best one-lambda point (lambda searched alone from
+    1, as the one-lambda baselines do): `optimise`, or the gradient search
+    (`gradient_search`); every point evaluated on every fit item is timed and
+    kept (`say_budget`: print `budget_note`'s line, if any)."""
     import tqdm
 
     names, bounds, start = search_space(prep, s)
+    chosen = choose_optimizer(s.optimizer, len(bounds), s.budget, not live.store.disjoint, differentiable(live.tasks))
     note = budget_note(len(bounds), s.budget, s.budget_option, s.budget_shares) if say_budget else None
-    if note:
+    if note and chosen != GRADIENT:
         say(note, False)
     points: list[dict] = []
-    bar = tqdm.tqdm(total=s.budget, desc="Tuning", unit="eval", disable=s.quiet)
+    steps = chosen == GRADIENT
+    bar = tqdm.tqdm(total=s.budget, desc="Tuning (gradient steps)" if steps else "Tuning", unit="step" if steps
+                    else "eval", disable=s.quiet)
+    evaluate = point_scorer(live, objective, prep, s, points, None if steps else bar)
+    line_from = min(max(1.0, bounds[0][0]), bounds[0][1])
+    with bar:
+        if steps:
+            result = gradient_search(live, objective, evaluate, start, bounds, s, line_from, bar)
+        else:
+            result = optimise(chosen, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed,
+                              coupled=not live.store.disjoint, line_from=line_from)
+    return result, points
+
+
+def point_scorer(live: Live, objective: Objective, prep: Prepared, s: Settings, points: list[dict], bar):
+    """The search's objective: set the live model to a point, score every fit
+    item, check the losses are finite; each point kept in `points`, timed,
+    and counted on `bar` (when given)."""
+    names = prep.names()
 
     def evaluate(x: tuple[float, ...]) -> float:
         took: dict[str, float] = {}
@@ -158,14 +209,62 @@ def search(live: Live, objective: Objective, prep: Prepared, s: Settings,
         score = objective.score(fit)
         points.append({"lambda": x[0], "weights": dict(zip(names[1:], x[1:])), "fit_loss": fit, "score": score,
                        **took})
-        bar.update(1)
-        bar.set_postfix(best=f"{max(p['score'] for p in points):.4f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(best=f"{max(p['score'] for p in points):.4f}")
         return score
 
-    with bar:
-        result = optimise(s.optimizer, evaluate, start, bounds, budget=s.budget, tolerance=s.tolerance, seed=s.seed,
-                          coupled=not live.store.disjoint, line_from=min(max(1.0, bounds[0][0]), bounds[0][1]))
-    return result, points
+    return evaluate
+
+
+class StepBar(list):
+    """A gradient search's trace (`live_gradient_search`'s `trace`) that counts each step on a progress bar."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def append(self, step: dict) -> None:
+        super().append(step)
+        self.bar.update(1)
+        self.bar.set_postfix(batch=f"{step['score']:.4f}")
+
+
+def gradient_search(live: Live, objective: Objective, evaluate, start, bounds, s: Settings, line_from: float,
+                    bar) -> SearchResult:
+    """The gradient search's run: your config's point, then lambda alone
+    from `line_from` (`lambda_line`, at most `DEFAULTS["line_evaluations"]`
+    evaluations of every fit item), then Adam from the better of the two
+    (`live_gradient_search`: `s.budget` steps of `s.minibatch` items per data
+    set, early stopping on a held-back quarter of the fit items); the point
+    it keeps is scored on every fit item by the real merge (`evaluate`),
+    which is the search's score.  `details`: the steps, the validations and
+    what it all cost in forward passes over the fit items."""
+    line = lambda_line(evaluate, start, bounds, line_from, budget=DEFAULTS["line_evaluations"],
+                       tolerance=s.tolerance)
+    trace = StepBar(bar)
+    found = live_gradient_search(live, objective, line.best, bounds, steps=s.budget, items=s.minibatch,
+                                 seed=s.seed, rate=s.learning_rate, checkpoint=True, trace=trace)
+    score = evaluate(found.best)  # the real merge, every fit item
+    history = line.history + ([] if found.best in dict(line.history) else [(found.best, score)])
+    details = gradient_cost(live.tasks, s.minibatch, len(trace), len(found.history), len(history))
+    details.update(stopped=found.stopped, validations=[{"lambda": x[0], "score": v} for x, v in found.history],
+                   minibatch_scores=[step["score"] for step in trace], learning_rate=s.learning_rate)
+    return SearchResult(best=found.best, score=score, history=history, stopped=found.stopped, optimizer=GRADIENT,
+                        began=line.best, details=details)
+
+
+def gradient_cost(tasks, minibatch: int, steps: int, validations: int, evaluations: int) -> dict:
+    """What a gradient search cost, in forward passes over items and in
+    evaluations' worth (one evaluation: every fit item once).  A step's item
+    counts 4 forward passes: the forward pass, the backward pass (about two)
+    and the decoder layers' recomputation under checkpointing."""
+    train, check = split_fit(tasks)
+    fit = sum(t.count("fit") for t in tasks)
+    per_step = sum(min(minibatch, len(pool)) for pool in train.values())
+    passes = 4 * per_step * steps + validations * sum(len(c) for c in check.values()) + evaluations * fit
+    return {"steps": steps, "minibatch": minibatch, "items_per_step": per_step, "validations": validations,
+            "evaluations": evaluations, "forward_passes": passes, "evaluation_equivalents": passes / max(1, fit)}
 
 
 def search_notes(prep: Prepared, s: Settings, result: SearchResult) -> dict:

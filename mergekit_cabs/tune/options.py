@@ -7,7 +7,7 @@ import math
 from mergekit_cabs.params import CabsError
 
 OBJECTIVES = ("gain", "loss")
-OPTIMIZERS = ("auto", "coordinate", "cmaes")
+OPTIMIZERS = ("auto", "coordinate", "cmaes", "gradient")
 SCORE_DTYPES = ("merge", "float32")  # merge: the dtype mergekit-yaml writes
 OUT_FILES = ("tuned.yml", "tune.md", "tune.png", "tune.json")
 GENERAL = "general"  # the name of the --general data set
@@ -23,6 +23,9 @@ DEFAULTS = {
     "general_weight": 1.0,
     "optimizer": "auto",
     "seed": 0,
+    "minibatch": 8,  # the gradient search: items per data set per step
+    "learning_rate": 0.03,  # ... Adam's step, as a fraction of each number's range
+    "line_evaluations": 10,  # ... most evaluations of its lambda line (your config, then lambda alone from 1)
     "score_dtype": "merge",
 }
 NO_TASKS_FOR_GAIN = ("--objective gain needs --data MODEL=FILE for every fine-tuned model (a gain per task); "

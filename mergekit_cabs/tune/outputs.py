@@ -83,7 +83,26 @@ def objective_doc(report: dict) -> str:
 SEARCH_WORDS = {
     "coordinate": "coordinate-wise (one value at a time, halving steps)",
     "cmaes": "CMA-ES (the cma package)",
+    "gradient": "gradient (Adam on the exact gradient, minibatches of the fit items, early stopping on a held-back "
+                "quarter of them)",
 }
+
+
+NAMES_LISTED = 12  # searched numbers named in tune.md's search line; more are counted
+
+
+def search_line(search: dict, how: str) -> str:
+    """tune.md's line on the search: what it spent, how, over which numbers."""
+    names = search["names"]
+    over = ", ".join(names) if len(names) <= NAMES_LISTED else f"{len(names)} numbers (lambda and {names[1]} ...)"
+    gradient = search.get("gradient")
+    if gradient is None:
+        return (f"- search: {search['evaluations']} evaluations of budget {search['budget']} ({search['stopped']}); "
+                f"{how} over {over}; tolerance {search['tolerance']}")
+    return (f"- search: {gradient['steps']} steps of budget {search['budget']} ({search['stopped']}), "
+            f"{gradient['items_per_step']} fit items a step, {gradient['validations']} validations and "
+            f"{search['evaluations']} evaluations of every fit item: {gradient['evaluation_equivalents']:.1f} "
+            f"evaluations' worth of forward passes in all; {how} over {over}")
 
 
 def _run_lines(report: dict) -> list[str]:
@@ -97,8 +116,7 @@ def _run_lines(report: dict) -> list[str]:
         "# CABS weight tuning", "",
         f"- configuration: `{report['config']}`; base `{report['base_model']}`; device {report['device']}",
         f"- objective, on the fit {items_of(report)}: {objective_doc(report)}",
-        (f"- search: {search['evaluations']} evaluations of budget {search['budget']} ({search['stopped']}); "
-         f"{how} over {', '.join(search['names'])}; tolerance {search['tolerance']}"),
+        search_line(search, how),
         *([f"- {group_line(report)}"] if report["layer_groups"] else []),
         (f"- time: {t['total_s']:.1f} s in all: scoring base and fine-tunes {t['reference_s']:.1f} s, masks "
          f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"
@@ -120,7 +138,8 @@ def _chosen_lines(report: dict) -> list[str]:
     out += [f"| weight `{k}` | {start['weights'][k]:.4g} | {v:.4g}{zero_note(report, k, v)} |"
             for k, v in best["weights"].items()]
     if report["layer_groups"]:
-        out += ["", group_line(report) + ": `tuned.yml` gives each model one mergekit filter per layer."]
+        each = "merged tensor" if report["layer_groups"].get("shape") == "tensor" else "layer"
+        out += ["", group_line(report) + f": `tuned.yml` gives each model one mergekit filter per {each}."]
     if dropped(report):
         out += ["", f"Dropped (weight 0, the merge leaves its task vector out): {', '.join(dropped(report))}."]
     out += ["", ("`tuned.yml` is the configuration with these numbers: `mergekit-yaml tuned.yml OUT` writes the "

@@ -12,7 +12,7 @@ from typing import Any
 from mergekit_cabs.tune.chat import find_template
 from mergekit_cabs.tune.config import configured_numbers
 from mergekit_cabs.tune.data import load_tasks, match_data, model_names
-from mergekit_cabs.tune.groups import LayerGroups, make_groups
+from mergekit_cabs.tune.groups import LayerGroups, TensorColumns, make_columns
 from mergekit_cabs.tune.lmeval import load_lm_eval_tasks
 from mergekit_cabs.tune.options import DEFAULTS, TuneError, check_data_settings
 
@@ -30,7 +30,7 @@ class Prepared:
     start_weights: list[float]  # per model (and layer group: `groups.names`)
     start_lambda: float
     tasks: list  # one per fine-tune (any kind: `data`), then the general set if given
-    groups: LayerGroups  # the tensors that take their own weight per model
+    groups: LayerGroups | TensorColumns  # which weight of a model each merged tensor takes
 
     def names(self) -> list[str]:
         """The searched numbers: lambda, then each model's weight(s)."""
@@ -41,11 +41,13 @@ def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = No
             fit_fraction: float = DEFAULTS["fit_fraction"], max_windows: int = DEFAULTS["max_windows"],
             budget: int = DEFAULTS["budget"], layer_groups: int | None = None,
             chat_template: str | None = None, lm_eval: Sequence[str] = (), lm_eval_include: Path | None = None,
-            lm_eval_limit: int | None = None) -> Prepared:
+            lm_eval_limit: int | None = None, coefficients: str | None = None) -> Prepared:
     """Check the configuration and the data, tokenize the data; loads no model weights.
     `data` (MODEL=FILE) names a file for every fine-tune, or is empty with `general` alone;
     `layer_groups` G: one weight per model for each of G groups of consecutive
     decoder layers and one for the tensors outside them (None: one per model);
+    `coefficients`: the weights' shape, model, layer or tensor (`groups.make_columns`;
+    None: layer with `layer_groups`, else model);
     `chat_template`: the model (as the YAML names it) whose chat template
     chat data and multiple-choice questions go under (None: the base's, for chat data only);
     `lm_eval`: TASK[:METRIC] lm-eval tasks (`lmeval`), from `lm_eval_include`
@@ -59,7 +61,8 @@ def prepare(config_path: Path, data: Sequence[str], *, general: Path | None = No
         raise TuneError("give --data MODEL=FILE for every fine-tuned model, or --lm-eval TASK, or --general FILE "
                         "alone (its loss is then the objective)")
     files, weights = match_data(finetunes, data) if data else ([], [])
-    groups = make_groups((p.name for p in planned), layer_groups)
+    merged = [p.name for p in planned if p.models or coefficients != "tensor"]  # tensor: the merged ones
+    groups = make_columns(merged, coefficients, layer_groups)
     start_weights, start_lambda = configured_numbers(planned, finetunes, groups)
     labels = short_names([str(m.model.path) for m in finetunes])
     tokenizer, window = base_tokenizer(config, window)

@@ -88,6 +88,8 @@ def group_line(report: dict) -> str | None:
     groups = report["layer_groups"]
     if groups is None:
         return None
+    if groups.get("shape") == "tensor":
+        return f"one weight per model for each of the {groups['count']} merged tensors"
     return (f"layer groups ({groups['count']} of consecutive decoder layers, then the tensors outside them): "
             + ", ".join(g["name"] for g in groups["groups"]))
 
@@ -138,12 +140,8 @@ def format_summary(report: dict) -> str:
     flagged when it got worse, and normalized gains with the gain
     objective), then the objective."""
     best, start = report["best"], report["start"]
-    width = max(12, *(len(k) for k in best["weights"]))
     lines = [group_line(report)] if report["layer_groups"] else []
-    lines += notes_lines(report) + settings_lines(report)
-    lines += [f"{'':{width}s} {'your config':>11s} {'tuned':>8s}",
-              f"{'lambda':{width}s} {start['lambda']:11.3f} {best['lambda']:8.3f}"]
-    lines += [f"{k:{width}s} {start['weights'][k]:11.3f} {v:8.3f}" for k, v in best["weights"].items()]
+    lines += notes_lines(report) + settings_lines(report) + weight_lines(report)
     if dropped(report):
         lines.append(f"dropped: {', '.join(dropped(report))} (weight 0: the merge leaves its task vector out)")
     lines += ["", *held_out_lines(report)]
@@ -160,6 +158,27 @@ def format_summary(report: dict) -> str:
     else:
         lines += bound_lines([{"method": "cabs (tuned)", "on_bounds": report["search"].get("on_bounds", [])}])
     return "\n".join(lines)
+
+
+WEIGHTS_LISTED = 24  # weights the console lists one by one; more are summed up per model (tune.md lists each)
+
+
+def weight_lines(report: dict) -> list[str]:
+    """Lambda and the weights, your config's and the chosen ones: each one,
+    or beyond `WEIGHTS_LISTED` of them each model's range and median."""
+    best, start = report["best"], report["start"]
+    if len(best["weights"]) <= WEIGHTS_LISTED:
+        width = max(12, *(len(k) for k in best["weights"]))
+        return ([f"{'':{width}s} {'your config':>11s} {'tuned':>8s}",
+                 f"{'lambda':{width}s} {start['lambda']:11.3f} {best['lambda']:8.3f}"]
+                + [f"{k:{width}s} {start['weights'][k]:11.3f} {v:8.3f}" for k, v in best["weights"].items()])
+    out = [f"lambda: your config {start['lambda']:.3f}, tuned {best['lambda']:.3f}; the weights (each in tune.md and "
+           "tuned.yml):"]
+    for label, names in report["search"]["weights_of"].items():
+        mine, tuned = sorted(start["weights"][n] for n in names), sorted(best["weights"][n] for n in names)
+        out.append(f"  {label}: {len(names)} weights, your config {mine[0]:.3f} to {mine[-1]:.3f}; tuned "
+                   f"{tuned[0]:.3f} to {tuned[-1]:.3f}, median {tuned[len(tuned) // 2]:.3f}")
+    return out
 
 
 def worse(lower: bool, start: float, tuned: float) -> bool:

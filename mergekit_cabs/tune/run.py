@@ -14,8 +14,7 @@ from mergekit_cabs.tune.baselines import (
     parse_baselines,
 )
 from mergekit_cabs.tune.config import check_round_trip, tuned_config
-from mergekit_cabs.tune.groups import LayerGroups
-from mergekit_cabs.tune.live import Live, Settings, say, search_notes, search_space, timed
+from mergekit_cabs.tune.live import Live, Settings, check_search, say, search_notes, search_space, timed
 from mergekit_cabs.tune.objective import split_objectives
 from mergekit_cabs.tune.options import (
     DEFAULTS,
@@ -48,7 +47,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              score_dtype: str = DEFAULTS["score_dtype"], store_on_device: bool = False,
              quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
              baselines: str | None = None, densities: str | None = None, orders: str | None = None,
-             total_budget: int | None = None) -> dict:
+             total_budget: int | None = None, minibatch: int = DEFAULTS["minibatch"],
+             learning_rate: float = DEFAULTS["learning_rate"]) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
     `baselines`: as --baselines (None: task arithmetic tuned the same way
     when it fits in memory; "none": no baseline), scored after the search
@@ -58,8 +58,11 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     (`settings`), and the best on the fit windows is chosen.
     `objective` None: "gain" with per-model data, "loss" with the general set
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
-    "float32"; `store_on_device`: keep the store on `device` instead of the host."""
+    "float32"; `store_on_device`: keep the store on `device` instead of the host;
+    `minibatch`, `learning_rate`: the gradient search's (`live.gradient_search`;
+    with it, `budget` counts its steps)."""
     check_optimizer(optimizer, seed)
+    check_search(prep, optimizer, budget, minibatch, learning_rate)
     tuned_ta, one_lambda = parse_baselines(baselines)
     asked = parse_densities(densities), parse_orders(orders)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
@@ -71,7 +74,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     budgets = setting_budgets(len(settings), budget, total_budget)
     s = Settings(device, device if store_on_device else "cpu", scoring_dtype(prep.config, score_dtype), objective,
                  general_weight, budget, tuple(weight_bounds), tuple(lambda_bounds), tolerance, batch_size, quiet,
-                 optimizer, seed, *(("--budget", 1) if total_budget is None else ("--total-budget", len(settings))))
+                 optimizer, seed, *(("--budget", 1) if total_budget is None else ("--total-budget", len(settings))),
+                 minibatch, learning_rate)
     widened = widen_to_start(prep, s)
     with timed(clock, "total_s"):
         with timed(clock, "reference_s"):
@@ -153,14 +157,14 @@ def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, re
                    "budget": s.budget, "tolerance": s.tolerance, "evaluations": len(points), "stopped": result.stopped,
                    "optimizer": result.optimizer, "optimizer_option": s.optimizer, "seed": s.seed,
                    "weights_of": {label: prep.groups.names([label]) for label in labels},
-                   **search_notes(prep, s, result)},
+                   **search_notes(prep, s, result), **({"gradient": result.details} if result.details else {})},
         "supports": {"disjoint": store.disjoint, "shared_places": store.shared_places(), "places": store.places(),
                      "merged_tensors": len(store.slots), "fixed_tensors": store.fixed},
         "memory": {"store_bytes": store.nbytes(), "model_bytes": model_bytes,
                    "store_bytes_per_place": store.nbytes() / max(1, store.places()),
                    "store_device": s.store_device, "score_dtype": str(s.score_dtype).removeprefix("torch.")},
         "reference": reference,
-        "layer_groups": layer_group_report(prep.groups),
+        "layer_groups": prep.groups.report(),
         "start": {"lambda": begin[0], "weights": dict(zip(names[1:], begin[1:])), **scores["start"]},
         "best": {"lambda": result.best[0], "weights": dict(zip(names[1:], result.best[1:])), **scores["best"]},
         "points": points,
@@ -173,12 +177,3 @@ def data_report(task) -> dict:
     """A task in tune.json: its file, kind, measure (and direction), weight, items per split and details."""
     return {"file": task.path, "kind": task.kind, "measure": task.measure, "lower_is_better": task.lower_is_better,
             "weight": task.weight, **{f"{split}_items": task.count(split) for split in SPLITS}, **task.describe()}
-
-
-def layer_group_report(groups: LayerGroups) -> dict | None:
-    """The layer groups in tune.json: each group's words and decoder layers; None without groups."""
-    if groups.count == 1:
-        return None
-    labels = groups.labels()
-    return {"count": len(groups.spans), "groups": [{"name": label, "layers": list(span)} for label, span in
-                                                   zip(labels, [*groups.spans, ()])]}

@@ -23,6 +23,7 @@ class SearchResult:
     stopped: str  # "converged" or "budget"
     optimizer: str = "coordinate"
     began: tuple[float, ...] | None = None  # where the full search started (None: the start given)
+    details: dict | None = None  # what a search says of itself beyond these (the gradient search's steps)
 
 
 class _Spent(Exception):
@@ -173,15 +174,32 @@ SEARCHES = {"coordinate": coordinate_search, "cmaes": cmaes_search}
 CMAES_EVALUATIONS_PER_VALUE = 50
 
 
-def choose_optimizer(optimizer: str, dimensions: int, budget: int, coupled: bool = False) -> str:
-    """The search `optimizer` names; "auto": CMA-ES when the weights are
-    `coupled` (the models' kept places overlap) and the budget allows
-    `CMAES_EVALUATIONS_PER_VALUE` evaluations per searched value, else the
-    coordinate search."""
+GRADIENT = "gradient"  # the gradient search (`gradsearch`): it takes slopes, not only values
+# `auto` takes the gradient search from this many searched numbers on (where
+# the budget cannot take a step each way along each): per layer and per
+# tensor on a real model, never one weight per model (docs/tune-evidence.md).
+GRADIENT_DIMENSIONS = 16
+
+
+def sweep(dimensions: int) -> int:
+    """Evaluations for one step each way along every searched number, and the start."""
+    return 2 * dimensions + 1
+
+
+def choose_optimizer(optimizer: str, dimensions: int, budget: int, coupled: bool = False,
+                     differentiable: bool = False) -> str:
+    """The search `optimizer` names; "auto": the gradient search when the data
+    is `differentiable`, at least `GRADIENT_DIMENSIONS` numbers are searched
+    and the budget cannot take one step each way along each (`sweep`: the
+    shape is too fine for a search without slopes), else CMA-ES when the weights are `coupled` (the models'
+    kept places overlap) and the budget allows `CMAES_EVALUATIONS_PER_VALUE`
+    evaluations per searched value, else the coordinate search."""
     if optimizer == "auto":
+        if differentiable and dimensions >= GRADIENT_DIMENSIONS and budget < sweep(dimensions):
+            return GRADIENT
         return "cmaes" if coupled and budget >= CMAES_EVALUATIONS_PER_VALUE * dimensions else "coordinate"
-    if optimizer not in SEARCHES:
-        raise TuneError(f"--optimizer is {optimizer!r}; choose auto, {', '.join(SEARCHES)}")
+    if optimizer not in (*SEARCHES, GRADIENT):
+        raise TuneError(f"--optimizer is {optimizer!r}; choose auto, {', '.join(SEARCHES)}, {GRADIENT}")
     return optimizer
 
 
@@ -190,13 +208,13 @@ def budget_note(dimensions: int, budget: int, option: str = "--budget", shares: 
     searched number from the start (2 x dimensions + 1 evaluations), else
     None; `option` names the option the budget comes from, of which it is
     one of `shares` equal shares (--total-budget among settings)."""
-    sweep = 2 * dimensions + 1
-    if budget >= sweep:
+    needed = sweep(dimensions)
+    if budget >= needed:
         return None
     what = f"{option} {budget}" if shares == 1 else f"each of the {shares} settings' share of {option}, {budget},"
     return (f"tune: {what} is less than one step each way along each of the {dimensions} searched "
-            f"numbers ({sweep} evaluations), so some are never moved from the start; give {option} "
-            f"{5 * sweep * shares} or more")
+            f"numbers ({needed} evaluations), so some are never moved from the start; give {option} "
+            f"{5 * needed * shares} or more, or --optimizer gradient")
 
 
 LINE_SHARE = 2  # the lambda line (`optimise`) spends at most 1/LINE_SHARE of the budget: half
@@ -227,13 +245,33 @@ def optimise(optimizer: str, objective: Callable[[tuple[float, ...]], float], st
             seen[x] = float(objective(x))
         return seen[x]
 
-    first = _Box(once, bounds, 1)
-    first.begin(start)
-    held = [bounds[0]] + [(v, v) for v in first.x[1:]]
-    line = coordinate_search(once, (line_from, *first.x[1:]), held, budget=line_budget - 1, tolerance=tolerance)
-    began = line.best if line.score > first.fx else first.x
+    began = lambda_line(once, start, bounds, line_from, budget=line_budget, tolerance=tolerance).best
     rest = SEARCHES[chosen](once, began, bounds, budget=budget - len(seen) + 1, tolerance=tolerance, seed=seed)
     return dataclasses.replace(rest, history=list(seen.items()), began=began)
+
+
+def lambda_line(objective: Callable[[tuple[float, ...]], float], start: Sequence[float],
+                bounds: Sequence[tuple[float, float]], line_from: float, *, budget: int,
+                tolerance: float) -> SearchResult:
+    """Score `start`, then search the first coordinate (lambda) alone from
+    `line_from`, the others held at `start` (the coordinate search), in at
+    most `budget` points in all; `best` is the better of `start` and the
+    line's best (`start` on a tie), `history` every point scored (each once)."""
+    seen: dict[tuple[float, ...], float] = {}
+
+    def once(x: tuple[float, ...]) -> float:
+        if x not in seen:
+            seen[x] = float(objective(x))
+        return seen[x]
+
+    first = _Box(once, bounds, 1)
+    first.begin(start)
+    if budget < 2:
+        return SearchResult(best=first.x, score=first.fx, history=first.history, stopped="budget")
+    held = [bounds[0]] + [(v, v) for v in first.x[1:]]
+    line = coordinate_search(once, (line_from, *first.x[1:]), held, budget=budget - 1, tolerance=tolerance)
+    best, score = (line.best, line.score) if line.score > first.fx else (first.x, first.fx)
+    return SearchResult(best=best, score=score, history=list(seen.items()), stopped=line.stopped, began=first.x)
 
 
 def at_bounds(point: Sequence[float], bounds: Sequence[tuple[float, float]]) -> list[tuple[int, str]]:

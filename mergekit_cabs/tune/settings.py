@@ -322,6 +322,7 @@ def settings_report(prep: Prepared, settings: Sequence[Setting], rows: Sequence[
             "models": [prep.labels[j] for j in setting.ranks], "your_config": setting.yours,
             "budget": row["budget"], "evaluations": len(row["points"]), "stopped": result.stopped,
             "optimizer": result.optimizer, "lambda": result.best[0],
+            "steps": (result.details or {}).get("steps", 0),
             "weights": dict(zip(prep.names()[1:], result.best[1:])), "fit": result.score,
             "heldout": row.get("heldout"),
             "masks_s": row["masks_s"], "search_s": row["search_s"], "chosen": i == chosen,

@@ -35,6 +35,11 @@ NOT_DIFFERENTIABLE = ("tune: the lm-eval task {name!r} is not differentiable (lm
                       "outputs); use --optimizer coordinate or --optimizer cmaes with lm-eval tasks")
 
 
+def differentiable(tasks: Sequence) -> bool:
+    """Whether the gradient can be taken through every task's measure."""
+    return all(task.kind in DIFFERENTIABLE for task in tasks)
+
+
 def check_differentiable(tasks: Sequence) -> None:
     """Every task is of a kind the gradient can be taken through; else a
     one-line TuneError (lm-eval tasks: use the coordinate search or CMA-ES)."""
