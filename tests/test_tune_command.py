@@ -515,3 +515,12 @@ def test_tune_with_cmaes_is_deterministic_per_seed_and_says_which_search_ran(tun
     assert (search["optimizer"], search["optimizer_option"], search["seed"]) == ("cmaes", "cmaes", 5)
     assert "CMA-ES (the cma package), seed 5 over lambda, ft0, ft1, ft2" in tn.render_markdown(runs[0], plot=False)
     assert tn.run_tune(prep, budget=3, objective="loss", quiet=True)["search"]["optimizer"] == "coordinate"  # auto
+
+
+def test_a_search_without_slopes_that_cannot_move_each_number_of_a_fine_shape_is_refused_in_one_line(
+        tune_family, tmp_path, no_model_loading):
+    out = _bad(tune_family, tmp_path, extra=["--coefficients", "tensor", "--optimizer", "coordinate", "--budget", "5"])
+    dims = 1 + 3 * 21  # lambda, and three fine-tunes' weight for each of the 21 merged tensors of two layers
+    assert out.strip().splitlines() == [f"Error: --optimizer coordinate with --budget 5 cannot move each of the {dims} "
+                                        f"searched numbers once; use --optimizer gradient (or auto), or give --budget "
+                                        f"{2 * dims + 1} or more"]

@@ -232,3 +232,14 @@ def test_the_gradient_search_is_deterministic_for_a_seed_and_improves_the_fit_ob
     assert all(lo <= v <= hi for step in first_trace for v, (lo, hi) in zip(step["point"], bounds))
     assert first.best != start
     assert _real_score(live, objective, first.best) > _real_score(live, objective, start) + 1e-3
+
+
+@pytest.mark.parametrize("dimensions, budget, differentiable, chosen", [
+    (64, 60, True, "gradient"),  # per tensor: the budget cannot step each way along each number
+    (64, 200, True, "coordinate"),  # ... it can
+    (64, 60, False, "coordinate"),  # lm-eval data: no slopes
+    (10, 5, True, "coordinate"),  # under 16 numbers: the searches without slopes, as before
+])
+def test_auto_takes_the_gradient_search_only_for_fine_shapes_the_budget_cannot_cover(dimensions, budget,
+                                                                                     differentiable, chosen):
+    assert tn.choose_optimizer("auto", dimensions, budget, differentiable=differentiable) == chosen

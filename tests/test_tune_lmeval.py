@@ -131,3 +131,23 @@ def test_lm_eval_alone_scores_every_fine_tune_and_keeps_lm_evals_output_off_the_
     assert sum(best_items["heldout"]) / 3 == pytest.approx(report["reference"]["models"]["tiny_mc"]["heldout"])
     printed = capfd.readouterr()
     assert "loglikelihood" not in printed.err and "pretrained" not in printed.err, printed.err[-500:]
+
+
+def test_the_gradient_search_with_an_lm_eval_task_is_one_line_before_any_model_loads(lm_family, offline,
+                                                                                     monkeypatch):
+    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    import transformers
+
+    prep = tn.prepare(lm_family["config"], lm_family["data"], lm_eval=["tiny_mc"],
+                      lm_eval_include=lm_family["tasks"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(tn.TuneError) as error:
+        tn.run_tune(prep, optimizer="gradient", quiet=True)
+    assert str(error.value) == ("tune: the lm-eval task 'tiny_mc' is not differentiable (lm-eval scores generated or "
+                                "compared outputs); use --optimizer coordinate or --optimizer cmaes with lm-eval "
+                                "tasks")
+    assert tn.choose_optimizer("auto", 64, 60, differentiable=False) == "coordinate"  # auto leaves it out
