@@ -48,7 +48,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              score_dtype: str = DEFAULTS["score_dtype"], store_on_device: bool = False,
              quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
              baselines: str | None = None, densities: str | None = None, orders: str | None = None,
-             total_budget: int | None = None) -> dict:
+             total_budget: int | None = None, finished=None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
     `baselines`: as --baselines (None: task arithmetic tuned the same way
     when it fits in memory; "none": no baseline), scored after the search
@@ -58,7 +58,9 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     (`settings`), and the best on the fit windows is chosen.
     `objective` None: "gain" with per-model data, "loss" with the general set
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
-    "float32"; `store_on_device`: keep the store on `device` instead of the host."""
+    "float32"; `store_on_device`: keep the store on `device` instead of the host.
+    `finished`: called with the report once the cabs search is done, before
+    the baselines start (so an interrupted baseline loses no finished search)."""
     check_optimizer(optimizer, seed)
     tuned_ta, one_lambda = parse_baselines(baselines)
     asked = parse_densities(densities), parse_orders(orders)
@@ -97,6 +99,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     report["settings"] = settings_report(prep, settings, rows, chosen, total_budget)
     below = below_config(scores)
     report["search"]["notes"], report["scores_below_config"] = widened + below, bool(below)
+    if finished is not None:
+        finished(report)
     if tuned_ta is not False or one_lambda:
         s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget, budget_shares=1)
         add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
