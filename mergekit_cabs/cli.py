@@ -257,6 +257,7 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
     from mergekit_cabs._output import check_out_dir, out_lock
     from mergekit_cabs.params import CabsError
 
+    finished = tn.Finished()  # the cabs search's report, kept should Ctrl-C stop the baselines
     try:
         weight_range, lambda_range, device = tn.search_settings(
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
@@ -276,17 +277,32 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
                                  tolerance=tolerance, batch_size=batch_size, quiet=quiet, optimizer=optimizer,
                                  seed=seed, score_dtype=score_dtype, store_on_device=store_on_device,
                                  baselines=baselines, densities=densities, orders=orders,
-                                 total_budget=total_budget, minibatch=minibatch, learning_rate=learning_rate)
+                                 total_budget=total_budget, minibatch=minibatch, learning_rate=learning_rate,
+                                 finished=finished)
             click.echo(tn.format_summary(report))  # before writing: a full disk loses no search
-            written = tn.write_outputs(report, out_dir)
+            written = tn.write_or_show(report, out_dir, click.echo)  # on a write error, every YAML printed
     except CabsError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"\nWrote {', '.join(written)} to {out_dir}")
-    if report["scores_below_config"]:
-        click.echo(f"Your config scores higher on the fit data: merge it as written (mergekit-yaml {config} "
-                   f"OUTPUT_DIR), or {out_dir / 'tuned.yml'}")
-    else:
-        click.echo(f"Merge it:  mergekit-yaml {out_dir / 'tuned.yml'} OUTPUT_DIR")
+    except KeyboardInterrupt:
+        if finished.report is None:
+            raise
+        interrupted(finished.report, out_dir)
+    click.echo("\n".join(tn.closing_lines(report, out_dir, written)))  # the last line: what to merge
+
+
+def interrupted(report: dict, out_dir: Path) -> None:
+    """Ctrl-C after the cabs search finished: its summary, its files written
+    into --out (held again), one line saying so, the merge line; status 130."""
+    from mergekit_cabs import tune as tn
+    from mergekit_cabs._output import out_lock
+    from mergekit_cabs.params import CabsError
+
+    try:
+        with out_lock(out_dir, tn.TuneError):
+            tn.show_interrupted(report, out_dir, click.echo)
+    except CabsError as error:
+        raise click.ClickException(str(error)) from None
+    sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

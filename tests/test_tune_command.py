@@ -410,8 +410,9 @@ def test_tune_names_point_tensor_and_model_when_a_merged_weight_turns_nan(tune_f
 def _summary_then_error(result, out: Path, reason: str) -> None:
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1, result.output
-    assert lines[-1] == f"Error: tune: could not write {out}: {reason}; the result (weights, lambda, scores) is " \
-                        "printed above", result.output
+    assert lines[-1].startswith(f"Error: tune: could not write {out}: {reason}; the summary and every YAML it "
+                                "would have written are printed above (the recommended one: "), result.output
+    assert "=== tuned.yml ===" in lines and "=== end of tuned.yml ===" in lines
     assert lines[0].split() == ["your", "config", "tuned"] and lines[1].startswith("lambda")
     assert "Traceback" not in result.output
     assert any(line.startswith("objective (gain)") for line in lines[:-1])

@@ -36,8 +36,10 @@ def test_loss_summary_shows_losses_a_positive_mean_loss_and_the_dropped_model():
     text = tn.format_summary(_report("loss"))
     assert "gain" not in text
     assert "dropped: a (weight 0: the merge leaves its task vector out)" in text
-    assert text.splitlines()[-1] == ("objective (loss): mean loss over tasks (lower is better), your config -> tuned: "
+    assert text.splitlines()[-3] == ("objective (loss): mean loss over tasks (lower is better), your config -> tuned: "
                                      "fit 2.0000 -> 1.8000, held-out 2.0000 -> 1.8000")
+    assert text.splitlines()[-1] == ("recommended: cabs (tuned), tuned.yml, the tuned column above: it scores at "
+                                     "least as high as your config on the fit data; no baseline was compared")
 
 
 def test_gain_summary_keeps_the_gain_column_and_says_higher_is_better():

@@ -282,11 +282,10 @@ def test_the_closing_line_advises_your_config_when_tuned_yml_scores_below_it(tun
     assert report["scores_below_config"] is below
     last = result.output.strip().splitlines()[-1]
     if below:
-        assert last.startswith("Your config scores higher on the fit data: merge it as written (mergekit-yaml "
-                               f"{tune_family['config']} OUTPUT_DIR), or ")
+        assert last == f"Merge it:  mergekit-yaml {tune_family['config']} OUTPUT_DIR"
         assert "tuned.yml scores below your config on the fit windows" in result.output
     else:
-        assert last.startswith("Merge it:  mergekit-yaml ")
+        assert last == f"Merge it:  mergekit-yaml {out / 'tuned.yml'} OUTPUT_DIR"
 
 
 def test_a_density_and_an_n_with_the_same_masks_are_searched_once(tune_family):

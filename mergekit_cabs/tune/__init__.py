@@ -30,7 +30,7 @@ masks and search, and the best on the fit data is kept (`settings`).
 """
 
 from mergekit_cabs.tune.baselines import as_method, dense_cabs, merge_into, parse_baselines, tuned_decision
-from mergekit_cabs.tune.compare import comparison
+from mergekit_cabs.tune.compare import comparison, recommendation
 from mergekit_cabs.tune.config import check_round_trip, configured_numbers, mask_signature, tuned_config
 from mergekit_cabs.tune.data import load_tasks, match_data, model_names, task_losses, task_scores
 from mergekit_cabs.tune.groups import ONE_GROUP, LayerGroups, layer_index, make_groups
@@ -53,7 +53,18 @@ from mergekit_cabs.tune.options import (
     parse_bounds,
     search_settings,
 )
-from mergekit_cabs.tune.outputs import make_plot, plot_figure, render_markdown, write_outputs
+from mergekit_cabs.tune.outputs import (
+    Finished,
+    closing_lines,
+    make_plot,
+    merge_line,
+    plot_figure,
+    render_markdown,
+    show_interrupted,
+    write_or_show,
+    write_outputs,
+    yaml_texts,
+)
 from mergekit_cabs.tune.prepare import Prepared, prepare
 from mergekit_cabs.tune.references import load_model, scoring_dtype
 from mergekit_cabs.tune.report import format_summary
@@ -152,4 +163,11 @@ __all__ = [
     "tuned_config",
     "window_losses",
     "write_outputs",
+    "Finished",
+    "closing_lines",
+    "merge_line",
+    "recommendation",
+    "show_interrupted",
+    "write_or_show",
+    "yaml_texts",
 ]

@@ -113,13 +113,22 @@ def comparison(objective, report: dict, baselines: Sequence[dict], items: str = 
             "redrawn" if references is not None else "fixed", "runs": list(baselines)}
 
 
+def higher_words(objective: str) -> str:
+    return "has a lower held-out loss" if objective == "loss" else "scores higher on the held-out data"
+
+
+def winner(others: Sequence[dict], objective: str) -> dict | None:
+    """The row better than tuned cabs by its paired interval, the best such
+    on the held-out data; None when no row is."""
+    better = [r for r in others if r["baseline_better"]]
+    return max(better, key=lambda r: r["heldout"] * (-1 if objective == "loss" else 1)) if better else None
+
+
 def verdict(others: Sequence[dict], objective: str, items: str = "windows") -> str:
     """One plain line: which to merge, judged on the held-out data by the
     paired differences' intervals."""
-    better = [r for r in others if r["baseline_better"]]
-    higher = "has a lower held-out loss" if objective == "loss" else "scores higher on the held-out data"
-    if better:
-        best = max(better, key=lambda r: r["heldout"] * (-1 if objective == "loss" else 1))
+    best, higher = winner(others, objective), higher_words(objective)
+    if best is not None:
         lo, hi = best["difference_interval"]
         d, lo, hi = abs(best["difference"]), min(abs(lo), abs(hi)), max(abs(lo), abs(hi))
         return f"{best['method']} {higher} than {CABS} by {d:.4f} [{lo:.4f}, {hi:.4f}]: merge {best['file']}"
@@ -132,6 +141,48 @@ def verdict(others: Sequence[dict], objective: str, items: str = "windows") -> s
     tied = [r["method"] for r in others if not r["cabs_better"]]
     return (f"{CABS} and {', '.join(tied)} are not distinguishable here (difference {closest['difference']:+.4f} "
             f"[{lo:+.4f}, {hi:+.4f}] with {closest['method']}): these held-out {items} do not tell them apart")
+
+
+def recommendation(report: dict) -> dict:
+    """What the run recommends merging, decided here once for the summary,
+    tune.md, tune.json and the command's last line:
+
+    1. the held-out comparison's winner, when a row (a baseline or your
+       config) is better than tuned cabs by its paired interval (the verdict
+       names it);
+    2. else tuned.yml, when tuned cabs is better than your config by its
+       paired interval (held-out evidence outweighs the fit data);
+    3. else your config as written, when tuned.yml scores below it on the fit
+       data (`report["scores_below_config"]`);
+    4. else tuned.yml.
+
+    Without a comparison (--baselines none, or the baselines interrupted),
+    rules 3 and 4.  Returns the method, its file (`in_out`: written to
+    --out; else your config's path), its lambda and weights, and the reason."""
+    rows = (report.get("baselines") or {}).get("rows", [])
+    best, higher = winner(rows[1:], report["objective"]) if rows else None, higher_words(report["objective"])
+    if best is not None and best["method"] != YOURS:
+        run = next(r for r in report["baselines"]["runs"] if LABELS[r["name"]] == best["method"])
+        return {"method": best["method"], "file": best["file"], "in_out": True, "lambda": run["lambda"],
+                "weights": run["weights"] or dict(report["start"]["weights"]),
+                "reason": f"it {higher} than {CABS} by its paired interval"}
+    if best is not None:
+        return recommended(report, YOURS, f"it {higher} than {CABS} by its paired interval")
+    if any(r["method"] == YOURS and r["cabs_better"] for r in rows):
+        return recommended(report, CABS, "it is better than your config on the held-out data by its paired "
+                                         "interval, and no row is better than it")
+    if report.get("scores_below_config"):
+        return recommended(report, YOURS, "tuned.yml scores below it on the fit data" + (
+            f", and no row is better than {CABS} on the held-out data" if rows else ""))
+    return recommended(report, CABS, "no row is better than it on the held-out data" if rows else
+                       "it scores at least as high as your config on the fit data; no baseline was compared")
+
+
+def recommended(report: dict, method: str, reason: str) -> dict:
+    """`recommendation`'s answer for tuned cabs or your config."""
+    point = report["best"] if method == CABS else report["start"]
+    return {"method": method, "file": "tuned.yml" if method == CABS else report["config"], "in_out": method == CABS,
+            "lambda": point["lambda"], "weights": dict(point["weights"]), "reason": reason}
 
 
 # --- how the report shows it ----------------------------------------------------------------

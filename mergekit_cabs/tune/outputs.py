@@ -4,15 +4,17 @@ tune.json too)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 from mergekit_cabs._output import WriteError, fmt, publish, pyplot
-from mergekit_cabs.tune.compare import markdown_lines
+from mergekit_cabs.tune.compare import markdown_lines, recommendation
 from mergekit_cabs.tune.options import BASELINE_FILES, FILES, LABELS, OUT_FILES, TuneError
 from mergekit_cabs.tune.report import (
     direction,
     dropped,
+    format_summary,
     group_line,
     has_tasks,
     items_of,
@@ -52,7 +54,8 @@ def settings_markdown(report: dict) -> list[str]:
 
 def render_markdown(report: dict, plot: bool) -> str:
     """tune.md: the run, the chosen numbers, the losses, the store, every point."""
-    out = _run_lines(report) + settings_markdown(report) + _chosen_lines(report) + _data_lines(report)
+    out = _run_lines(report) + recommended_markdown(report) + settings_markdown(report) + _chosen_lines(report) \
+        + _data_lines(report)
     for split in SPLITS:
         out += _loss_lines(report, split)
     if report.get("baselines"):
@@ -62,6 +65,20 @@ def render_markdown(report: dict, plot: bool) -> str:
     out.append("![objective along each weight](tune.png)" if plot else
                'Not made: pip install "mergekit-cabs[plot]" gets it (matplotlib).')
     return "\n".join(out) + "\n"
+
+
+def recommended_markdown(report: dict) -> list[str]:
+    """tune.md's section on what to merge (`compare.recommendation`): the
+    file, why, its lambda and weights; after an interrupted baseline phase,
+    a line saying so."""
+    rec = recommendation(report)
+    what = "your config as written" if not rec["in_out"] else rec["method"]
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in {"lambda": rec["lambda"], **rec["weights"]}.items())
+    out = ["", "## What to merge", ""]
+    if report.get("interrupted"):
+        out += ["The baselines were interrupted (Ctrl-C) before they finished: no comparison was made, and "
+                "only tuned cabs and your config are weighed here.", ""]
+    return out + [f"**`mergekit-yaml {rec['file']} OUT`**: {what}, as {rec['reason']}. Its numbers: {numbers}."]
 
 
 def objective_doc(report: dict) -> str:
@@ -263,43 +280,108 @@ def plot_figure(report: dict):
     return fig
 
 
-def baseline_yamls(report: dict, staging: Path) -> list[str]:
-    """Each baseline's configuration, as `mergekit-yaml` merges it, into `staging`; the names written."""
+def yaml_texts(report: dict) -> dict[str, str]:
+    """Every YAML tune writes, by file name, as text: tuned.yml, then each
+    baseline's, as `mergekit-yaml` merges it.  The one home of that text: the
+    files in --out, and the printout when they cannot be written."""
     import yaml
 
-    written = []
+    texts = {"tuned.yml": "# Written by mergekit-cabs tune: the weights and lambda it chose (see tune.md).\n"
+             + yaml.safe_dump(report["tuned_config"], sort_keys=False)}
     for run in (report.get("baselines") or {}).get("runs", []):
-        name = FILES[run["name"]]
         seed = f" (its random drops: mergekit-yaml --random-seed {run['seed']})" if run["seed"] is not None else ""
-        (staging / name).write_text(
+        texts[FILES[run["name"]]] = (
             f"# Written by mergekit-cabs tune: the {LABELS[run['name']]} baseline it scored{seed} (see tune.md).\n"
-            + yaml.safe_dump(run["config"], sort_keys=False), encoding="utf-8")
-        written.append(name)
-    return written
+            + yaml.safe_dump(run["config"], sort_keys=False))
+    return texts
+
+
+def yaml_printout(report: dict) -> str:
+    """Every YAML of `yaml_texts`, each between a line `=== NAME ===` and a
+    line `=== end of NAME ===`: what a user saves by hand when --out cannot
+    be written."""
+    return "\n".join(f"\n=== {name} ===\n{text.rstrip()}\n=== end of {name} ==="
+                     for name, text in yaml_texts(report).items())
+
+
+def recommended_file(report: dict, out: Path) -> str:
+    """Where the recommended configuration is (`compare.recommendation`):
+    its file in `out`, or your config's path as given."""
+    rec = recommendation(report)
+    return str(Path(out) / rec["file"]) if rec["in_out"] else rec["file"]
+
+
+def merge_line(report: dict, out: Path) -> str:
+    """The command's last line: the mergekit-yaml command of what it recommends."""
+    return f"Merge it:  mergekit-yaml {recommended_file(report, out)} OUTPUT_DIR"
 
 
 def write_outputs(report: dict, out: Path) -> list[str]:
-    """tune.md, tune.png (with matplotlib), tune.json and tuned.yml, into
-    `out`, tuned.yml last (there, it means every file is).  A file that cannot
-    be written is a one-line TuneError that points to the summary, which the
-    command prints before writing (so a full disk loses no search)."""
-    import yaml
-
+    """tune.md, tune.png (with matplotlib), tune.json (with the
+    recommendation), the baselines' YAMLs and tuned.yml, into `out`,
+    tuned.yml last (there, it means every file is).  A file that cannot be
+    written is a one-line TuneError that points to the summary, which the
+    command prints before writing (so a full disk loses no search), and to
+    the YAMLs `write_or_show` prints."""
     def build(staging: Path) -> list[str]:
         plotted = True
         try:
             make_plot(report, staging / "tune.png")
         except ImportError:
             plotted = False
-        (staging / "tuned.yml").write_text(
-            "# Written by mergekit-cabs tune: the weights and lambda it chose (see tune.md).\n"
-            + yaml.safe_dump(report["tuned_config"], sort_keys=False), encoding="utf-8")
+        texts = yaml_texts(report)
+        for name, text in texts.items():
+            (staging / name).write_text(text, encoding="utf-8")
         (staging / "tune.md").write_text(render_markdown(report, plotted), encoding="utf-8")
-        (staging / "tune.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        extra = baseline_yamls(report, staging)
+        (staging / "tune.json").write_text(json.dumps({**report, "recommended": recommendation(report)}, indent=1)
+                                           + "\n", encoding="utf-8")
+        extra = [name for name in texts if name != "tuned.yml"]
         return ["tune.md"] + (["tune.png"] if plotted else []) + ["tune.json", *extra, "tuned.yml"]
 
     try:
         return publish(out, OUT_FILES + BASELINE_FILES, build)
     except WriteError as error:
-        raise TuneError(f"tune: {error}; the result (weights, lambda, scores) is printed above") from None
+        rec = recommendation(report)
+        which = rec["file"] if rec["in_out"] else f"your config as written, {rec['file']}"
+        raise TuneError(f"tune: {error}; the summary and every YAML it would have written are printed above "
+                        f"(the recommended one: {which})") from None
+
+
+def write_or_show(report: dict, out: Path, echo) -> list[str]:
+    """`write_outputs`; when it fails, every YAML (`yaml_printout`) goes to
+    `echo` before its one-line error is raised, so whatever the summary
+    recommends can be saved from the screen."""
+    try:
+        return write_outputs(report, out)
+    except TuneError:
+        echo(yaml_printout(report))
+        raise
+
+
+class Finished:
+    """`run_tune`'s `finished=`: keeps a copy of the report it hands over
+    once the cabs search has finished, before the baselines start."""
+
+    def __init__(self):
+        self.report: dict | None = None
+
+    def __call__(self, report: dict) -> None:
+        self.report = copy.deepcopy(report)
+
+
+def show_interrupted(report: dict, out: Path, echo) -> None:
+    """After Ctrl-C during the baselines: the summary of the finished cabs
+    search (`report`, as `Finished` kept it), its files written (tuned.yml,
+    tune.md, tune.json without the baselines), one line saying so, and the
+    merge line."""
+    report = {**report, "interrupted": "baselines"}
+    echo(format_summary(report))
+    written = write_or_show(report, out, echo)
+    echo(f"\nInterrupted (Ctrl-C) while the baselines ran: wrote {', '.join(written)} to {out}, the finished cabs "
+         "search's result without the baselines")
+    echo(merge_line(report, out))
+
+
+def closing_lines(report: dict, out: Path, written: list[str]) -> list[str]:
+    """What the command prints after writing: the files, then the merge line."""
+    return ["", f"Wrote {', '.join(written)} to {out}", merge_line(report, out)]

@@ -4,7 +4,7 @@ tune.md, tune.png, and the files in --out (tuned.yml and tune.json too)."""
 from __future__ import annotations
 
 from mergekit_cabs._output import fmt
-from mergekit_cabs.tune.compare import bound_lines, summary_lines
+from mergekit_cabs.tune.compare import CABS, bound_lines, recommendation, summary_lines
 from mergekit_cabs.tune.rows import items_word
 
 
@@ -157,7 +157,26 @@ def format_summary(report: dict) -> str:
         lines += ["", *summary_lines(report["baselines"], objective_label(report))]
     else:
         lines += bound_lines([{"method": "cabs (tuned)", "on_bounds": report["search"].get("on_bounds", [])}])
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *recommended_lines(report)])
+
+
+def recommended_lines(report: dict) -> list[str]:
+    """What the run recommends merging (`compare.recommendation`), why, and
+    its numbers: a baseline's listed here, tuned cabs's and your config's
+    named by their column of the table above.  After an interrupted baseline
+    phase, a line says so first."""
+    rec = recommendation(report)
+    lines = ["the baselines were interrupted (Ctrl-C): no comparison; tuned cabs and your config only"] \
+        if report.get("interrupted") else []
+    if rec["method"] == CABS:
+        return lines + [f"recommended: {CABS}, tuned.yml, the tuned column above: {rec['reason']}"]
+    if not rec["in_out"]:
+        return lines + [f"recommended: your config as written, {rec['file']}, the your config column above: "
+                        f"{rec['reason']}"]
+    width = max(12, *(len(k) for k in rec["weights"]))
+    return lines + [f"recommended: {rec['method']}, {rec['file']}: {rec['reason']}; its numbers:",
+                    f"{'lambda':{width}s} {rec['lambda']:8.3f}",
+                    *(f"{k:{width}s} {v:8.3f}" for k, v in rec["weights"].items())]
 
 
 WEIGHTS_LISTED = 24  # weights the console lists one by one; more are summed up per model (tune.md lists each)

@@ -48,7 +48,7 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              quiet: bool = False, optimizer: str = DEFAULTS["optimizer"], seed: int = DEFAULTS["seed"],
              baselines: str | None = None, densities: str | None = None, orders: str | None = None,
              total_budget: int | None = None, minibatch: int = DEFAULTS["minibatch"],
-             learning_rate: float = DEFAULTS["learning_rate"]) -> dict:
+             learning_rate: float = DEFAULTS["learning_rate"], finished=None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
     `baselines`: as --baselines (None: task arithmetic tuned the same way
     when it fits in memory; "none": no baseline), scored after the search
@@ -60,7 +60,9 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
     "float32"; `store_on_device`: keep the store on `device` instead of the host;
     `minibatch`, `learning_rate`: the gradient search's (`live.gradient_search`;
-    with it, `budget` counts its steps)."""
+    with it, `budget` counts its steps).  `finished`: called with the report
+    once the cabs search is done, before the baselines start (so an
+    interrupted baseline loses no finished search)."""
     check_optimizer(optimizer, seed)
     check_search(prep, optimizer, budget, minibatch, learning_rate)
     tuned_ta, one_lambda = parse_baselines(baselines)
@@ -101,6 +103,8 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
     report["settings"] = settings_report(prep, settings, rows, chosen, total_budget)
     below = below_config(scores)
     report["search"]["notes"], report["scores_below_config"] = widened + below, bool(below)
+    if finished is not None:
+        finished(report)
     if tuned_ta is not False or one_lambda:
         s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget, budget_shares=1)
         add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
