@@ -368,7 +368,9 @@ def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
     models' open shard files are closed (mergekit reopens them when next
     read): safetensors maps a file, and every page read stays in this
     process's resident memory while the file is open, so keeping all of
-    them open would hold every input model in memory by the end."""
+    them open would hold every input model in memory by the end.  A model
+    file mergekit cannot read (removed since the merge was planned) is one
+    `CabsError` naming it."""
     from mergekit.graph import Executor
     from mergekit.io.tasks import LoaderCache
 
@@ -377,6 +379,8 @@ def execute(targets: list, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
         for target, value in executor.run(quiet=True):
             yield target, value
             LoaderCache().flush_all()
+    except OSError as error:  # a model's file removed or unreadable since it was planned (mergekit reads it now)
+        raise CabsError(f"cannot read a model's tensors: {' '.join(str(error).split())}") from None
     finally:
         LoaderCache().flush_all()
 

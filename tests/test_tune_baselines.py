@@ -12,6 +12,10 @@ own methods, scored on the same windows as tuned cabs.
   differ widely in loss do not widen it; where a draw leaves a model no
   better than the base, there is none (the differences remain);
 * --baselines with an unknown name is one line listing the known ones;
+
+
+* --baselines with an unknown name is one line listing the known ones; one
+  naming nothing, or none beside other names, is one line too;
 * tuned task arithmetic runs by default only where its store fits in the
   free memory (else one line says what it would cost), runs whenever named,
   and the one-lambda baselines run without it when named alone.
@@ -128,6 +132,23 @@ def test_unknown_baseline_is_one_line_listing_the_known_ones(tune_family, tmp_pa
     assert tn.parse_baselines(None) == (None, ()) and tn.parse_baselines("none") == (False, ())
     assert tn.parse_baselines("ties, task_arithmetic,ties") == (False, ("ties", "task_arithmetic"))
     assert tn.parse_baselines("ties,task_arithmetic_tuned") == (True, ("ties",))
+    assert tn.parse_baselines("none, none") == (False, ())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("none,ties", "--baselines 'none,ties': none (no baseline) cannot be combined with other names; give none alone, "
+                  "or only the baselines to run"),
+    ("", "--baselines '' names no baseline; give the names to run (task_arithmetic_tuned, task_arithmetic, ties, "
+         "dare_ties, comma-separated), or none for no baseline"),
+    (" , ", "--baselines ' , ' names no baseline; give the names to run (task_arithmetic_tuned, task_arithmetic, "
+            "ties, dare_ties, comma-separated), or none for no baseline"),
+])
+def test_baselines_naming_nothing_or_none_beside_a_name_is_refused_in_one_line(tune_family, tmp_path,
+                                                                              no_model_loading, text, message):
+    result = CliRunner().invoke(main, ["tune", str(tune_family["config"]), *map(str, _data_args(tune_family)),
+                                       "--out", str(tmp_path / "o"), "--baselines", text])
+    assert result.exit_code == 1 and not (tmp_path / "o").exists()
+    assert result.output.strip().splitlines() == [f"Error: {message}"]
 
 
 def _rows(diffs: dict[str, list[float]]):

@@ -243,7 +243,7 @@ def test_error_jsonl_without_text_and_missing_file(tune_family, tmp_path, no_mod
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1 w2"}\n{"content": "w3"}\n')
     out = _bad(tune_family, tmp_path, data=_data_args(tune_family, ["ft0", "ft1"]) + ["--data", f"ft2={bad}"])
-    assert "line 2 has no string field 'text'" in out
+    assert f"{bad} line 2 is none of the row forms: " in out
     out = _bad(tune_family, tmp_path, data=_data_args(tune_family, ["ft0", "ft1"]) + ["--data", "ft2=nowhere.txt"])
     assert "nowhere.txt" in out and "does not exist" in out
     out = _bad(tune_family, tmp_path, extra=["--general", tmp_path / "nothing.txt"])
@@ -525,3 +525,64 @@ def test_a_search_without_slopes_that_cannot_move_each_number_of_a_fine_shape_is
     assert out.strip().splitlines() == [f"Error: --optimizer coordinate with --budget 5 cannot move each of the {dims} "
                                         f"searched numbers once; use --optimizer gradient (or auto), or give --budget "
                                         f"{2 * dims + 1} or more"]
+
+
+def test_a_fine_tunes_safetensors_removed_before_the_store_is_built_is_one_line_naming_it(tune_family, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    from mergekit_cabs.tune import run
+
+    paths = {"base": tune_family["base"].path, **{f"ft{i}": t.path for i, t in enumerate(tune_family["tunes"])}}
+    models = {name: shutil.copytree(path, tmp_path / name) for name, path in paths.items()}  # the family stays whole
+    raw = yaml.safe_load(yaml.safe_dump(tune_family["raw"]))
+    raw["base_model"] = str(models["base"])
+    for entry, name in zip(raw["models"], ("ft0", "ft1", "ft2")):
+        entry["model"] = str(models[name])
+    config = tmp_path / "cabs.yml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    gone = models["ft1"] / "model.safetensors"
+    scored = run.score_references
+
+    def then_remove(*args, **kwargs):  # the fine-tunes are scored; the store, built next, reads them again
+        result = scored(*args, **kwargs)
+        gone.unlink()
+        return result
+
+    monkeypatch.setattr(run, "score_references", then_remove)
+    args = ["tune", str(config), *map(str, _data_args(tune_family)), "--out", str(tmp_path / "out"), "--quiet",
+            "--budget", "2", "--baselines", "none"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and not gone.exists(), (result.output, result.exception)
+    assert result.output.strip().splitlines() == [
+        f"Error: cannot read a model's tensors: No such file or directory: {gone}"]
+
+
+def test_a_fine_tunes_safetensors_removed_before_it_is_scored_is_one_line_naming_it(tune_family, tmp_path,
+                                                                                     monkeypatch):
+    import shutil
+
+    from mergekit_cabs.tune import run
+
+    paths = {"base": tune_family["base"].path, **{f"ft{i}": t.path for i, t in enumerate(tune_family["tunes"])}}
+    models = {name: shutil.copytree(path, tmp_path / name) for name, path in paths.items()}
+    raw = yaml.safe_load(yaml.safe_dump(tune_family["raw"]))
+    raw["base_model"] = str(models["base"])
+    for entry, name in zip(raw["models"], ("ft0", "ft1", "ft2")):
+        entry["model"] = str(models[name])
+    config = tmp_path / "cabs.yml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    gone = models["ft0"] / "model.safetensors"
+    scoring = run.score_references
+
+    def remove_then_score(*args, **kwargs):  # checked by prepare; gone when the references load it
+        gone.unlink()
+        return scoring(*args, **kwargs)
+
+    monkeypatch.setattr(run, "score_references", remove_then_score)
+    args = ["tune", str(config), *map(str, _data_args(tune_family)), "--out", str(tmp_path / "out"), "--quiet",
+            "--budget", "2", "--baselines", "none"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot load the model at {models['ft0']}: ")

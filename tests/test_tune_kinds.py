@@ -2,7 +2,11 @@
 
 * Rows are read and checked by kind; a bad row is one line naming its file and line.
 * The loss counts the response / assistant tokens only; long rows are cut
-  from the left of the prompt; padding does not change a row's loss.
+  from the left of the prompt, or on the right through a response longer
+  than the window, and the summary says which; padding does not change a
+  row's loss.
+* Duplicate choices are a warning; a file where no question has two
+  different choices is refused.
 * Multiple choice is scored as lm-eval scores it, checked against a direct
   computation; the values tune reports for each kind are those of the model
   `mergekit-yaml tuned.yml` writes.
@@ -14,6 +18,7 @@ import json
 from pathlib import Path
 
 import pytest
+import test_tune_command
 import torch
 import yaml
 from click.testing import CliRunner
@@ -24,6 +29,8 @@ from mergekit_cabs.tune.chat import Template, encode_row, fit_window, load_chat_
 from mergekit_cabs.tune.choice import load_choice_task
 
 from tiny_models import default_words, make_tiny_llama, make_tokenizer
+
+no_model_loading = test_tune_command.no_model_loading  # the fixture: loading a model fails the test
 
 # A template over the tiny vocabulary: w1 opens a user turn, w2 an assistant turn, w3 ends a turn.
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}w1 {% else %}w2 {% endif %}{{ m['content'] }} w3 "
@@ -137,16 +144,16 @@ def test_only_assistant_tokens_count_in_a_two_turn_chat(tokenizer):
                    ["w1", "w5", "w6", "w3", "w2", "w7", "w8", "w9", "w3", "w1", "w10", "w3", "w2", "w11", "w3"]]
     assert counted.nonzero().flatten().tolist() == [5, 6, 7, 8, 13, 14]
     cut, flags, was_cut = fit_window(ids, counted, 6)  # 15 tokens into 6: one token before the first counted
-    assert was_cut and cut == ids[4:10] and flags.nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert was_cut == "right" and cut == ids[4:10] and flags.nonzero().flatten().tolist() == [1, 2, 3, 4]
 
 
 def test_prompt_response_without_template_joins_plain_text_and_cuts_the_prompt_on_the_left(tokenizer):
     ids, counted = encode_row(tokenizer, None, "prompt", {"prompt": _w(5, 6, 7, 8, 9, 10), "response": _w(11, 12)}, "x")
     assert len(ids) == 8 and counted.tolist() == [False] * 6 + [True] * 2
     cut, flags, was_cut = fit_window(ids, counted, 4)
-    assert was_cut and cut == ids[4:] and flags.tolist() == [False, False, True, True]
+    assert was_cut == "left" and cut == ids[4:] and flags.tolist() == [False, False, True, True]
     same, _, was_cut = fit_window(ids, counted, 8)
-    assert same == ids and not was_cut
+    assert same == ids and was_cut is None
 
 
 def test_padding_does_not_change_a_rows_loss(kinds_family, tmp_path):
@@ -258,9 +265,71 @@ def test_a_question_under_a_chat_template_is_the_users_message_with_no_delimiter
 def test_the_summary_counts_rows_cut_to_the_window():
     from mergekit_cabs.tune.report import truncation_lines
 
-    report = {"data": {"a": {"truncated_rows": 3, "window": 64}, "b": {"truncated_questions": 0, "window": 64}}}
+    report = {"data": {"a": {"truncated_rows": 3, "truncation": "from the left of the prompt", "window": 64},
+                       "b": {"truncated_questions": 0, "window": 64}}}
     assert truncation_lines(report) == [
         "a: 3 scored rows longer than --window 64 were cut (from the left of the prompt)"]
+
+
+def test_a_row_whose_response_is_cut_on_the_right_is_said_so_not_cut_from_the_prompt(tmp_path, tokenizer):
+    from mergekit_cabs.tune.report import truncation_lines
+
+    # no template: prompt, response; 6 tokens fit: rows 1-3 lose prompt words on the left, row 4's response is longer
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": _w(5, 6, 7, 8, 9), "response": _w(10, 11)}] * 3
+                  + [{"prompt": _w(5), "response": _w(*range(10, 20))}])
+    kw = {"window": 6, "fit_fraction": 0.5, "max_rows": 8}
+    task = load_chat_task("m", path, "prompt", tokenizer, Template(None, "none"), **kw)
+    assert (task.truncated, task.cut_right) == (4, 1)
+    assert task.describe()["truncation"] == (
+        "3 from the left of the prompt; 1 on the right, through the response: its end is not scored")
+    assert truncation_lines({"data": {"m": task.describe()}}) == [
+        "m: 4 scored rows longer than --window 6 were cut (3 from the left of the prompt; 1 on the right, through the "
+        "response: its end is not scored)"]
+    right = load_chat_task("m", _jsonl(tmp_path / "r.jsonl", [{"prompt": _w(5), "response": _w(*range(10, 20))}] * 2),
+                           "prompt", tokenizer, Template(None, "none"), **kw)
+    assert truncation_lines({"data": {"m": right.describe()}}) == [
+        "m: 2 scored rows longer than --window 6 were cut (on the right, through the response: its end is not scored)"]
+    whole = load_chat_task("m", path, "prompt", tokenizer, Template(None, "none"), **dict(kw, window=64))
+    assert whole.truncated == 0 and "truncation" not in whole.describe()
+
+
+def test_a_question_cut_to_the_window_is_said_to_be_cut_from_the_left_of_the_question(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "c.jsonl", [{"question": _w(*range(5, 15)), "choices": [_w(20), _w(21)], "answer": 0}] * 2)
+    task = load_choice_task("m", path, tokenizer, None, window=4, fit_fraction=0.5, max_rows=8)
+    assert task.describe()["truncated_questions"] == 2
+    assert task.describe()["truncation"] == "from the left of the question"
+
+
+# --- duplicate choices ----------------------------------------------------------------------
+
+
+def test_duplicate_choices_are_a_warning_with_their_count_and_first_line(tmp_path, tokenizer, capsys):
+    path = _jsonl(tmp_path / "c.jsonl", [
+        {"question": _w(5), "choices": [_w(6), _w(7)], "answer": 0},
+        {"question": _w(5), "choices": [_w(6), _w(7), _w(6)], "answer": 1},
+        {"question": _w(8), "choices": [_w(9), _w(9)], "answer": 0},
+        {"question": _w(8), "choices": [_w(9), _w(10)], "answer": 1}])
+    task = load_choice_task("m", path, tokenizer, None, window=32, fit_fraction=0.5, max_rows=8)
+    assert task.rows == 4
+    assert capsys.readouterr().err.splitlines() == [
+        f"tune: {path}: 2 question(s) list the same choice twice (first: line 2); identical choices score alike "
+        "and cannot be told apart"]
+    load_choice_task("m", _jsonl(tmp_path / "ok.jsonl", [{"question": _w(5), "choices": [_w(6), _w(7)], "answer": 0}]
+                                 * 2), tokenizer, None, window=32, fit_fraction=0.5, max_rows=8)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_choice_file_where_no_question_has_two_different_choices_is_refused_before_loading_a_model(
+        kinds_family, tmp_path, no_model_loading):
+    path = _jsonl(tmp_path / "same.jsonl", [{"question": _w(5 + i), "choices": [_w(6)] * 3, "answer": i % 3}
+                                            for i in range(6)])
+    result = CliRunner().invoke(main, ["tune", str(kinds_family["config"]), "--data", f"ft0={kinds_family['chat']}",
+                                       "--data", f"ft1={path}", "--chat-template", "ft0", "--out",
+                                       str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {path}: every question's choices are all the same text, so no model can score better than another "
+        "on them; give each question different choices")
 
 
 def test_baselines_on_chat_and_choice_data_are_compared_over_items_and_score_what_mergekit_writes(kinds_family,

@@ -1,5 +1,7 @@
 """`tune --lm-eval`: an lm-eval task scored on the live model, offline, on a
-local task (a YAML with `dataset_path: json` and local `data_files`)."""
+local task (a YAML with `dataset_path: json` and local `data_files`).  A
+task whose data is missing or not JSON, or whose answer is not one of its
+choices, is one line naming the task, before any model is loaded."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import sys
 
 import pytest
+import test_tune_command
 import torch
 import yaml
 from click.testing import CliRunner
@@ -15,6 +18,19 @@ from mergekit_cabs import tune as tn
 from mergekit_cabs.cli import main
 
 from tiny_models import make_tiny_llama, optional
+
+no_model_loading = test_tune_command.no_model_loading  # the fixture: loading a model fails the test
+
+
+def write_task(directory, name: str, data) -> None:
+    """A local multiple-choice task YAML in `directory` reading the JSONL file `data` (q, choices, label)."""
+    (directory / f"{name}.yaml").write_text(yaml.safe_dump({
+        "task": name, "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}))
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +55,7 @@ def lm_family(tmp_path_factory):
     (tasks / "docs.jsonl").write_text("".join(
         json.dumps({"q": words(3), "choices": [words(1), words(1), words(1)], "label": i % 3}) + "\n"
         for i in range(12)))
-    (tasks / "tiny_mc.yaml").write_text(yaml.safe_dump({
-        "task": "tiny_mc", "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(tasks / "docs.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "label",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}))
+    write_task(tasks, "tiny_mc", tasks / "docs.jsonl")
     raw = {"merge_method": "cabs", "base_model": str(base.path),
            "models": [{"model": str(t.path), "parameters": {"weight": 1.0, "density": 0.25}} for t in tunes],
            "parameters": {"block_size": 64, "lambda": 1.0}, "dtype": "float32"}
@@ -151,3 +161,57 @@ def test_the_gradient_search_with_an_lm_eval_task_is_one_line_before_any_model_l
                                 "compared outputs); use --optimizer coordinate or --optimizer cmaes with lm-eval "
                                 "tasks")
     assert tn.choose_optimizer("auto", 64, 60, differentiable=False) == "coordinate"  # auto leaves it out
+
+
+# --- a task's data at fault: one line naming the task, before a model is loaded -----------------
+
+
+def _docs(path, labels) -> None:
+    path.write_text("".join(json.dumps({"q": f"w{5 + i}", "choices": ["w1", "w2", "w3"], "label": label}) + "\n"
+                            for i, label in enumerate(labels)))
+
+
+def _refused(lm_family, tmp_path, task: str) -> str:
+    with pytest.raises(tn.TuneError) as error:
+        tn.prepare(lm_family["config"], lm_family["data"], lm_eval=[task], lm_eval_include=tmp_path)
+    return str(error.value)
+
+
+def test_an_lm_eval_task_whose_data_file_is_missing_is_one_line_naming_the_task_and_file(
+        lm_family, tmp_path, offline, no_model_loading):
+    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    write_task(tmp_path, "gone_mc", tmp_path / "gone.jsonl")
+    assert _refused(lm_family, tmp_path, "gone_mc") == (
+        f"--lm-eval 'gone_mc': lm-eval cannot read the data of task 'gone_mc': Unable to find "
+        f"'{tmp_path / 'gone.jsonl'}'")
+
+
+def test_an_lm_eval_task_whose_data_is_not_json_is_one_line_naming_the_task(lm_family, tmp_path, offline,
+                                                                           no_model_loading):
+    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    (tmp_path / "broken.jsonl").write_text('{"q": "w5", "choices": ["w1", "w2"], "label": 0}\n{"q": \n')
+    write_task(tmp_path, "broken_mc", tmp_path / "broken.jsonl")
+    message = _refused(lm_family, tmp_path, "broken_mc")
+    assert message.startswith("--lm-eval 'broken_mc': lm-eval cannot read the data of task 'broken_mc': An error "
+                              "occurred while generating the dataset (") and "\n" not in message
+
+
+def test_an_lm_eval_task_whose_first_answer_is_out_of_its_choices_is_one_line(lm_family, tmp_path, offline,
+                                                                              no_model_loading):
+    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    _docs(tmp_path / "docs.jsonl", [5] * 6)  # lm-eval indexes the first document's choices with it: IndexError
+    write_task(tmp_path, "bad_mc", tmp_path / "docs.jsonl")
+    assert _refused(lm_family, tmp_path, "bad_mc") == (
+        "--lm-eval 'bad_mc': lm-eval fails on the first document of task 'bad_mc' (IndexError: list index out of "
+        "range): is its answer (doc_to_target) outside its choices (doc_to_choice)?")
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_an_lm_eval_task_with_one_answer_out_of_its_choices_is_refused_naming_the_document(
+        lm_family, tmp_path, offline, no_model_loading, bad):
+    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    _docs(tmp_path / "docs.jsonl", [0, 1, 2, 0, bad, 1])  # lm-eval alone would score document 4 wrong, silently
+    write_task(tmp_path, "one_bad_mc", tmp_path / "docs.jsonl")
+    assert _refused(lm_family, tmp_path, "one_bad_mc") == (
+        f"--lm-eval 'one_bad_mc': document 4 of task 'one_bad_mc' has answer {bad}, not one of its 3 choices "
+        "(an index 0 to 2, or a choice's text); lm-eval would count it wrong whatever the model answers")

@@ -59,13 +59,21 @@ FALLBACK_PLACES = 1_500_000_000  # where the free memory cannot be read: tuned t
 def parse_baselines(text: str | None) -> tuple[bool | None, tuple[str, ...]]:
     """--baselines: (tuned task arithmetic: True = run it, False = not, None =
     when it fits in memory (`tuned_decision`); the one-lambda methods).
-    None or "": tuned task arithmetic when it fits; "none": nothing; a list
-    of names: exactly those (``task_arithmetic_tuned`` runs it whatever its size)."""
-    names = [t.strip() for t in (text or "").split(",") if t.strip()]
-    if not names:
+    None: tuned task arithmetic when it fits; "none": nothing; a list of
+    names: exactly those (``task_arithmetic_tuned`` runs it whatever its
+    size).  A text that names nothing ("", ",") is refused, as is none
+    beside other names."""
+    if text is None:
         return None, ()
-    if names == ["none"]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise TuneError(f"--baselines {text!r} names no baseline; give the names to run ({', '.join(KNOWN)}, "
+                        "comma-separated), or none for no baseline")
+    if set(names) == {"none"}:
         return False, ()
+    if "none" in names:
+        raise TuneError(f"--baselines {text!r}: none (no baseline) cannot be combined with other names; give none "
+                        "alone, or only the baselines to run")
     bad = [n for n in names if n not in KNOWN]
     if bad:
         raise TuneError(f"--baselines names {bad[0]!r}; known: {', '.join(KNOWN)} (comma-separated, exactly those "

@@ -103,18 +103,29 @@ def encode_row(tokenizer, template: str | None, kind: str, row: dict, where: str
     return ids, counted
 
 
-def fit_window(ids: list[int], counted: torch.Tensor, window: int) -> tuple[list[int], torch.Tensor, bool]:
+def fit_window(ids: list[int], counted: torch.Tensor, window: int) -> tuple[list[int], torch.Tensor, str | None]:
     """At most `window` tokens of a row: cut from the left of the prompt while
     every counted token stays with one token before it; where the response
     alone is longer, the window from just before its first token (cut on the
-    right).  Returns the tokens, their counted flags, and whether it was cut."""
+    right).  Returns the tokens, their counted flags, and where it was cut:
+    None (not cut), "left" (the prompt only) or "right" (the response's end
+    too, which is then not scored)."""
     if len(ids) <= window:
-        return ids, counted, False
+        return ids, counted, None
     first = int(counted.nonzero()[0])
     cut = len(ids) - window
-    if cut > first - 1:
-        cut = first - 1
-    return ids[cut:cut + window], counted[cut:cut + window], True
+    if cut <= first - 1:
+        return ids[cut:], counted[cut:], "left"
+    cut = first - 1
+    return ids[cut:cut + window], counted[cut:cut + window], "right"
+
+
+def cut_words(left: int, right: int) -> str:
+    """Where the rows cut to --window were cut, for the summary."""
+    right_words = "on the right, through the response: its end is not scored"
+    if not right:
+        return "from the left of the prompt"
+    return f"{left} from the left of the prompt; {right} {right_words}" if left else right_words
 
 
 @dataclass
@@ -127,6 +138,7 @@ class ChatTask:
     form: str  # "prompt" or "messages"
     rows: int
     truncated: int  # rows cut to --window
+    cut_right: int  # of them, rows cut on the right, through the response (`fit_window`)
     template: str  # where the template came from, or that there is none
     window: int
     items: dict[str, list[tuple[list[int], torch.Tensor]]] = field(repr=False)  # by split
@@ -141,9 +153,10 @@ class ChatTask:
 
     def describe(self) -> dict:
         """What the report says of the data."""
-        return {"form": self.form, "rows": self.rows, "truncated_rows": self.truncated, "template": self.template,
-                "window": self.window, "response_tokens": {s: int(sum(int(c[1:].sum()) for _, c in v))
-                                                           for s, v in self.items.items()}}
+        cut = {"truncation": cut_words(self.truncated - self.cut_right, self.cut_right)} if self.truncated else {}
+        return {"form": self.form, "rows": self.rows, "truncated_rows": self.truncated, **cut,
+                "template": self.template, "window": self.window,
+                "response_tokens": {s: int(sum(int(c[1:].sum()) for _, c in v)) for s, v in self.items.items()}}
 
     def score(self, model, split: str, batch_size: int) -> dict[str, torch.Tensor]:
         """Per row, the mean negative log-probability (float64) of its counted tokens."""
@@ -166,7 +179,7 @@ def load_chat_task(name: str, path: Path, form: str, tokenizer, template: Templa
               "(prompt, newline, response)", file=sys.stderr)
     rows = read_rows(path, form)
     parts = split_rows(len(rows), fit_fraction, max_rows, name, path)
-    truncated = 0
+    cuts: dict[str | None, int] = {"left": 0, "right": 0, None: 0}
     items: dict[str, list] = {}
     for split, picks in parts.items():
         items[split] = []
@@ -174,8 +187,9 @@ def load_chat_task(name: str, path: Path, form: str, tokenizer, template: Templa
             number, row = rows[i]
             ids, counted = encode_row(tokenizer, template.text, form, row, f"{path} line {number}")
             ids, counted, cut = fit_window(ids, counted, window)
-            truncated += cut
+            cuts[cut] += 1
             items[split].append((ids, counted))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     source = f"{template.source} chat template" if template.text else "none (plain text)"
-    return ChatTask(name, str(path), form, len(rows), truncated, source, window, items, pad, weight)
+    return ChatTask(name, str(path), form, len(rows), cuts["left"] + cuts["right"], cuts["right"], source, window,
+                    items, pad, weight)

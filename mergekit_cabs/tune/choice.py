@@ -18,6 +18,7 @@ message and the context ends with the template's generation prompt."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,8 @@ class ChoiceTask:
         return len(self.items[split])
 
     def describe(self) -> dict:
-        return {"questions": self.rows, "truncated_questions": self.truncated, "template": self.template,
+        cut = {"truncation": "from the left of the question"} if self.truncated else {}
+        return {"questions": self.rows, "truncated_questions": self.truncated, **cut, "template": self.template,
                 "window": self.window,
                 "choices": {s: sum(len(q.sequences) for q in v) for s, v in self.items.items()}}
 
@@ -122,11 +124,26 @@ class ChoiceTask:
         return {key: torch.stack(values) for key, values in measures.items()}
 
 
+def check_choices(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """Say how many questions list a choice twice (identical choices score
+    alike: a duplicated right answer can lose acc to its twin); refuse a file
+    where no question has two different choices, since no model scores
+    better than another on it."""
+    twice = [number for number, row in rows if len(set(row["choices"])) < len(row["choices"])]
+    if twice and all(len(set(row["choices"])) == 1 for _, row in rows):
+        raise TuneError(f"{path}: every question's choices are all the same text, so no model can score better "
+                        "than another on them; give each question different choices")
+    if twice:
+        print(f"tune: {path}: {len(twice)} question(s) list the same choice twice (first: line {twice[0]}); "
+              "identical choices score alike and cannot be told apart", file=sys.stderr)
+
+
 def load_choice_task(name: str, path: Path, tokenizer, template: Template | None, *, window: int,
                      fit_fraction: float, max_rows: int, weight: float = 1.0) -> ChoiceTask:
     """Read, check and tokenize a multiple-choice file, split by questions;
     `template` only when --chat-template names one."""
     rows = read_rows(path, "choice")
+    check_choices(path, rows)
     parts = split_rows(len(rows), fit_fraction, max_rows, name, path)
     text = template.text if template is not None else None
     items, truncated = {}, 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +28,21 @@ from mergekit_cabs.tune.options import GENERAL, TuneError
 from mergekit_cabs.tune.rows import file_kind
 from mergekit_cabs.tune.text import load_task_data
 
+SPECIAL_FILES = ((stat.S_ISFIFO, "a fifo (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
 
 def check_file(path: Path, name: str) -> None:
-    """A --data or --general file exists and is a file."""
+    """A --data or --general file exists and is a regular file (tune reads it
+    more than once: a fifo's text would be gone after the first read)."""
     if path.is_dir():
         raise TuneError(f"data file {path} (for '{name}') is a directory; give one file: a text file, or a "
                         ".jsonl file with one example per line (text, prompt/response, messages or multiple choice)")
+    if path.exists() and not path.is_file():
+        mode = path.stat().st_mode
+        what = next((words for test, words in SPECIAL_FILES if test(mode)), "a special file")
+        raise TuneError(f"data file {path} (for '{name}') is {what}, not a regular file; tune reads its data "
+                        "more than once: give a text file or a .jsonl file")
     if not path.is_file():
         raise TuneError(f"data file {path} (for '{name}') does not exist")
 

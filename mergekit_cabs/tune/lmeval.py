@@ -124,11 +124,12 @@ class LmEvalTask:
 
 def load_lm_eval_tasks(specs, tokenizer, *, include: Path | None, limit: int, fit_fraction: float,
                        taken: set[str]) -> list[LmEvalTask]:
-    """The --lm-eval tasks, checked (known to lm-eval, a metric it averages
-    over documents), their documents split; `taken`: names already used."""
+    """The --lm-eval tasks, checked (known to lm-eval, its data readable, a
+    metric it averages over documents, every scored document's answer one of
+    its choices), their documents split; `taken`: names already used."""
     if not specs:
         return []
-    _, _, TaskManager, get_task_dict = lm_eval_modules()
+    _, _, TaskManager, _ = lm_eval_modules()
     if include is not None and not Path(include).is_dir():
         raise TuneError(f"--lm-eval-include {include}: not a directory (give the directory of your task YAMLs)")
     manager = TaskManager(include_path=str(include) if include else None)
@@ -137,13 +138,7 @@ def load_lm_eval_tasks(specs, tokenizer, *, include: Path | None, limit: int, fi
         task, metric = parse_task(spec)
         if task in taken:
             raise TuneError(f"--lm-eval {spec!r}: {task!r} is already the name of a model's data; one name each")
-        with quiet_run(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # get_task_dict: in every 0.4.x, deprecated in 0.4.13
-            try:
-                loaded = get_task_dict([task], manager)[task]
-            except (KeyError, ValueError) as error:
-                raise TuneError(f"--lm-eval {spec!r}: lm-eval cannot load task {task!r} ({error}); give "
-                                "--lm-eval-include DIR for your own task YAMLs") from None
+        loaded = load_task(spec, task, manager)
         name = metric.partition(",")[0]
         aggregation = loaded.aggregation().get(name)
         if aggregation is None or getattr(aggregation, "__name__", "") != "mean":
@@ -151,7 +146,60 @@ def load_lm_eval_tasks(specs, tokenizer, *, include: Path | None, limit: int, fi
                             f"{task} has {', '.join(sorted(loaded.aggregation()))}")
         count = len(loaded.eval_docs)
         docs = split_rows(count, fit_fraction, limit, task, Path(f"lm-eval task {task}"))
+        check_answers(spec, task, loaded, docs["fit"] + docs["heldout"])
         lower = not loaded.higher_is_better().get(name, True)
         tasks.append(LmEvalTask(task, task, metric, lower, docs, count, tokenizer, manager))
         taken.add(task)
     return tasks
+
+
+def load_task(spec: str, task: str, manager):
+    """lm-eval's task object (its data read); what lm-eval and datasets raise
+    for an unknown task, unreadable data or a first document it cannot use
+    is one TuneError naming the task."""
+    from datasets.exceptions import DatasetGenerationError
+
+    _, _, _, get_task_dict = lm_eval_modules()
+    with quiet_run(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # get_task_dict: in every 0.4.x, deprecated in 0.4.13
+        try:
+            return get_task_dict([task], manager)[task]
+        except (KeyError, ValueError) as error:
+            raise TuneError(f"--lm-eval {spec!r}: lm-eval cannot load task {task!r} ({error}); give "
+                            "--lm-eval-include DIR for your own task YAMLs") from None
+        except (FileNotFoundError, DatasetGenerationError) as error:
+            cause = f" ({one_line(error.__cause__)})" if error.__cause__ else ""
+            raise TuneError(f"--lm-eval {spec!r}: lm-eval cannot read the data of task {task!r}: "
+                            f"{one_line(error)}{cause}") from None
+        except IndexError as error:  # ConfigurableTask.__init__ indexes the choices with the first document's target
+            raise TuneError(f"--lm-eval {spec!r}: lm-eval fails on the first document of task {task!r} "
+                            f"(IndexError: {one_line(error)}): is its answer (doc_to_target) outside its choices "
+                            "(doc_to_choice)?") from None
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def check_answers(spec: str, task: str, loaded, indices) -> None:
+    """Every scored document of a multiple-choice task has an answer among its
+    choices (an index 0 to n-1 or a choice's text, or a list of them): lm-eval
+    only logs a warning for one that is not, and counts it wrong whatever the
+    model says."""
+    if getattr(loaded, "OUTPUT_TYPE", None) != "multiple_choice" or getattr(loaded, "multiple_input", 0):
+        return
+    for i in indices:
+        doc = loaded.eval_docs[i]
+        choices, target = loaded.doc_to_choice(doc), loaded.doc_to_target(doc)
+        if not all(is_choice(t, choices) for t in (target if isinstance(target, list) else [target])):
+            raise TuneError(f"--lm-eval {spec!r}: document {i} of task {task!r} has answer {target!r}, not one of "
+                            f"its {len(choices)} choices (an index 0 to {len(choices) - 1}, or a choice's text); "
+                            "lm-eval would count it wrong whatever the model answers")
+
+
+def is_choice(target, choices: list) -> bool:
+    if isinstance(target, bool):
+        return False
+    if isinstance(target, int):
+        return 0 <= target < len(choices)
+    return isinstance(target, str) and target in choices

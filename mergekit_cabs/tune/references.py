@@ -33,7 +33,9 @@ def scoring_dtype(config, choice: str) -> torch.dtype:
 
 
 def load_model(path: str, device: str, dtype: torch.dtype = torch.float32):
-    """A causal LM in `dtype`, on `device`, in eval mode (without transformers' progress bars)."""
+    """A causal LM in `dtype`, on `device`, in eval mode (without transformers'
+    progress bars); a model that cannot be read (its files removed or broken
+    since they were checked) is a one-line TuneError naming it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -41,6 +43,8 @@ def load_model(path: str, device: str, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()  # ours say what is going on
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise TuneError(f"cannot load the model at {path}: {str(error).splitlines()[0]}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()

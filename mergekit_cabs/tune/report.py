@@ -265,7 +265,7 @@ def truncation_lines(report: dict) -> list[str]:
         cut = info.get("truncated_rows", info.get("truncated_questions", 0))
         if cut:
             out.append(f"{task}: {cut} scored rows longer than --window {info['window']} were cut "
-                       "(from the left of the prompt)")
+                       f"({info.get('truncation', 'from the left of the prompt')})")
     return out
 
 

@@ -41,21 +41,34 @@ def row_kind(record) -> str | None:
 
 
 def file_kind(path: Path) -> str:
-    """The kind of a data file: "text" for a plain file, else its first JSONL line's (`row_kind`)."""
+    """The kind of a data file: "text" for a plain file, else its first JSONL line's (`row_kind`; one of no
+    known form is an error listing the forms)."""
     if not str(path).endswith(".jsonl"):
         return "text"
     for number, line in enumerate(read_lines(path), 1):
         if line.strip():
             kind = row_kind(parse_line(path, number, line))
-            return kind or "text"  # a line of no known kind: the text reader names what is missing
+            if kind is None:
+                raise no_form(path, number)
+            return kind
     raise TuneError(f"data file {path} is empty")
 
 
-def read_lines(path: Path) -> list[str]:
+def no_form(path: Path, number: int) -> TuneError:
+    """The error for a JSONL line of none of the ROW_FORMS, listing them."""
+    return TuneError(f"{path} line {number} is none of the row forms: {'; '.join(ROW_FORMS.values())}")
+
+
+def read_text(path: Path) -> str:
+    """A data file's text, UTF-8 (a byte order mark at its start is dropped: it is no text)."""
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        return Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise TuneError(f"cannot read data file {path}: {error}") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    return read_text(path).splitlines()
 
 
 def parse_line(path: Path, number: int, line: str):
@@ -74,10 +87,11 @@ def read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
             continue
         record = parse_line(path, number, line)
         found = row_kind(record)
+        if found is None:
+            raise no_form(path, number)
         if found != kind:
-            seen = f"a {found} row" if found else f"none of the row forms ({'; '.join(ROW_FORMS.values())})"
-            raise TuneError(f"{path} line {number} is {seen}, but line {rows[0][0] if rows else 1} is a {kind} row: "
-                            "one kind of row per file")
+            raise TuneError(f"{path} line {number} is a {found} row, but line {rows[0][0] if rows else 1} is a {kind} "
+                            "row: one kind of row per file")
         check_row(path, number, kind, record)
         rows.append((number, record))
     return rows
@@ -90,7 +104,10 @@ def _text(value) -> bool:
 def check_row(path: Path, number: int, kind: str, row: dict) -> None:
     """A row has the fields of its kind with the right types; TuneError naming the file and line."""
     where = f"{path} line {number}"
-    if kind == "prompt":
+    if kind == "text":
+        if not _text(row["text"]):
+            raise TuneError(f"{where}: 'text' is {type(row['text']).__name__}; a text row needs a string 'text'")
+    elif kind == "prompt":
         if not (_text(row.get("prompt")) and _text(row.get("response")) and row["response"]):
             raise TuneError(f"{where}: a prompt/response row needs a string 'prompt' and a non-empty string "
                             "'response'")

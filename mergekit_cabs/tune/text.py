@@ -5,14 +5,13 @@ next-token loss."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mergekit_cabs.tune.options import TuneError
-from mergekit_cabs.tune.rows import held_out, thin
+from mergekit_cabs.tune.rows import held_out, read_rows, read_text, thin
 
 
 @dataclass
@@ -42,28 +41,10 @@ class TaskData:
 
 def read_texts(path: Path) -> list[str]:
     """The texts of a .jsonl file (a `text` field per line) or of a plain file."""
-    try:
-        raw = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise TuneError(f"cannot read data file {path}: {error}") from None
-    texts = _jsonl_texts(path, raw) if str(path).endswith(".jsonl") else [raw]
+    jsonl = str(path).endswith(".jsonl")
+    texts = [row["text"] for _, row in read_rows(path, "text")] if jsonl else [read_text(path)]
     if not any(text.strip() for text in texts):
         raise TuneError(f"data file {path} is empty")
-    return texts
-
-
-def _jsonl_texts(path: Path, raw: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TuneError(f"{path} line {number} is not JSON: {error}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise TuneError(f"{path} line {number} has no string field 'text' (JSONL data needs one per line)")
-        texts.append(record["text"])
     return texts
 
 
