@@ -7,8 +7,9 @@ It runs, in a new temporary directory and exactly as the docs print them,
 `mergekit-cabs demo`, then check on the demo, analyze, tune and the merge of
 tune's result as the demo prints them, tune with layer groups, tune on the
 demo's answers as it prints it and with math weighed 3 times, tune with
-an lm-eval task it writes over the demo's math questions, and tune searching
-densities and orders (see
+an lm-eval task it writes over the demo's math questions, tune searching
+densities and orders, and tune by the gradient search with a weight per
+tensor (see
 `commands_after_demo`; the lm-eval run needs the `lm-eval` extra). Each command's standard output (not the progress
 bars on stderr) goes to
 `docs/samples/NAME.txt`, its first line the command itself (`$ ...`), so a
@@ -45,6 +46,8 @@ CHECK = "mergekit-cabs check cabs-demo/cabs.yml"
 GROUPS = "--layer-groups 2"  # the tune run with layer groups: the demo's tune command with this and an --out of its own
 # density and order searched: the demo's tune command with these (60 evaluations shared by the settings)
 SETTINGS = "--densities 0.1,0.25,0.5 --orders config,suggested --total-budget 60 --baselines none"
+# the gradient search at the finest shape: the demo's tune command with these
+GRADIENT = "--optimizer gradient --coefficients tensor"
 
 
 def commands_after_demo(demo_output: str) -> dict[str, str]:
@@ -76,6 +79,7 @@ def commands_after_demo(demo_output: str) -> dict[str, str]:
             " --out cabs-demo/tune-answers", " --out cabs-demo/tune-answers-weighted"),
         "tune-lmeval": LMEVAL,
         "tune-settings": tune.replace(" --out cabs-demo/tune", f" {SETTINGS} --out cabs-demo/tune-settings"),
+        "tune-gradient": tune.replace(" --out cabs-demo/tune", f" {GRADIENT} --out cabs-demo/tune-gradient"),
     }
 
 

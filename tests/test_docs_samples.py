@@ -99,3 +99,19 @@ def test_samples_show_the_directory_as_home_drop_machine_state_lines_and_mask_ti
     assert generate.mask(text, tmp_path) == (
         "The merged model is in /home/me/project/cabs-demo/merged\n"
         "time: N s in all, setting the weights N ms, N min\n")
+
+
+def _tuned_heldout(sample: str) -> float:
+    """The tuned point's held-out objective from a tune sample's objective line."""
+    line = next(x for x in sample.splitlines() if x.startswith("objective (gain):"))
+    return float(re.search(r"held-out [-\d.]+ -> ([-\d.]+)", line).group(1))
+
+
+def test_the_gradient_search_per_tensor_scores_at_least_the_coordinate_search_per_model_held_out(samples):
+    """On the demo, as the docs show it: tune --optimizer gradient
+    --coefficients tensor reaches at least the held-out objective of the
+    default run (the coordinate search, one weight per model)."""
+    gradient, default = samples["tune-gradient"], samples["tune"]
+    assert "--optimizer gradient --coefficients tensor" in generate.command_of(gradient)
+    assert "one weight per model for each of the 21 merged tensors" in gradient
+    assert _tuned_heldout(gradient) >= _tuned_heldout(default)

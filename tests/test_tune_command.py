@@ -529,18 +529,9 @@ def test_a_search_without_slopes_that_cannot_move_each_number_of_a_fine_shape_is
 
 def test_a_fine_tunes_safetensors_removed_before_the_store_is_built_is_one_line_naming_it(tune_family, tmp_path,
                                                                                          monkeypatch):
-    import shutil
-
     from mergekit_cabs.tune import run
 
-    paths = {"base": tune_family["base"].path, **{f"ft{i}": t.path for i, t in enumerate(tune_family["tunes"])}}
-    models = {name: shutil.copytree(path, tmp_path / name) for name, path in paths.items()}  # the family stays whole
-    raw = yaml.safe_load(yaml.safe_dump(tune_family["raw"]))
-    raw["base_model"] = str(models["base"])
-    for entry, name in zip(raw["models"], ("ft0", "ft1", "ft2")):
-        entry["model"] = str(models[name])
-    config = tmp_path / "cabs.yml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config, models = _copied_family(tune_family, tmp_path)
     gone = models["ft1"] / "model.safetensors"
     scored = run.score_references
 
@@ -560,18 +551,9 @@ def test_a_fine_tunes_safetensors_removed_before_the_store_is_built_is_one_line_
 
 def test_a_fine_tunes_safetensors_removed_before_it_is_scored_is_one_line_naming_it(tune_family, tmp_path,
                                                                                      monkeypatch):
-    import shutil
-
     from mergekit_cabs.tune import run
 
-    paths = {"base": tune_family["base"].path, **{f"ft{i}": t.path for i, t in enumerate(tune_family["tunes"])}}
-    models = {name: shutil.copytree(path, tmp_path / name) for name, path in paths.items()}
-    raw = yaml.safe_load(yaml.safe_dump(tune_family["raw"]))
-    raw["base_model"] = str(models["base"])
-    for entry, name in zip(raw["models"], ("ft0", "ft1", "ft2")):
-        entry["model"] = str(models[name])
-    config = tmp_path / "cabs.yml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config, models = _copied_family(tune_family, tmp_path)
     gone = models["ft0"] / "model.safetensors"
     scoring = run.score_references
 
@@ -586,3 +568,19 @@ def test_a_fine_tunes_safetensors_removed_before_it_is_scored_is_one_line_naming
     assert result.exit_code == 1, (result.output, result.exception)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot load the model at {models['ft0']}: ")
+
+
+def _copied_family(tune_family, tmp_path):
+    """A copy of the family's models (so a test may remove a file; the family
+    stays whole) and a config naming them: (config path, name -> model dir)."""
+    import shutil
+
+    paths = {"base": tune_family["base"].path, **{f"ft{i}": t.path for i, t in enumerate(tune_family["tunes"])}}
+    models = {name: shutil.copytree(path, tmp_path / name) for name, path in paths.items()}
+    raw = yaml.safe_load(yaml.safe_dump(tune_family["raw"]))
+    raw["base_model"] = str(models["base"])
+    for entry, name in zip(raw["models"], ("ft0", "ft1", "ft2")):
+        entry["model"] = str(models[name])
+    config = tmp_path / "cabs.yml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config, models

@@ -179,14 +179,7 @@ def test_tuned_yml_with_layer_groups_replans_to_the_chosen_weights(family, shape
 def test_tune_with_layer_groups_reports_the_scores_of_the_model_mergekit_writes(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    root = family["root"]
-    words = family["base"].words[3:]
-    for i in range(2):  # each fine-tune's data: its own deterministic word stream
-        gen = torch.Generator().manual_seed(50 + i)
-        ids = torch.randint(0, len(words) // 2, (600,), generator=gen) + i * (len(words) // 2)
-        (root / f"ft{i}.txt").write_text(" ".join(words[j] for j in ids.tolist()))
-    config = root / "cabs.yml"
-    config.write_text(yaml.safe_dump(family["raw"], sort_keys=False))
+    root, config = family["root"], _with_data(family)
     out = tmp_path / "tuned"
     args = ["tune", config, "--data", f"ft0={root / 'ft0.txt'}", "--data", f"ft1={root / 'ft1.txt'}",
             "--objective", "loss", "--layer-groups", 2, "--budget", 8, "--max-windows", 3, "--out", out, "--quiet"]
@@ -267,14 +260,7 @@ def test_each_coefficient_shape_reports_the_scores_of_the_model_mergekit_writes(
     from mergekit.options import MergeOptions
     from transformers import AutoModelForCausalLM
 
-    root = family["root"]
-    words = family["base"].words[3:]
-    for i in range(2):
-        gen = torch.Generator().manual_seed(50 + i)
-        ids = torch.randint(0, len(words) // 2, (600,), generator=gen) + i * (len(words) // 2)
-        (root / f"ft{i}.txt").write_text(" ".join(words[j] for j in ids.tolist()))
-    config = root / "cabs.yml"
-    config.write_text(yaml.safe_dump(family["raw"], sort_keys=False))
+    root, config = family["root"], _with_data(family)
     out = tmp_path / "tuned"
     args = ["tune", config, "--data", f"ft0={root / 'ft0.txt'}", "--data", f"ft1={root / 'ft1.txt'}",
             "--objective", "loss", "--coefficients", coefficients, "--optimizer", optimizer, "--budget", 8,
@@ -295,3 +281,16 @@ def test_each_coefficient_shape_reports_the_scores_of_the_model_mergekit_writes(
         for split in tn.SPLITS:
             losses = tn.window_losses(model, getattr(task, split), tn.DEFAULTS["batch_size"])
             assert losses.tolist() == report["best"][split]["window_losses"][task.name], (task.name, split)
+
+
+def _with_data(family):
+    """Each fine-tune's data (its own deterministic word stream) beside the
+    family, and the family's config written there; the config's path."""
+    root, words = family["root"], family["base"].words[3:]
+    for i in range(2):
+        gen = torch.Generator().manual_seed(50 + i)
+        ids = torch.randint(0, len(words) // 2, (600,), generator=gen) + i * (len(words) // 2)
+        (root / f"ft{i}.txt").write_text(" ".join(words[j] for j in ids.tolist()))
+    config = root / "cabs.yml"
+    config.write_text(yaml.safe_dump(family["raw"], sort_keys=False))
+    return config

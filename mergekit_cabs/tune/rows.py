@@ -179,6 +179,12 @@ def token_logprobs(model, sequences: Sequence[Sequence[int]], pad_id: int) -> li
     unpadded sequence (the padded batch's numbers can differ from one
     sequence at a time only in the last bits of the float32 matrix
     products, whose blocking depends on the batch's shape)."""
+    return [logp.cpu() for logp in sequence_logprobs(model, sequences, pad_id)]
+
+
+def sequence_logprobs(model, sequences: Sequence[Sequence[int]], pad_id: int) -> list[torch.Tensor]:
+    """`token_logprobs`' arithmetic, on the model's device, with autograd as
+    the caller has it (the gradient search takes its slopes through it)."""
     device = next(model.parameters()).device
     longest = max(len(s) for s in sequences)
     batch = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
@@ -186,7 +192,7 @@ def token_logprobs(model, sequences: Sequence[Sequence[int]], pad_id: int) -> li
         batch[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     batch = batch.to(device)
     logits = model(input_ids=batch, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None])[..., 0].double().cpu()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None])[..., 0].double()
     return [logp[i, :len(s) - 1] for i, s in enumerate(sequences)]
 
 

@@ -50,24 +50,19 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
              total_budget: int | None = None, minibatch: int = DEFAULTS["minibatch"],
              learning_rate: float = DEFAULTS["learning_rate"], finished=None) -> dict:
     """Load the models, build the store, search, and return the report (a dict).
-    `baselines`: as --baselines (None: task arithmetic tuned the same way
-    when it fits in memory; "none": no baseline), scored after the search
-    (`baselines`, `compare`).  `densities`, `orders`: as --densities and
-    --orders (None: the configuration's); each (density, order) setting is
-    searched with `budget` evaluations, or a share of `total_budget`
-    (`settings`), and the best on the fit windows is chosen.
-    `objective` None: "gain" with per-model data, "loss" with the general set
-    alone; `score_dtype`: "merge" (the dtype mergekit-yaml writes) or
-    "float32"; `store_on_device`: keep the store on `device` instead of the host;
-    `minibatch`, `learning_rate`: the gradient search's (`live.gradient_search`;
-    with it, `budget` counts its steps).  `finished`: called with the report
-    once the cabs search is done, before the baselines start (so an
-    interrupted baseline loses no finished search)."""
+    `baselines`: as --baselines (None: tuned task arithmetic when it fits in
+    memory; "none": none), scored after the search (`baselines`, `compare`).
+    `densities`, `orders`: as --densities, --orders; each setting is searched
+    with `budget`, or a share of `total_budget` (`settings`), the best on the
+    fit items chosen.  `objective` None: "gain" with per-model data, "loss"
+    with the general set alone; `score_dtype`: "merge" or "float32";
+    `store_on_device`: the store on `device`, not the host; `minibatch`,
+    `learning_rate`: the gradient search's (`budget` counts its steps);
+    `finished`: called with the report before the baselines start."""
     check_optimizer(optimizer, seed)
     check_search(prep, optimizer, budget, minibatch, learning_rate)
-    tuned_ta, one_lambda = parse_baselines(baselines)
-    asked = parse_densities(densities), parse_orders(orders)
     check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
+    (tuned_ta, one_lambda), asked = parse_baselines(baselines), (parse_densities(densities), parse_orders(orders))
     objective = implied_objective(objective, any(t.name != GENERAL for t in prep.tasks))
     known = check_settings(prep, *asked, total_budget)  # before the suggested order reads every tensor
     clock: dict[str, float] = {"masks_s": 0.0, "search_s": 0.0}
@@ -88,27 +83,34 @@ def run_tune(prep: Prepared, *, device: str = "cpu", objective: str | None = Non
         live, rows, start = search_each(prep, s, model, objectives, settings, budgets, clock)
         chosen = max(range(len(rows)), key=lambda i: (rows[i]["result"].score, -i))  # the first of equals
         result, points = rows[chosen]["result"], rows[chosen]["points"]
-        say(f"Scoring your config and the chosen point on the fit and held-out data "
-             f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluation"
-             f"{'' if len(points) == 1 else 's'})", quiet)
+        say(final_words(result, points), quiet)
         with timed(clock, "final_s"):
             scores = final_scores(prep, s, live, objectives, settings, chosen, start, result.best, clock)
-    clock.update(set_weights_mean_s=sum(p["set_s"] for p in points) / len(points),
-                 evaluate_mean_s=sum(p["eval_s"] for p in points) / len(points))
     setting = settings[chosen]
     tuned = tuned_config(setting.raw, prep.finetunes, result.best[1:], result.best[0], prep.groups)
     check_round_trip(tuned, prep.finetunes, result.best[1:], result.best[0], prep.groups, expected=setting.planned)
     report = assemble_report(prep, dataclasses.replace(s, budget=budgets[chosen]), reference, live, result, points,
                              scores, clock, tuned)
     report["settings"] = settings_report(prep, settings, rows, chosen, total_budget)
-    below = below_config(scores)
-    report["search"]["notes"], report["scores_below_config"] = widened + below, bool(below)
+    add_notes(report, widened, below_config(scores))
     if finished is not None:
         finished(report)
     if tuned_ta is not False or one_lambda:
         s = dataclasses.replace(s, budget=budget if total_budget is None else total_budget, budget_shares=1)
         add_baselines(report, prep, s, live, objectives, result.optimizer, tuned_ta, one_lambda)
     return report
+
+
+def add_notes(report: dict, widened: list[str], below: list[str]) -> None:
+    """The lines the run said about your config, kept in the report, and whether tuned.yml scores below it."""
+    report["search"]["notes"], report["scores_below_config"] = widened + below, bool(below)
+
+
+def final_words(result: SearchResult, points: list[dict]) -> str:
+    """The line said before the final scoring: how the search ended, and what it spent."""
+    return (f"Scoring your config and the chosen point on the fit and held-out data "
+            f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluation"
+            f"{'' if len(points) == 1 else 's'})")
 
 
 def widen_to_start(prep: Prepared, s: Settings) -> list[str]:
@@ -143,7 +145,9 @@ def below_config(scores: dict) -> list[str]:
 
 def assemble_report(prep: Prepared, s: Settings, reference: dict, live: Live, result: SearchResult,
                     points: list[dict], scores: dict, clock: dict, tuned: dict) -> dict:
-    """Phase 5: the report (what tune.json holds)."""
+    """Phase 5: the report (what tune.json holds); the mean times per point added to `clock`."""
+    clock.update(set_weights_mean_s=sum(p["set_s"] for p in points) / len(points),
+                 evaluate_mean_s=sum(p["eval_s"] for p in points) / len(points))
     names, bounds, start = search_space(prep, s)
     store, labels = live.store, prep.labels
     model_bytes = held_bytes(live.model.state_dict().values())

@@ -7,10 +7,10 @@ numbers agree with the real scoring on the same items and batches:
 
 * text (`data.TaskData`): a window's mean next-token cross-entropy, the
   logits in float32 (`.float()`), each token's loss then averaged in float64
-  (`data.window_losses`);
+  (`text.window_batches`, which `text.window_losses` runs);
 * prompt/response and chat (`chat.ChatTask`): the mean negative
   log-probability (float64) of the row's counted tokens, the log-softmax
-  taken in float32 (`rows.token_logprobs`);
+  taken in float32 (`rows.sequence_logprobs`, which `rows.token_logprobs` runs);
 * multiple choice (`choice.ChoiceTask`): the choice loss, minus the
   log-softmax (float64) of the right choice's log-likelihood among the
   choices', a choice's log-likelihood being the float64 sum of its tokens'
@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_cabs.tune.options import TuneError
-from mergekit_cabs.tune.rows import batches
+from mergekit_cabs.tune.rows import batches, sequence_logprobs
+from mergekit_cabs.tune.text import window_batches
 
 DIFFERENTIABLE = ("text", "chat", "choice")
 NOT_DIFFERENTIABLE = ("tune: the lm-eval task {name!r} is not differentiable (lm-eval scores generated or compared "
@@ -70,40 +71,15 @@ def item_losses(model, task, items, batch_size: int, slope: float | None = None)
     back-propagated as soon as the batch is scored, so one batch's
     activations are held at a time."""
     check_differentiable([task])
-    scorer = {"text": text_batches, "chat": chat_batches, "choice": choice_batches}[task.kind]
+    batched = {"text": lambda: window_batches(model, items, batch_size),
+               "chat": lambda: chat_batches(model, task, items, batch_size),
+               "choice": lambda: choice_batches(model, task, items, batch_size)}[task.kind]
     out = []
-    for losses in scorer(model, task, items, batch_size):
+    for losses in batched():
         if slope and losses.requires_grad:
             (losses.sum() * slope).backward()
         out.append(losses.detach().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def text_batches(model, task, windows: torch.Tensor, batch_size: int):
-    """Per batch of windows, each window's mean next-token cross-entropy (float64):
-    `data.window_losses`' arithmetic."""
-    device = next(model.parameters()).device
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        )
-        yield loss.view(len(batch), -1).double().mean(1)
-
-
-def sequence_logprobs(model, sequences: Sequence[Sequence[int]], pad_id: int) -> list[torch.Tensor]:
-    """`rows.token_logprobs` with autograd: per sequence, the log-probability
-    (float64) of its tokens 1..n-1, one right-padded forward pass."""
-    device = next(model.parameters()).device
-    longest = max(len(s) for s in sequences)
-    batch = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        batch[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    batch = batch.to(device)
-    logits = model(input_ids=batch, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None])[..., 0].double()
-    return [logp[i, :len(s) - 1] for i, s in enumerate(sequences)]
 
 
 def chat_batches(model, task, rows: list, batch_size: int):

@@ -71,19 +71,25 @@ def load_task_data(name: str, path: Path, tokenizer, *, window: int, fit_fractio
 
 
 
-@torch.no_grad()
-def window_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of each window (float64, on the CPU).
-
-    The model runs in its own dtype (float32 here); the same windows and
-    batch size give the same numbers run after run."""
+def window_batches(model, windows: torch.Tensor, batch_size: int):
+    """Per batch of `batch_size` windows, each window's mean next-token
+    cross-entropy (float64, on the model's device), the logits in float32;
+    with autograd as the caller has it (the gradient search takes its
+    slopes through it)."""
     device = next(model.parameters()).device
-    out = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
         )
-        out.append(loss.view(len(batch), -1).double().mean(1).cpu())
-    return torch.cat(out)
+        yield loss.view(len(batch), -1).double().mean(1)
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window (float64, on the CPU).
+
+    The model runs in its own dtype (float32 here); the same windows and
+    batch size give the same numbers run after run."""
+    return torch.cat([losses.cpu() for losses in window_batches(model, windows, batch_size)])
