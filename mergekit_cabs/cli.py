@@ -178,8 +178,8 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
               help="coordinate: one value at a time, halving steps; cmaes: CMA-ES (the cma package); gradient: Adam "
                    "on the exact gradient (one backward pass prices every weight), --budget steps of --minibatch "
                    "items per data set, early stopping on a held-back quarter of the fit items (not with lm-eval "
-                   "tasks); auto: gradient when 16 or more numbers are searched and --budget cannot step each "
-                   "way along each, else cmaes when the models' kept places overlap and --budget allows 50 "
+                   "tasks); auto: gradient when 16 or more numbers are searched and --budget cannot take three "
+                   "steps each way along each, else cmaes when the models' kept places overlap and --budget allows 50 "
                    "evaluations per searched value, else coordinate.")
 @click.option("--coefficients", type=click.Choice(["model", "layer", "tensor"]), default=None,
               help="The weights' shape: model (one weight per model), layer (one per model per decoder layer, or "

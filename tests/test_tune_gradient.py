@@ -236,7 +236,8 @@ def test_the_gradient_search_is_deterministic_for_a_seed_and_improves_the_fit_ob
 
 @pytest.mark.parametrize("dimensions, budget, differentiable, chosen", [
     (64, 60, True, "gradient"),  # per tensor: the budget cannot step each way along each number
-    (64, 200, True, "coordinate"),  # ... it can
+    (21, 100, True, "gradient"),  # per layer of a 4-layer family: not three passes (129)
+    (64, 400, True, "coordinate"),  # ... three passes
     (64, 60, False, "coordinate"),  # lm-eval data: no slopes
     (10, 5, True, "coordinate"),  # under 16 numbers: the searches without slopes, as before
 ])
