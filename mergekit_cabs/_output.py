@@ -30,7 +30,8 @@ from pathlib import Path
 
 from mergekit_cabs.params import CabsError
 
-PLOTS_HINT = 'pip install "mergekit-cabs[plot]" gets the plots (matplotlib)'
+PLOTS_HINT = ('pip install ".[plot]" in a clone of mergekit-cabs ("mergekit-cabs[plot]" once on PyPI) '
+              'gets the plots (matplotlib)')
 STAGING = ".mergekit-cabs-staging-"  # + "<pid>-<random>": a staging directory of ours
 STALE_AFTER_S = 3600  # a staging directory this old is a dead run's, whatever its pid
 LOCK_NAME = ".mergekit-cabs.lock"  # in --out while a run holds it (holds the pid)

@@ -152,7 +152,7 @@ def analyze(config: Path, out_dir: Path, seed: int, force: bool, quiet: bool) ->
 @click.option("--lm-eval", "lm_eval", multiple=True, metavar="TASK[:METRIC]",
               help="An lm-eval task scored too (repeatable; METRIC default acc,none), on every model; its gain is "
                    "against the best fine-tune on it. Needs the lm-eval extra: pip install "
-                   "\"mergekit-cabs[lm-eval]\".")
+                   "\".[lm-eval]\" in a clone (\"mergekit-cabs[lm-eval]\" once on PyPI).")
 @click.option("--lm-eval-include", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="A directory of your own lm-eval task YAMLs.")
 @click.option("--lm-eval-limit", type=click.IntRange(min=1), default=None, metavar="N",

@@ -623,7 +623,7 @@ def _png_size(data: bytes):
 
 
 def test_plots_are_valid_png(scenario):
-    optional("matplotlib", '"mergekit-cabs[plot]"')
+    optional("matplotlib", '".[plot]"')
     for name in ("overlap-by-layer.png", "kept-by-layer.png"):
         data = (scenario["out"] / name).read_bytes()
         width, height = _png_size(data)
@@ -641,7 +641,7 @@ def _suptitle(fig) -> str:
 
 @pytest.fixture
 def figures(scenario):
-    optional("matplotlib", '"mergekit-cabs[plot]"')
+    optional("matplotlib", '".[plot]"')
     import matplotlib.pyplot as plt
 
     from mergekit_cabs.analyze import layer_figures
@@ -705,9 +705,10 @@ def test_without_matplotlib_says_how_to_get_plots(fp32_family, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     result = _run([_write(config, tmp_path / "c.yml"), "--out", tmp_path / "r", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert 'No plots: pip install "mergekit-cabs[plot]" gets the plots' in result.output
+    assert 'No plots: pip install ".[plot]" in a clone of mergekit-cabs ("mergekit-cabs[plot]" once on PyPI) ' \
+        'gets the plots' in result.output
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["report.json", "report.md"]
-    assert 'pip install "mergekit-cabs[plot]"' in (tmp_path / "r" / "report.md").read_text()
+    assert 'pip install ".[plot]" in a clone' in (tmp_path / "r" / "report.md").read_text()
 
 
 # --- determinism, reading, output directory -----------------------------------------

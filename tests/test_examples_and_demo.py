@@ -183,6 +183,48 @@ def test_the_demos_printed_analyze_tune_and_merge_commands_run_to_the_end(demo_r
     assert (directory / "merged-tuned" / "model.safetensors").is_file()
 
 
+def test_mergekit_yaml_prints_nothing_on_stdout_and_on_stderr_progress_bars_and_the_torch_dtype_line(demo_run):
+    """What Getting started says `mergekit-yaml` prints on the demo: nothing on
+    stdout; on stderr, progress bars and transformers' `torch_dtype` line
+    (mergekit's command: our commands hide that line, mergekit-yaml keeps it)."""
+    import re
+
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = subprocess.run([str(BIN / "mergekit-yaml"), "run/cabs.yml", "run/merged-again"], capture_output=True,
+                         text=True, timeout=900, cwd=directory.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == ""
+    lines = {line.strip() for line in re.split(r"[\r\n]", run.stderr) if line.strip()}
+    progress = re.compile(r"^[\w ]+: +\d+%\|")
+    assert {line for line in lines if not progress.match(line)} <= {
+        "[transformers] `torch_dtype` is deprecated! Use `dtype` instead!"}, run.stderr[-3000:]
+    assert any(progress.match(line) for line in lines)
+
+
+def test_tune_on_the_demo_prints_the_same_numbers_with_omp_num_threads_1_as_with_the_default(demo_run):
+    """The README's busy-machine tip (`OMP_NUM_THREADS=1` in front) changes
+    the time, not the output: the same summary, times aside."""
+    import os
+    import re
+
+    directory, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = []
+    for threads in (None, "1"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        if threads:
+            env["OMP_NUM_THREADS"] = threads
+        out = f"run/tune-threads-{threads or 'default'}"
+        run = subprocess.run([str(BIN / "mergekit-cabs"), "tune", "run/cabs.yml", "--data", "math=run/math.txt",
+                              "--data", "code=run/code.txt", "--data", "chat=run/chat.txt", "--budget", "8",
+                              "--baselines", "none", "--quiet", "--out", out],
+                             capture_output=True, text=True, timeout=900, cwd=directory.parent, env=env)
+        assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
+        outputs.append(re.sub(r"\d+(\.\d+)? ?(s|ms|min)\b", "N", run.stdout.replace(out, "OUT")))
+    assert outputs[0] == outputs[1]
+
+
 def test_the_demos_printed_tune_on_answers_runs_and_says_whether_it_beats_the_start(demo_run):
     """The second tune command: math as multiple choice, chat as conversations;
     the summary says in words whether held-out accuracy beat your config."""
@@ -251,7 +293,7 @@ def test_analyze_the_demo(demo_run, tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         assert files == {"report.json", "report.md"}
-        assert 'pip install "mergekit-cabs[plot]"' in result.stdout
+        assert 'pip install ".[plot]" in a clone' in result.stdout
     else:
         assert files == {"report.json", "report.md", "overlap-by-layer.png", "kept-by-layer.png"}
 

@@ -95,7 +95,7 @@ def test_tune_reports_the_scores_of_the_model_mergekit_writes(tune_family, tmp_p
     result = _run([tune_family["config"], *_data_args(tune_family), "--general", tune_family["general"],
                    "--out", out, "--budget", 25, "--quiet"])
     assert result.exit_code == 0, result.output
-    optional("matplotlib", '"mergekit-cabs[plot]"')
+    optional("matplotlib", '".[plot]"')
     assert sorted(p.name for p in out.iterdir()) == ["task_arithmetic_tuned.yml", "tune.json", "tune.md", "tune.png",
                                                      "tuned.yml"]  # task arithmetic tuned the same way: by default
     assert (out / "tune.png").read_bytes().startswith(PNG_SIGNATURE)

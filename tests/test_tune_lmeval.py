@@ -76,12 +76,13 @@ def test_lm_eval_without_the_extra_is_one_line_naming_it(lm_family, monkeypatch)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     with pytest.raises(tn.TuneError) as error:
         tn.prepare(lm_family["config"], lm_family["data"], lm_eval=["tiny_mc"])
-    assert str(error.value) == '--lm-eval needs the lm-eval package: pip install "mergekit-cabs[lm-eval]"'
+    assert str(error.value) == ('--lm-eval needs the lm-eval package: pip install ".[lm-eval]" in a clone of '
+                                 'mergekit-cabs ("mergekit-cabs[lm-eval]" once on PyPI)')
 
 
 def test_lm_eval_task_beside_text_and_choice_reports_the_values_of_the_model_mergekit_writes(
         lm_family, tmp_path, offline):
-    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    optional("lm_eval", '".[lm-eval]"')
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -116,7 +117,7 @@ def test_lm_eval_task_beside_text_and_choice_reports_the_values_of_the_model_mer
 
 
 def test_lm_eval_bad_task_and_metric_are_one_line(lm_family, offline):
-    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    optional("lm_eval", '".[lm-eval]"')
     with pytest.raises(tn.TuneError, match="tune needs a metric lm-eval averages over documents; tiny_mc has acc, "
                                            "acc_norm"):
         tn.prepare(lm_family["config"], lm_family["data"], lm_eval=["tiny_mc:f1"], lm_eval_include=lm_family["tasks"])
@@ -125,7 +126,7 @@ def test_lm_eval_bad_task_and_metric_are_one_line(lm_family, offline):
 
 
 def test_lm_eval_alone_scores_every_fine_tune_and_keeps_lm_evals_output_off_the_terminal(lm_family, offline, capfd):
-    optional("lm_eval", '"mergekit-cabs[lm-eval]"')
+    optional("lm_eval", '".[lm-eval]"')
     prep = tn.prepare(lm_family["config"], [], lm_eval=["tiny_mc"], lm_eval_include=lm_family["tasks"],
                       lm_eval_limit=3)
     assert [(t.name, t.kind, t.measure) for t in prep.tasks] == [("tiny_mc", "lm-eval", "acc,none")]

@@ -53,7 +53,7 @@ def test_gain_summary_keeps_the_gain_column_and_says_higher_is_better():
     ("gain", "mean normalized gain over tasks (higher is better)", 1.8),
 ])
 def test_plot_axis_says_what_is_plotted_and_legends_give_the_chosen_values(objective, words, chosen):
-    optional("matplotlib", '"mergekit-cabs[plot]"')
+    optional("matplotlib", '".[plot]"')
     import matplotlib.pyplot as plt
 
     fig = tn.plot_figure(_report(objective))

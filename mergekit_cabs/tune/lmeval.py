@@ -29,7 +29,7 @@ import torch
 from mergekit_cabs.tune.options import TuneError
 from mergekit_cabs.tune.rows import split_rows
 
-EXTRA = 'pip install "mergekit-cabs[lm-eval]"'
+EXTRA = 'pip install ".[lm-eval]" in a clone of mergekit-cabs ("mergekit-cabs[lm-eval]" once on PyPI)'
 DEFAULT_METRIC = "acc,none"  # as mergekit-evolve's
 
 

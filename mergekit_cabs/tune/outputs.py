@@ -63,7 +63,8 @@ def render_markdown(report: dict, plot: bool) -> str:
     out += _store_lines(report) + _point_lines(report)
     out += ["", "## Plot", ""]
     out.append("![objective along each weight](tune.png)" if plot else
-               'Not made: pip install "mergekit-cabs[plot]" gets it (matplotlib).')
+               'Not made: pip install ".[plot]" in a clone ("mergekit-cabs[plot]" once on PyPI) gets it '
+               "(matplotlib).")
     return "\n".join(out) + "\n"
 
 
