@@ -173,10 +173,21 @@ def recommended_lines(report: dict) -> list[str]:
     if not rec["in_out"]:
         return lines + [f"recommended: your config as written, {rec['file']}, the your config column above: "
                         f"{rec['reason']}"]
+    head = f"recommended: {rec['method']}, {rec['file']}: {rec['reason']}; its numbers:"
+    if len(rec["weights"]) > WEIGHTS_LISTED:
+        return lines + [head, f"lambda {rec['lambda']:.3f}; the weights (each in {rec['file']}):",
+                        *(f"  {label}: {spread([rec['weights'][n] for n in names])}"
+                          for label, names in report["search"]["weights_of"].items())]
     width = max(12, *(len(k) for k in rec["weights"]))
-    return lines + [f"recommended: {rec['method']}, {rec['file']}: {rec['reason']}; its numbers:",
-                    f"{'lambda':{width}s} {rec['lambda']:8.3f}",
+    return lines + [head, f"{'lambda':{width}s} {rec['lambda']:8.3f}",
                     *(f"{k:{width}s} {v:8.3f}" for k, v in rec["weights"].items())]
+
+
+def spread(values) -> str:
+    """Many weights in a few words: how many, their range and median."""
+    ordered = sorted(values)
+    return (f"{len(ordered)} weights, {ordered[0]:.3f} to {ordered[-1]:.3f}, median "
+            f"{ordered[len(ordered) // 2]:.3f}")
 
 
 WEIGHTS_LISTED = 24  # weights the console lists one by one; more are summed up per model (tune.md lists each)
@@ -194,9 +205,9 @@ def weight_lines(report: dict) -> list[str]:
     out = [f"lambda: your config {start['lambda']:.3f}, tuned {best['lambda']:.3f}; the weights (each in tune.md and "
            "tuned.yml):"]
     for label, names in report["search"]["weights_of"].items():
-        mine, tuned = sorted(start["weights"][n] for n in names), sorted(best["weights"][n] for n in names)
-        out.append(f"  {label}: {len(names)} weights, your config {mine[0]:.3f} to {mine[-1]:.3f}; tuned "
-                   f"{tuned[0]:.3f} to {tuned[-1]:.3f}, median {tuned[len(tuned) // 2]:.3f}")
+        mine = sorted(start["weights"][n] for n in names)
+        out.append(f"  {label}: your config {mine[0]:.3f} to {mine[-1]:.3f}; tuned "
+                   f"{spread(best['weights'][n] for n in names)}")
     return out
 
 
