@@ -19,6 +19,22 @@ weight setting (every place rewritten) and per evaluation; `--settings`
 adds a process per shape that times full rewrites against the incremental
 path (only the moved model's places), which `tune` leaves off.
 
+`--optimizer gradient` runs tune's gradient search instead (lambda line,
+then `--budget` Adam steps of `--minibatch` items per data set): each step
+(`gradient.objective_gradient`: setting the weights, forward and backward
+with every merged weight's gradient reduced and freed) and each validation
+is timed and is a memory phase of its own (step_s, validate_s), so its peak
+stands against the evaluations' (eval_s) in the same process.
+`--no-checkpoint` turns off the decoder layers' checkpointing the wiring
+always uses; `--line-evaluations` caps the lambda line (tune's is 10) to
+save time.  `--steps-only` times `--budget` steps alone (the store, one
+evaluation of every fit item, the steps: no references, no line).
+
+    python benchmarks/tune_scale.py --shapes 220m --optimizer gradient --budget 3 --max-windows 12 \
+        --baselines none --line-evaluations 2
+    python benchmarks/tune_scale.py --shapes 220m --optimizer gradient --steps-only [--no-checkpoint] \
+        --budget 2 --max-windows 12
+
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 220m,1b --out benchmarks/results/tune_scale.json
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 1b --cuda      # on a GPU machine
     python benchmarks/tune_scale.py --work /tmp/tune-scale --shapes 1b --cuda --store-on-device --check-exact
@@ -135,12 +151,47 @@ class PhaseMemory:
 
         for module in modules:
             module.timed = phased
+        self.phased = phased
+
+    def watch_gradient(self, checkpoint: bool) -> dict:
+        """Time each gradient step and validation of the gradient search as
+        phases of their own (step_s, validate_s), the step's checkpointing
+        forced to `checkpoint`; returns the dict the timings and the tap's
+        statistics go into."""
+        from mergekit_cabs.tune import gradsearch
+
+        taken: dict = {"step_s": [], "validate_s": [], "peak_grad_bytes": 0, "items_per_step": []}
+        gradient, value = gradsearch.objective_gradient, gradsearch.objective_value
+
+        def step(live, objective, x, picks=None, **kwargs):
+            clock, stats = {}, {}
+            with self.phased(clock, "step_s"):
+                out = gradient(live, objective, x, picks, **{**kwargs, "checkpoint": checkpoint, "stats": stats})
+            taken["step_s"].append(clock["step_s"])
+            taken["peak_grad_bytes"] = max(taken["peak_grad_bytes"], stats["peak_grad_bytes"])
+            taken["items_per_step"].append(sum(len(v) for v in (picks or {}).values()))
+            return out
+
+        def validate(*args, **kwargs):
+            clock = {}
+            with self.phased(clock, "validate_s"):
+                out = value(*args, **kwargs)
+            taken["validate_s"].append(clock["validate_s"])
+            return out
+
+        gradsearch.objective_gradient, gradsearch.objective_value = step, validate
+        return taken
 
 
 def measure(args) -> dict:
     """One tune run in this process (see the module doc)."""
     memory = PhaseMemory(args.cuda)
+    import os
+
     import torch
+    from llvmlite import binding
+
+    load_before = os.getloadavg()
 
     from mergekit_cabs import tune as tn
     from mergekit_cabs.tune import baselines, live, run, settings
@@ -150,9 +201,14 @@ def measure(args) -> dict:
                       max_windows=args.max_windows, budget=args.budget)
     fixed = resident()["VmRSS"]  # imports, tokenizer, data
     memory.watch([run, settings, baselines, live])
+    gradient = args.optimizer == "gradient"
+    taken = memory.watch_gradient(not args.no_checkpoint) if gradient else None
+    if args.line_evaluations:
+        live.DEFAULTS["line_evaluations"] = args.line_evaluations
+    chosen = {"optimizer": args.optimizer, "minibatch": args.minibatch} if args.optimizer else {}
     report = tn.run_tune(prep, device="cuda" if args.cuda else "cpu", objective="loss", budget=args.budget,
                          batch_size=args.batch_size, score_dtype=args.score_dtype,
-                         store_on_device=args.store_on_device, quiet=True, baselines=args.baselines)
+                         store_on_device=args.store_on_device, quiet=True, baselines=args.baselines, **chosen)
     peak = resident()["VmHWM"]
     places = report["supports"]["places"]
     out = {
@@ -168,10 +224,14 @@ def measure(args) -> dict:
         "tokens_per_evaluation": sum(len(t.fit) * t.fit.shape[1] for t in prep.tasks),
         "phase_s": {k: round(v, 1) for k, v in report["time"].items() if not k.endswith("mean_s")},
         "evaluations": report["search"]["evaluations"], "torch_threads": torch.get_num_threads(),
+        "cpu": binding.get_host_cpu_name(), "load_average_before_after": [round(load_before[0], 2),
+                                                                           round(os.getloadavg()[0], 2)],
         "baselines": [r["name"] for r in report.get("baselines", {}).get("runs", [])],
         "baseline_store_bytes_per_parameter": {r["name"]: r["store_bytes"] / places
                                                for r in report.get("baselines", {}).get("runs", [])},
     }
+    if gradient:
+        out["gradient"] = gradient_row(args, report, taken, out)
     if args.cuda:
         out["peak_device_bytes_by_phase_per_parameter"] = {k: round(v / places, 2) for k, v in memory.device.items()}
         out["peak_device_bytes_per_parameter"] = max(memory.device.values()) / places
@@ -179,6 +239,28 @@ def measure(args) -> dict:
     if args.check_exact:
         out["tuned_merge"] = check_exact(args, prep, report)
     return out
+
+
+def gradient_row(args, report: dict, taken: dict, out: dict) -> dict:
+    """The gradient search's seconds per step against per evaluation, and its
+    peak bytes per merged parameter against the evaluations' (same accounting)."""
+    steps = taken["step_s"]
+    by_phase = out["peak_rss_by_phase_per_parameter"]
+    evaluation = out["set_weights_mean_s"] + out["evaluate_mean_s"]
+    return {
+        "checkpoint": not args.no_checkpoint, "minibatch": args.minibatch, "steps": len(steps),
+        "items_per_step": taken["items_per_step"], "step_s": [round(t, 2) for t in steps],
+        "step_mean_s": sum(steps) / len(steps), "steps_after_first_mean_s": sum(steps[1:]) / max(1, len(steps) - 1),
+        "validate_s": [round(t, 2) for t in taken["validate_s"]],
+        "set_and_evaluate_mean_s": evaluation, "step_over_evaluation": sum(steps) / len(steps) / evaluation,
+        "step_over_evaluation_per_item": (sum(steps) / len(steps) / (sum(taken["items_per_step"]) / len(steps)))
+                                         / (evaluation / (out["tokens_per_evaluation"] / args.window)),
+        "peak_grad_bytes": taken["peak_grad_bytes"],
+        "step_peak_rss_bytes_per_parameter": by_phase.get("step_s"),
+        "eval_peak_rss_bytes_per_parameter": by_phase.get("eval_s"),
+        "step_minus_eval_bytes_per_parameter": round(by_phase.get("step_s", 0) - by_phase.get("eval_s", 0), 2),
+        "line_evaluations_cap": args.line_evaluations, "cost": report["search"].get("gradient"),
+    }
 
 
 def check_exact(args, prep, report: dict) -> dict:
@@ -249,6 +331,61 @@ def measure_settings(args) -> dict:
             "set_full_s": [round(t, 3) for t in full], "set_incremental_s": [round(t, 3) for t in incremental]}
 
 
+def measure_steps(args) -> dict:
+    """Gradient steps alone, in a process of its own (no references, no lambda
+    line, no final scoring): the store and the live model at the
+    configuration's point, one evaluation of every fit item, then `--budget`
+    steps of `--minibatch` items per data set (the first ones not held back),
+    with the decoder layers checkpointed unless `--no-checkpoint`; each a
+    memory phase (eval_s, step_s), the same accounting as `measure`."""
+    import os
+
+    import torch
+    from llvmlite import binding
+
+    from mergekit_cabs import tune as tn
+    from mergekit_cabs.tune import gradient, gradsearch, live, references
+    from mergekit_cabs.tune.objective import Objective
+
+    memory, load_before = PhaseMemory(False), os.getloadavg()
+    memory.watch([live])
+    work = args.work
+    prep = tn.prepare(work / "cabs.yml", [f"ft{i}={work / f'ft{i}.txt'}" for i in (1, 2, 3)], window=args.window,
+                      max_windows=args.max_windows, budget=args.budget)
+    fixed = resident()["VmRSS"]
+    dtype = references.scoring_dtype(prep.config, args.score_dtype)
+    s = live.Settings(device="cpu", store_device="cpu", score_dtype=dtype, objective="loss", general_weight=1.0,
+                      budget=args.budget, weight_bounds=(0.0, 2.0), lambda_bounds=(0.25, 2.0),
+                      tolerance=0.05, batch_size=args.batch_size, quiet=True)
+    model = references.load_model(str(prep.config.base_model.model.path), "cpu", s.score_dtype)
+    clock: dict[str, float] = {}
+    with memory.phased(clock, "masks_s"):
+        state = live.Live(model, live.bind_store(prep, model, s), prep.tasks, s.batch_size, prep.groups,
+                          len(prep.labels))
+    objective = Objective("loss", [t.name for t in prep.tasks], {}, {})
+    x = (prep.start_lambda, *prep.start_weights)
+    with memory.phased(clock, "eval_s"):
+        state.set(x)
+        objective.score(live.means(state.losses("fit")))
+    train, _ = gradsearch.split_fit(prep.tasks)
+    picks = {name: pool[:args.minibatch] for name, pool in train.items()}
+    steps, stats = [], {}
+    for _ in range(args.budget):
+        with memory.phased(clock, "step_s"):
+            gradient.objective_gradient(state, objective, x, picks, checkpoint=not args.no_checkpoint, stats=stats)
+        steps.append(clock.pop("step_s"))
+    places = state.store.places()
+    by_phase = {k: round((v - fixed) / places, 2) for k, v in memory.rss.items()}
+    return {"shape": args.shape, "mode": "steps", "device": "cpu", "merged_parameters": places,
+            "checkpoint": not args.no_checkpoint, "batch_size": args.batch_size, "window": args.window,
+            "items_per_step": sum(len(v) for v in picks.values()), "fixed_rss_bytes": fixed,
+            "peak_rss_by_phase_per_parameter": by_phase, "eval_s": round(clock["eval_s"], 1),
+            "step_s": [round(t, 1) for t in steps], "peak_grad_bytes": stats.get("peak_grad_bytes"),
+            "step_minus_eval_bytes_per_parameter": round(by_phase["step_s"] - by_phase["eval_s"], 2),
+            "torch_threads": torch.get_num_threads(), "cpu": binding.get_host_cpu_name(),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tune-scale"))
@@ -267,16 +404,26 @@ def main() -> None:
                         help="merge the tuned configuration with mergekit (on the GPU with --cuda) and check that "
                              "every window scores exactly what tune reported; exit 1 if not")
     parser.add_argument("--build-only", action="store_true", help="build the shapes' models and data, and stop")
+    parser.add_argument("--optimizer", default=None, help="tune's --optimizer (default: tune's, auto)")
+    parser.add_argument("--minibatch", type=int, default=8, help="the gradient search's items per data set per step")
+    parser.add_argument("--no-checkpoint", action="store_true",
+                        help="the gradient search without the decoder layers' checkpointing (tune always uses it)")
+    parser.add_argument("--line-evaluations", type=int, default=None,
+                        help="the gradient search's lambda line: at most this many evaluations (tune's: 10)")
     parser.add_argument("--out", type=Path, default=None, help="append the results (JSON lines) to this file")
     parser.add_argument("--settings", action="store_true",
                         help="also time full against incremental weight settings (one more process per shape)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one run, this shape
     parser.add_argument("--measure-settings", default=None, help=argparse.SUPPRESS)  # internal
+    parser.add_argument("--steps-only", action="store_true",
+                        help="time --budget gradient steps alone (measure_steps), not a tune run")
+    parser.add_argument("--measure-steps", default=None, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
-    if args.measure or args.measure_settings:
-        args.shape = args.measure or args.measure_settings
+    if args.measure or args.measure_settings or args.measure_steps:
+        args.shape = args.measure or args.measure_settings or args.measure_steps
         args.work = args.work / args.shape
-        result = measure(args) if args.measure else measure_settings(args)
+        result = (measure(args) if args.measure else measure_settings(args) if args.measure_settings
+                  else measure_steps(args))
         print(json.dumps(result), flush=True)
         if not result.get("tuned_merge", {"exact": True})["exact"]:
             sys.exit(f"tune_scale: the merge of the tuned configuration scores {result['tuned_merge']['windows_equal']}"
@@ -297,8 +444,12 @@ def main() -> None:
                 "--window", str(args.window), "--batch-size", str(args.batch_size), "--score-dtype", args.score_dtype,
                 *(["--cuda"] if args.cuda else []), *(["--store-on-device"] if args.store_on_device else []),
                 *(["--check-exact"] if args.check_exact else []),
-                *(["--baselines", args.baselines] if args.baselines else [])]
-        for flag in ["--measure"] + (["--measure-settings"] if args.settings else []):
+                *(["--baselines", args.baselines] if args.baselines else []),
+                *(["--optimizer", args.optimizer, "--minibatch", str(args.minibatch)] if args.optimizer else []),
+                *(["--no-checkpoint"] if args.no_checkpoint else []),
+                *(["--line-evaluations", str(args.line_evaluations)] if args.line_evaluations else [])]
+        flags = ["--measure-steps"] if args.steps_only else ["--measure"]
+        for flag in flags + (["--measure-settings"] if args.settings else []):
             done = subprocess.run([sys.executable, __file__, *argv, flag, shape], check=True,
                                   stdout=subprocess.PIPE, text=True)
             line = done.stdout.strip().splitlines()[-1]

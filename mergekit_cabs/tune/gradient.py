@@ -47,17 +47,19 @@ def slot_slopes(slot: Slot, grad: torch.Tensor) -> torch.Tensor:
     float64 inputs, from the store's tensors streamed a chunk at a time to
     the gradient's device); each product and sum is taken in float64.  With
     disjoint supports this is a segmented sum of grad * (kept - base) by the
-    owner index."""
+    owner index.  The chunk's float64 product is made in place in its copy of
+    the gradient (no float64 tau, no separate product: 80 MB less per 4M
+    chunk, the same numbers)."""
     dtype, device = compute_dtype(slot.base), grad.device
     flat = grad.reshape(-1)
     out = torch.zeros(len(slot.models) + 1, dtype=torch.float64, device=device)
     for start in range(0, flat.numel(), APPLY_CHUNK):
         where = slice(start, start + APPLY_CHUNK)
-        g = flat[where].to(torch.float64)
+        g = flat[where].to(torch.float64, copy=True)  # multiplied in place below: never the gradient itself
         base = slot.base[where].to(device).to(dtype)
-        if slot.owner is not None:
-            tau = slot.kept[where].to(device).to(dtype) - base
-            out.index_add_(0, slot.owner[where].to(device).long(), g * tau.to(torch.float64))
+        if slot.owner is not None:  # g * tau in place, in float64 (tau widened exactly); an int32 index
+            g.mul_(slot.kept[where].to(device).to(dtype) - base)
+            out.index_add_(0, slot.owner[where].to(device).int(), g)
             continue
         for j, (t, mask) in enumerate(zip(slot.inputs, slot.masks)):
             tau = t[where].to(device).to(dtype) - base
