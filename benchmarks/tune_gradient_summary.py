@@ -79,9 +79,9 @@ def markdown(data: dict) -> str:
         stop_c = g["stopped"] if g else r["stopped"]
         stop_t = (tg or {}).get("stopped", ta_run.get("stopped"))
         if g:
-            stop_c += f" ({len(g['validations'])} val.)"
+            stop_c += f" ({g['validations']} val.)"
         if tg:
-            stop_t += f" ({len(tg['validations'])} val.)"
+            stop_t += f" ({tg['validations']} val.)"
         ta_cost = cost(ta_run, tg) if ta_run else "-"
         tm = r["time"]
         ta_cells = (f"{t['heldout']:.3f} {ival(t)} | {t['fit']:.3f} | "

@@ -524,7 +524,7 @@ def test_a_search_without_slopes_that_cannot_move_each_number_of_a_fine_shape_is
     dims = 1 + 3 * 21  # lambda, and three fine-tunes' weight for each of the 21 merged tensors of two layers
     assert out.strip().splitlines() == [f"Error: --optimizer coordinate with --budget 5 cannot move each of the {dims} "
                                         f"searched numbers once; use --optimizer gradient (or auto), or give --budget "
-                                        f"{2 * dims + 1} or more"]
+                                        f"{5 * (2 * dims + 1)} or more"]
 
 
 def test_a_fine_tunes_safetensors_removed_before_the_store_is_built_is_one_line_naming_it(tune_family, tmp_path,

@@ -136,12 +136,11 @@ def test_a_budget_below_one_step_each_way_per_number_is_warned_about():
     assert tn.budget_note(4, 9) is None  # start + 2 x 4 steps
     note = tn.budget_note(13, 26)
     assert note == ("tune: --budget 26 is less than one step each way along each of the 13 searched numbers "
-                    "(27 evaluations), so some are never moved from the start; give --budget 135 or more, "
-                    "or --optimizer gradient")
+                    "(27 evaluations), so some are never moved from the start; give --budget 135 or more")
     shared = tn.budget_note(4, 3, "--total-budget", 2)  # --total-budget 6 shared by two settings
     assert shared == ("tune: each of the 2 settings' share of --total-budget, 3, is less than one step each way "
                       "along each of the 4 searched numbers (9 evaluations), so some are never moved from the start; "
-                      "give --total-budget 90 or more, or --optimizer gradient")
+                      "give --total-budget 90 or more")
 
 
 @pytest.mark.parametrize("option, value, message", [

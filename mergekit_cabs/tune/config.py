@@ -38,7 +38,8 @@ def configured_numbers(planned, finetunes, groups: LayerGroups = ONE_GROUP) -> t
             raise TuneError(
                 f"model '{finetunes[i]}' has a weight that varies by tensor{where} ({min(values)} to {max(values)}, "
                 "from a filter or gradient); tune sets one weight per model"
-                + (" and layer group" if groups.count > 1 else "") + ": give it one number"
+                + (" and layer group" if groups.count > 1 else "") + ": give it one number, or tune one weight per "
+                "tensor (--coefficients tensor)"
             )
     if len(lams) > 1:
         raise TuneError(

@@ -152,7 +152,8 @@ def check_search(prep: Prepared, optimizer: str, budget: int, minibatch: int, le
                         "each number's range)")
     if optimizer in ("coordinate", "cmaes") and dims >= GRADIENT_DIMENSIONS and budget < dims + 1:
         raise TuneError(f"--optimizer {optimizer} with --budget {budget} cannot move each of the {dims} searched "
-                        f"numbers once; use --optimizer gradient (or auto), or give --budget {sweep(dims)} or more")
+                        f"numbers once; use --optimizer gradient (or auto), or give --budget {5 * sweep(dims)} or "
+                        "more")
 
 
 def search_space(prep: Prepared, s: Settings) -> tuple[list[str], list[tuple[float, float]], tuple[float, ...]]:
@@ -248,7 +249,7 @@ def gradient_search(live: Live, objective: Objective, evaluate, start, bounds, s
     score = evaluate(found.best)  # the real merge, every fit item
     history = line.history + ([] if found.best in dict(line.history) else [(found.best, score)])
     details = gradient_cost(live.tasks, s.minibatch, len(trace), len(found.history), len(history))
-    details.update(stopped=found.stopped, validations=[{"lambda": x[0], "score": v} for x, v in found.history],
+    details.update(stopped=found.stopped, validated=[{"lambda": x[0], "score": v} for x, v in found.history],
                    minibatch_scores=[step["score"] for step in trace], learning_rate=s.learning_rate)
     return SearchResult(best=found.best, score=score, history=history, stopped=found.stopped, optimizer=GRADIENT,
                         began=line.best, details=details)

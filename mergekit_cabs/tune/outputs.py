@@ -136,9 +136,9 @@ def _run_lines(report: dict) -> list[str]:
         f"- objective, on the fit {items_of(report)}: {objective_doc(report)}",
         search_line(search, how),
         *([f"- {group_line(report)}"] if report["layer_groups"] else []),
-        (f"- time: {t['total_s']:.1f} s in all: scoring base and fine-tunes {t['reference_s']:.1f} s, masks "
-         f"{t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"
-         + (f", baselines {t['baselines_s']:.1f} s" if "baselines_s" in t else "")),
+        (f"- time: {t['total_s']:.1f} s for tuned cabs: scoring base and fine-tunes {t['reference_s']:.1f} s, "
+         f"masks {t['masks_s']:.1f} s, search {t['search_s']:.1f} s, final scoring {t['final_s']:.1f} s"
+         + (f"; then the baselines {t['baselines_s']:.1f} s" if "baselines_s" in t else "")),
         (f"- per evaluation: setting the weights {1000 * t['set_weights_mean_s']:.1f} ms, scoring the fit "
          f"{items_of(report)} "
          f"{1000 * t['evaluate_mean_s']:.1f} ms"),

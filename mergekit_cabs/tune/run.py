@@ -108,8 +108,9 @@ def add_notes(report: dict, widened: list[str], below: list[str]) -> None:
 
 def final_words(result: SearchResult, points: list[dict]) -> str:
     """The line said before the final scoring: how the search ended, and what it spent."""
+    steps = f"{result.details['steps']} gradient steps and " if result.details else ""
     return (f"Scoring your config and the chosen point on the fit and held-out data "
-            f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {len(points)} evaluation"
+            f"({'budget spent' if result.stopped == 'budget' else 'converged'}: {steps}{len(points)} evaluation"
             f"{'' if len(points) == 1 else 's'})")
 
 

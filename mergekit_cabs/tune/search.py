@@ -218,9 +218,10 @@ def budget_note(dimensions: int, budget: int, option: str = "--budget", shares: 
     if budget >= needed:
         return None
     what = f"{option} {budget}" if shares == 1 else f"each of the {shares} settings' share of {option}, {budget},"
+    slopes = ", or --optimizer gradient" if dimensions >= GRADIENT_DIMENSIONS else ""
     return (f"tune: {what} is less than one step each way along each of the {dimensions} searched "
             f"numbers ({needed} evaluations), so some are never moved from the start; give {option} "
-            f"{5 * needed * shares} or more, or --optimizer gradient")
+            f"{5 * needed * shares} or more{slopes}")
 
 
 LINE_SHARE = 2  # the lambda line (`optimise`) spends at most 1/LINE_SHARE of the budget: half
