@@ -11,7 +11,6 @@ rounding."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,15 +24,8 @@ from mergekit_cabs.tune.live import Live
 from mergekit_cabs.tune.objective import Objective
 
 from tiny_models import make_tiny_llama
-
-
-def _w(*numbers: int) -> str:
-    return " ".join(f"w{n}" for n in numbers)
-
-
-def _jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tiny_models import word_text as _w
+from tiny_models import write_jsonl as _jsonl
 
 
 @pytest.fixture(scope="module")

@@ -29,21 +29,14 @@ from mergekit_cabs.tune.chat import Template, encode_row, fit_window, load_chat_
 from mergekit_cabs.tune.choice import load_choice_task
 
 from tiny_models import default_words, make_tiny_llama, make_tokenizer
+from tiny_models import word_text as _w
+from tiny_models import write_jsonl as _jsonl
 
 no_model_loading = test_tune_command.no_model_loading  # the fixture: loading a model fails the test
 
 # A template over the tiny vocabulary: w1 opens a user turn, w2 an assistant turn, w3 ends a turn.
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}w1 {% else %}w2 {% endif %}{{ m['content'] }} w3 "
             "{% endfor %}{% if add_generation_prompt %}w2 {% endif %}")
-
-
-def _w(*numbers: int) -> str:
-    return " ".join(f"w{n}" for n in numbers)
-
-
-def _jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

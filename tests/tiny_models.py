@@ -81,6 +81,17 @@ class TinyModel:
         return str(self.path)
 
 
+def word_text(*numbers: int) -> str:
+    """The words w<n> of the tiny vocabulary (`default_words`) for `numbers`, joined by spaces."""
+    return " ".join(f"w{n}" for n in numbers)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """`rows` written to `path` as JSON lines; the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def llama_config(
     *,
     vocab_size: int,
