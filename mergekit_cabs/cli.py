@@ -292,8 +292,13 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
 
 def interrupted(report: dict, out_dir: Path) -> None:
     """Ctrl-C after the cabs search finished: its summary, its files written
-    into --out (held again), one line saying so, the merge line; status 130."""
+    into --out (held again), one line saying so, the merge line; status 130.
+    A second Ctrl-C while it saves is ignored, so the save is never cut short."""
+    import signal
+
     from mergekit_cabs import tune as tn
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from mergekit_cabs._output import out_lock
     from mergekit_cabs.params import CabsError
 
