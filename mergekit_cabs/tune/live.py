@@ -246,8 +246,9 @@ def gradient_search(live: Live, objective: Objective, evaluate, start, bounds, s
     trace = StepBar(bar)
     found = live_gradient_search(live, objective, line.best, bounds, steps=s.budget, items=s.minibatch,
                                  seed=s.seed, rate=s.learning_rate, checkpoint=True, trace=trace)
-    score = evaluate(found.best)  # the real merge, every fit item
-    history = line.history + ([] if found.best in dict(line.history) else [(found.best, score)])
+    scored = dict(line.history)  # a point the line scored is not scored again
+    score = scored[found.best] if found.best in scored else evaluate(found.best)  # the real merge, every fit item
+    history = line.history + ([] if found.best in scored else [(found.best, score)])
     details = gradient_cost(live.tasks, s.minibatch, len(trace), len(found.history), len(history))
     details.update(stopped=found.stopped, validated=[{"lambda": x[0], "score": v} for x, v in found.history],
                    minibatch_scores=[step["score"] for step in trace], learning_rate=s.learning_rate)
