@@ -263,6 +263,7 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
             weight_bounds=weight_bounds, lambda_bounds=lambda_bounds, general_weight=general_weight,
             tolerance=tolerance, batch_size=batch_size, cuda=cuda)
         objective = tn.implied_objective(objective, bool(data) or bool(lm_eval))
+        warn_unused_gradient_options(optimizer)
         tn.parse_baselines(baselines)
         tn.parse_densities(densities), tn.parse_orders(orders)
         tn.check_device_settings(device=device, score_dtype=score_dtype, store_on_device=store_on_device)
@@ -288,6 +289,22 @@ def tune(config: Path, data, chat_template, lm_eval, lm_eval_include, lm_eval_li
             raise
         interrupted(finished.report, out_dir)
     click.echo("\n".join(tn.closing_lines(report, out_dir, written)))  # the last line: what to merge
+
+
+def warn_unused_gradient_options(optimizer: str) -> None:
+    """One line when --minibatch or --learning-rate is given to a search
+    that does not use them (they are the gradient search's)."""
+    from click.core import ParameterSource
+
+    if optimizer not in ("coordinate", "cmaes"):
+        return
+    context = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("minibatch", "learning_rate")
+             if context.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if given:
+        verb, noun, them = ("are", "settings", "them") if len(given) > 1 else ("is", "setting", "it")
+        click.echo(f"Warning: {' and '.join(given)} {verb} the gradient search's {noun}; --optimizer {optimizer} "
+                   f"does not use {them}.", err=True)
 
 
 def interrupted(report: dict, out_dir: Path) -> None:

@@ -584,3 +584,19 @@ def _copied_family(tune_family, tmp_path):
     config = tmp_path / "cabs.yml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     return config, models
+
+
+@pytest.mark.parametrize("optimizer, extra, warned", [
+    ("coordinate", ["--learning-rate", "0.1"], "--learning-rate is the gradient search's setting; "
+                                               "--optimizer coordinate does not use it."),
+    ("cmaes", ["--minibatch", "4", "--learning-rate", "0.1"],
+     "--minibatch and --learning-rate are the gradient search's settings; --optimizer cmaes does not use them."),
+    ("gradient", ["--minibatch", "4", "--learning-rate", "0.1"], None),
+    ("coordinate", [], None),
+])
+def test_gradient_only_options_given_to_another_search_are_named_in_one_warning(
+        tune_family, tmp_path, no_model_loading, optimizer, extra, warned):
+    # an unknown baseline stops the run right after the warning, before any model loads
+    out = _bad(tune_family, tmp_path, extra=["--optimizer", optimizer, *extra, "--baselines", "nonesuch"])
+    assert ("Warning: " + warned in out) if warned else ("Warning: --" not in out)
+    assert "nonesuch" in out
