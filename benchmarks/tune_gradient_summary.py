@@ -94,12 +94,14 @@ def markdown(data: dict) -> str:
 
 def window_losses(run: Path, which: str) -> tuple[dict, dict]:
     d = json.loads((run / "tune.json").read_text())
-    held = d["best"]["heldout"] if which == "cabs" else d["baselines"]["runs"][0]["heldout"]
+    held = d["best"]["heldout"] if which == "cabs" else next(
+        r for r in d["baselines"]["runs"] if r["name"] == "task_arithmetic_tuned")["heldout"]
     return held["window_losses"], d
 
 
 def gain(base, own, x, idx):
-    """Normalized gain of values `x` on items `idx`: (base - x) / (base - own), on the items' means."""
+    """Normalized gain of values `x` on items `idx`: (base - x) / (base - own), on the items' means
+    (own = 0 for the general text: its relative loss change)."""
     return (base[idx].mean() - x[idx].mean()) / (base[idx].mean() - own[idx].mean())
 
 
@@ -108,14 +110,18 @@ def paired(a: str, b: str, draws: int = 2000, seed: int = 0) -> dict:
 
     (la, d), (lb, _) = (window_losses(Path(x.rsplit(":", 1)[0]), x.rsplit(":", 1)[1]) for x in (a, b))
     ref = d["reference"]["items"]
-    weights = {t: d["data"][t]["weight"] for t in la}
+    tasks = [t for t in la if t != "general"]
+    weights = {t: d["data"][t]["weight"] / sum(d["data"][u]["weight"] for u in tasks) for t in tasks}
+    if "general" in la:  # the general text's relative loss change, at --general-weight (as tune's objective)
+        weights["general"] = d["general_weight"]
     rng = np.random.default_rng(seed)
     diffs, point = np.zeros(draws), 0.0
     for t in la:
-        base, own = np.array(ref["base"]["heldout"][t]), np.array(ref["models"][t]["heldout"])
+        base = np.array(ref["base"]["heldout"][t])
+        own = np.array(ref["models"][t]["heldout"]) if t != "general" else np.zeros_like(base)
         xa, xb = np.array(la[t]), np.array(lb[t])
         every = np.arange(len(xa))
-        w = weights[t] / sum(weights.values())
+        w = weights[t]
         point += w * (gain(base, own, xa, every) - gain(base, own, xb, every))
         for i in range(draws):
             idx = rng.integers(0, len(xa), len(xa))
