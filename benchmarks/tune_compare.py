@@ -15,9 +15,10 @@ In one run, on the same windows of each specialist's own held-out text:
   of consecutive decoder layers, plus one for embeddings / final norm / head),
   coordinate search and CMA-ES at the same budget.
 
-Every tuned search starts at the cabs grid's best lambda with every weight 1
-(a copy of cabs.yml with that lambda), so its evaluations are counted as the
-grid's plus tune's.  Every candidate is scored on the *fit* windows (every
+Every tuned search's config is the cabs grid's best lambda with every weight
+1 (a copy of cabs.yml with that lambda); tune scores that point, then lambda
+alone from 1, and starts from the better (each method its own), so its
+evaluations are counted as the grid's plus tune's.  Every candidate is scored on the *fit* windows (every
 other window of each data file, spread along it, as ``tune`` splits it at its
 default --fit-fraction 0.5); the chosen one is scored once on the *held-out*
 windows (the windows in between).  Reported per task: held-out normalized gain

@@ -141,7 +141,7 @@ def main() -> None:
     target = Path(sys.argv[1])
     data = json.loads(target.read_text()) if target.exists() else {}
     for arg in sys.argv[2:]:
-        label, run = arg.split("=", 1)
+        label, run = arg.rsplit("=", 1)
         data[label] = summarise(Path(run))
     target.write_text(json.dumps(data, indent=1) + "\n")
 
