@@ -88,3 +88,24 @@ def test_summary_gives_each_tasks_held_out_change_and_flags_the_one_made_worse()
     report["best"]["heldout"]["loss"]["b"] = 2.2
     (b,) = [x for x in tn.format_summary(report).splitlines() if x.strip().startswith("b (lm-eval)")]
     assert "WORSE" not in b and "+0.2000" in b
+
+
+def test_tune_md_sums_up_many_recommended_weights_per_model_and_lists_a_few_one_by_one():
+    """tune.md's "What to merge" lists a few weights one by one; past the
+    console's limit (a per-tensor shape) each model's count, range and
+    median, naming the YAML that holds each weight."""
+    from mergekit_cabs.tune.outputs import recommended_markdown
+    from mergekit_cabs.tune.report import WEIGHTS_LISTED
+
+    few = recommended_markdown(_report("gain"))[-1]
+    assert few.startswith("**`mergekit-yaml tuned.yml OUT`**: cabs (tuned)")
+    assert few.endswith("Its numbers: lambda 1, a 0, b 1.")
+    report = _report("gain")
+    names = {m: [f"{m}: t{i}" for i in range(WEIGHTS_LISTED)] for m in ("a", "b")}
+    report["search"]["weights_of"] = names
+    for point in ("start", "best"):
+        report[point]["weights"] = {n: (i % 5) / 2 for m in names.values() for i, n in enumerate(m)}
+    many = recommended_markdown(report)[-1]
+    assert many.endswith(f"Its numbers: lambda 1; a: {WEIGHTS_LISTED} weights, 0.000 to 2.000, median 1.000; "
+                         f"b: {WEIGHTS_LISTED} weights, 0.000 to 2.000, median 1.000 (each weight in tuned.yml).")
+    assert "t23" not in many

@@ -24,7 +24,9 @@ from mergekit_cabs.tune.report import (
     only_setting,
     plain_text,
     searched_settings,
+    WEIGHTS_LISTED,
     shown,
+    spread,
     task_info,
     zero_note,
 )
@@ -74,12 +76,24 @@ def recommended_markdown(report: dict) -> list[str]:
     a line saying so."""
     rec = recommendation(report)
     what = "your config as written" if not rec["in_out"] else rec["method"]
-    numbers = ", ".join(f"{k} {v:.4g}" for k, v in {"lambda": rec["lambda"], **rec["weights"]}.items())
     out = ["", "## What to merge", ""]
     if report.get("interrupted"):
         out += ["The baselines were interrupted (Ctrl-C) before they finished: no comparison was made, and "
                 "only tuned cabs and your config are weighed here.", ""]
-    return out + [f"**`mergekit-yaml {rec['file']} OUT`**: {what}, as {rec['reason']}. Its numbers: {numbers}."]
+    return out + [f"**`mergekit-yaml {rec['file']} OUT`**: {what}, as {rec['reason']}. Its numbers: "
+                  f"{numbers_words(report, rec)}."]
+
+
+def numbers_words(report: dict, rec: dict) -> str:
+    """The recommended point's lambda and weights: each one, or beyond
+    `WEIGHTS_LISTED` weights each model's count, range and median (every
+    weight is in the recommended YAML)."""
+    weights, groups = rec["weights"], report["search"].get("weights_of", {})
+    if len(weights) <= WEIGHTS_LISTED or not all(n in weights for names in groups.values() for n in names):
+        return ", ".join(f"{k} {v:.4g}" for k, v in {"lambda": rec["lambda"], **weights}.items())
+    return (f"lambda {rec['lambda']:.4g}; " + "; ".join(f"{label}: {spread(weights[n] for n in names)}"
+                                                       for label, names in groups.items())
+            + f" (each weight in {rec['file']})")
 
 
 def objective_doc(report: dict) -> str:
