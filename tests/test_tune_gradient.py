@@ -23,7 +23,7 @@ from mergekit_cabs.tune.groups import make_columns
 from mergekit_cabs.tune.live import Live
 from mergekit_cabs.tune.objective import Objective
 
-from tiny_models import make_tiny_llama
+from tiny_models import CUDA_TEST_DEVICE, make_tiny_llama
 from tiny_models import word_text as _w
 from tiny_models import write_jsonl as _jsonl
 
@@ -67,7 +67,8 @@ SUPPORTS = {  # name: (what changes in the configuration, disjoint?)
 }
 
 
-def _live(family, support: str, columns: str, batch_size: int = 4, max_windows: int = 4, repeated: bool = False):
+def _live(family, support: str, columns: str, batch_size: int = 4, max_windows: int = 4, repeated: bool = False,
+          device: str = "cpu", store_device: str = "cpu"):
     """The live float64 model, bound to the store of the `support` configuration
     with `columns`, and its objective (gain, with task weights and the general
     set; the reference values are made up: the gain is affine in the losses
@@ -82,8 +83,9 @@ def _live(family, support: str, columns: str, batch_size: int = 4, max_windows: 
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     data, general = (family["repeated"], None) if repeated else (family["data"], family["general"])
     prep = tn.prepare(path, data, general=general, window=12, max_windows=max_windows)
-    model = tn.load_model(str(family["base"].path), "cpu", torch.float64)
-    store = tn.build_store(prep.planned, prep.finetunes, model, device="cpu", progress=False)
+    model = tn.load_model(str(family["base"].path), device, torch.float64)
+    store = tn.build_store(prep.planned, prep.finetunes, model, device=device, store_device=store_device,
+                           progress=False)
     groups = make_columns([slot.name for slot in store.slots], columns, None)
     for slot in store.slots:
         slot.group = groups.of(slot.name)
@@ -144,6 +146,27 @@ def test_every_coefficient_gradient_matches_a_central_finite_difference_of_the_r
     fd, slope = torch.tensor(fd), torch.tensor(slope)
     assert fd.abs().max() > 1e-2  # the objective does move
     torch.testing.assert_close(slope, fd, rtol=1e-3, atol=2e-4)
+
+
+@pytest.mark.skipif(CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available(),
+                    reason="no CUDA device on this machine")
+@pytest.mark.parametrize("store_device", ["cpu", CUDA_TEST_DEVICE])
+def test_cuda_gradient_and_score_match_the_cpu_ones(family, store_device):
+    """`tune --cuda --optimizer gradient`: the live model on the GPU (the store
+    on the host, or with --store-on-device on the GPU) gives the CPU's score
+    and slopes, in float64, to float64's rounding of a different summation
+    order.  In the CPU dry run of benchmarks/gpu/run.sh
+    (MERGEKIT_CABS_CUDA_TEST_DEVICE=cpu) this is the same test's code on the
+    CPU, not a CUDA check."""
+    x = None
+    results = []
+    for device, store in (("cpu", "cpu"), (CUDA_TEST_DEVICE, store_device)):
+        live, objective = _live(family, "disjoint", "tensor", device=device, store_device=store)
+        x = x or _point(live, seed=3)
+        results.append(gr.objective_gradient(live, objective, x))
+    (cpu_score, cpu_slope), (score, slope) = results
+    assert score == pytest.approx(cpu_score, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(torch.tensor(slope), torch.tensor(cpu_slope), rtol=1e-7, atol=1e-10)
 
 
 # --- each weight gradient is reduced and freed as it arrives -------------------------------

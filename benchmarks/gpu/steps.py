@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
 # Every test file holding a test that needs CUDA (named with "cuda"; they run with `-k cuda`).
-CUDA_TEST_FILES = ["tests/test_backends.py", "tests/test_e2e.py"]
+CUDA_TEST_FILES = ["tests/test_backends.py", "tests/test_e2e.py", "tests/test_tune_gradient.py"]
 RESULTS, LOG = "gpu-results.json", "gpu-run.log"
 MIN_STEP_S = 5  # a step left less time than this by the run's budget is not started
 
