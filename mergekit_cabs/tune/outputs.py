@@ -12,6 +12,7 @@ from mergekit_cabs._output import WriteError, fmt, publish, pyplot
 from mergekit_cabs.tune.compare import markdown_lines, recommendation
 from mergekit_cabs.tune.options import BASELINE_FILES, FILES, LABELS, OUT_FILES, TuneError
 from mergekit_cabs.tune.report import (
+    WEIGHTS_LISTED,
     direction,
     dropped,
     format_summary,
@@ -24,7 +25,6 @@ from mergekit_cabs.tune.report import (
     only_setting,
     plain_text,
     searched_settings,
-    WEIGHTS_LISTED,
     shown,
     spread,
     task_info,
