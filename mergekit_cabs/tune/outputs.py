@@ -20,13 +20,13 @@ from mergekit_cabs.tune.report import (
     has_tasks,
     items_of,
     measures_words,
+    model_spreads,
     notes_lines,
     objective_label,
     only_setting,
     plain_text,
     searched_settings,
     shown,
-    spread,
     task_info,
     zero_note,
 )
@@ -91,8 +91,8 @@ def numbers_words(report: dict, rec: dict) -> str:
     weights, groups = rec["weights"], report["search"].get("weights_of", {})
     if len(weights) <= WEIGHTS_LISTED or not all(n in weights for names in groups.values() for n in names):
         return ", ".join(f"{k} {v:.4g}" for k, v in {"lambda": rec["lambda"], **weights}.items())
-    return (f"lambda {rec['lambda']:.4g}; " + "; ".join(f"{label}: {spread(weights[n] for n in names)}"
-                                                       for label, names in groups.items())
+    return (f"lambda {rec['lambda']:.4g}; " + "; ".join(f"{label}: {words}" for label, words in
+                                                       model_spreads(weights, groups))
             + f" (each weight in {rec['file']})")
 
 

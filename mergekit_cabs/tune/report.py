@@ -190,6 +190,11 @@ def spread(values) -> str:
             f"{ordered[len(ordered) // 2]:.3f}")
 
 
+def model_spreads(weights: dict[str, float], weights_of: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """Each model's label and its weights in a few words (`spread`)."""
+    return [(label, spread(weights[n] for n in names)) for label, names in weights_of.items()]
+
+
 WEIGHTS_LISTED = 24  # weights the console lists one by one; more are summed up per model (tune.md lists each)
 
 
@@ -204,10 +209,10 @@ def weight_lines(report: dict) -> list[str]:
                 + [f"{k:{width}s} {start['weights'][k]:11.3f} {v:8.3f}" for k, v in best["weights"].items()])
     out = [f"lambda: your config {start['lambda']:.3f}, tuned {best['lambda']:.3f}; the weights (each in tune.md and "
            "tuned.yml):"]
-    for label, names in report["search"]["weights_of"].items():
+    weights_of = report["search"]["weights_of"]
+    for (label, names), (_, tuned) in zip(weights_of.items(), model_spreads(best["weights"], weights_of)):
         mine = sorted(start["weights"][n] for n in names)
-        out.append(f"  {label}: your config {mine[0]:.3f} to {mine[-1]:.3f}; tuned "
-                   f"{spread(best['weights'][n] for n in names)}")
+        out.append(f"  {label}: your config {mine[0]:.3f} to {mine[-1]:.3f}; tuned {tuned}")
     return out
 
 
