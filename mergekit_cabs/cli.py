@@ -296,7 +296,9 @@ def warn_unused_gradient_options(optimizer: str) -> None:
     that does not use them (they are the gradient search's)."""
     from click.core import ParameterSource
 
-    if optimizer not in ("coordinate", "cmaes"):
+    from mergekit_cabs.tune import SEARCHES  # the searches without slopes
+
+    if optimizer not in SEARCHES:
         return
     context = click.get_current_context()
     given = [f"--{name.replace('_', '-')}" for name in ("minibatch", "learning_rate")
